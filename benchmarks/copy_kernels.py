@@ -1,0 +1,128 @@
+"""Benchmark of the fused copy-in/copy-out ops (fsdp_compile.kernels) against plain torch.
+
+Owns nothing in the library. For N tensors (10/100/1000) totalling 64 MiB / 512 MiB of fp32
+(full parameters, world size 2 layout, no padding), reports effective GB/s (bytes read + bytes
+written, each counted once) of each op next to:
+  copy_   ``dst.copy_(src)`` of the same bytes into a preallocated tensor (the memory bound), and
+  clone   ``src.clone()`` (allocation + copy, the bound for ops that return a fresh buffer), and
+  naive   a per-tensor loop (pad with torch.cat, then torch.cat the pieces).
+Ops that allocate their output pay page faults on a fresh allocation, like ``clone``; copy-out
+with ``out=`` and ``reduce_scatter_copy_out`` write into existing memory, like ``copy_``.
+On CUDA the same script measures the Triton path (the default there above the size threshold).
+
+    python benchmarks/copy_kernels.py [--quick] [--json out.json] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from fsdp_compile import kernels as K
+from fsdp_compile.kernels._offsets import chunk_rows, padded_numels
+
+WORLD = 2
+
+
+def _timeit(fn, device, iters):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    fn()
+    times = []
+    for _ in range(iters):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _shapes(n, total_bytes):
+    rows = max(WORLD, (total_bytes // 4 // n // 64) // WORLD * WORLD)
+    return [(rows, 64) for _ in range(n)]
+
+
+def _naive_ag_copy_in(shards, padded, dtype):
+    return torch.cat([torch.cat([s.reshape(-1), s.new_zeros(p - s.numel())]).to(dtype) for s, p in zip(shards, padded)])
+
+
+def _naive_ag_copy_out(gathered, shapes):
+    g2 = gathered.view(WORLD, -1)
+    outs, off = [], 0
+    for s in shapes:
+        p = chunk_rows(s[0], WORLD) * 64
+        outs.append(torch.cat([g2[r, off : off + p] for r in range(WORLD)]).view(s))
+        off += p
+    return outs
+
+
+def _naive_rs_copy_in(grads, dtype):
+    pieces = [torch.cat([g, g.new_zeros((WORLD * chunk_rows(g.shape[0], WORLD) - g.shape[0], 64))]).view(WORLD, -1) for g in grads]
+    return torch.cat(pieces, dim=1).flatten().to(dtype)
+
+
+def run(n, total_bytes, device, iters):
+    shapes = _shapes(n, total_bytes)
+    fulls = [torch.randn(s, device=device) for s in shapes]
+    padded = list(padded_numels(shapes, WORLD))
+    shards = [f[: chunk_rows(f.shape[0], WORLD)] for f in fulls]
+    full_bytes = sum(f.numel() for f in fulls) * 4
+    shard_bytes = full_bytes // WORLD
+    gathered = torch.randn(WORLD * sum(padded), device=device)
+    outs = [torch.empty(s, device=device) for s in shapes]
+    slot = gathered[: sum(padded)]
+    flat_grad = torch.zeros(sum(padded), device=device)
+    src_full, dst_full = torch.randn(full_bytes // 4, device=device), torch.empty(full_bytes // 4, device=device)
+    src_half, dst_half = src_full[: shard_bytes // 4], dst_full[: shard_bytes // 4]
+
+    def gbps(bytes_moved, fn):
+        return 2 * bytes_moved / _timeit(fn, device, iters) / 1e9
+
+    row = {"tensors": n, "MiB": total_bytes >> 20}
+    row["copy_ (full)"] = gbps(full_bytes, lambda: dst_full.copy_(src_full))
+    row["clone (full)"] = gbps(full_bytes, lambda: src_full.clone())
+    row["copy_ (shard)"] = gbps(shard_bytes, lambda: dst_half.copy_(src_half))
+    row["clone (shard)"] = gbps(shard_bytes, lambda: src_half.clone())
+    row["ag_copy_in"] = gbps(shard_bytes, lambda: K.all_gather_copy_in(shards, padded, torch.float32))
+    row["ag_copy_in naive"] = gbps(shard_bytes, lambda: _naive_ag_copy_in(shards, padded, torch.float32))
+    row["ag_copy_out"] = gbps(full_bytes, lambda: K.all_gather_copy_out(gathered, shapes, WORLD))
+    row["ag_copy_out out="] = gbps(full_bytes, lambda: K.all_gather_copy_out(gathered, shapes, WORLD, out=outs))
+    row["ag_copy_out naive"] = gbps(full_bytes, lambda: _naive_ag_copy_out(gathered, shapes))
+    row["rs_copy_in"] = gbps(full_bytes, lambda: K.reduce_scatter_copy_in(fulls, WORLD, torch.float32))
+    row["rs_copy_in naive"] = gbps(full_bytes, lambda: _naive_rs_copy_in(fulls, torch.float32))
+    row["rs_copy_out acc"] = gbps(shard_bytes, lambda: K.reduce_scatter_copy_out(slot, flat_grad, True))
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few iterations (smoke run)")
+    parser.add_argument("--json", help="write the rows to this path")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    sizes = [(10, 1 << 20), (100, 4 << 20)] if args.quick else [
+        (n, mib << 20) for mib in (64, 512) for n in (10, 100, 1000)
+    ]
+    iters = 3 if args.quick else 7
+    rows = []
+    for n, total in sizes:
+        rows.append(run(n, total, device, iters))
+        if not args.quick and total >= 512 << 20:
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+    cols = list(rows[0])
+    print(f"device={device} threads={torch.get_num_threads()} world={WORLD}  (GB/s = (read+write bytes)/s, median)")
+    print(" | ".join(f"{c:>17}" for c in cols))
+    for r in rows:
+        print(" | ".join(f"{r[c]:>17.2f}" if isinstance(r[c], float) else f"{r[c]:>17}" for c in cols))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""fsdp_compile: fully sharded data parallel training as a torch.compile transformation.
+
+    fully_shard(model, policy={Block})
+    model = torch.compile(model, backend="fsdp_compile")
+"""
+from .api import fully_shard, no_sync, sharded
+from .compiler import backend
+from .config import CPUOffload, MixedPrecision, ShardingStrategy
+from .full_params import clip_grad_norm_, full_state_dict, load_full_state_dict, summon_full_params
+
+__all__ = [
+    "CPUOffload",
+    "backend",
+    "MixedPrecision",
+    "ShardingStrategy",
+    "clip_grad_norm_",
+    "full_state_dict",
+    "fully_shard",
+    "load_full_state_dict",
+    "no_sync",
+    "sharded",
+    "summon_full_params",
+]

@@ -1,0 +1,276 @@
+"""The public API: ``fully_shard``, ``@sharded`` and the context managers around a sharded model.
+
+``fully_shard`` decides the units, replaces every original parameter by this rank's shard (a
+view into its unit's local flat buffer) under the original name, swaps classes so that reads
+inside the forward return full tensors (``params``), and installs the forward hooks
+(``runtime``). Everything here runs eagerly, outside any compiled region.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import params as _params
+from .collectives import CommSpec
+from .config import CPUOffload, MixedPrecision, ShardingStrategy
+from .layout import make_unit_layout
+from .runtime import FSDPState, unit_post_forward, unit_pre_forward
+from .unit import Unit
+
+Policy = Union[None, Iterable[type], Callable[[nn.Module], bool]]
+
+
+def fully_shard(
+    module: nn.Module,
+    *,
+    process_group: Optional[dist.ProcessGroup] = None,
+    policy: Policy = None,
+    strategy: ShardingStrategy = ShardingStrategy.FULL_SHARD,
+    mixed_precision: Optional[MixedPrecision] = None,
+    cpu_offload: Optional[CPUOffload] = None,
+    ignored_params: Optional[Iterable[nn.Parameter]] = None,
+) -> nn.Module:
+    """Shard ``module``'s parameters across ``process_group`` in place and return ``module``.
+
+    ``policy`` picks the units: ``None`` (one unit), a set of module classes (each instance is
+    a unit), or a callable ``module -> bool``; the root unit keeps every other parameter. A
+    parameter held by several modules belongs to the unit of their lowest common ancestor.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fully_shard: expected an nn.Module, got {type(module).__name__}")
+    for name, sub in module.named_modules():
+        if _params.is_sharded(sub):
+            where = f"submodule {name!r}" if name else f"module {type(module).__name__}"
+            raise ValueError(
+                f"fully_shard: {where} is already sharded by an earlier fully_shard call; "
+                "call fully_shard once, on the root, and choose units with policy="
+            )
+    strategy = ShardingStrategy.parse(strategy)
+    is_unit_module = _policy_predicate(policy)
+    mixed_precision = _check_type("mixed_precision", mixed_precision, MixedPrecision)
+    cpu_offload = _check_type("cpu_offload", cpu_offload, CPUOffload)
+    group_name, world, rank, group = _resolve_group(process_group)
+
+    holders = _collect_holders(module, {id(p) for p in (ignored_params or ())})
+    device = _common_device(holders)
+    compute_device = _compute_device(device, cpu_offload)
+    unit_paths = [p for p, m in module.named_modules() if p and is_unit_module(m)]
+    assignment = _assign_units(holders, unit_paths)
+
+    state = FSDPState(module, [], mixed_precision.param_dtype)
+    state.group = group
+    for _, sub in module.named_modules():
+        _params.attach_module(sub, state)
+    modules = dict(module.named_modules())
+    for unit_path in ["", *unit_paths]:
+        members = [h for h in holders.values() if assignment[id(h[0][2])] == unit_path]
+        if not members:
+            continue
+        unit = _build_unit(
+            unit_path, modules[unit_path], members, strategy, mixed_precision,
+            group_name, world, rank, compute_device, state,
+        )
+        state.units.append(unit)
+        if unit_path:
+            if mixed_precision.param_dtype is not None:
+                modules[unit_path].register_forward_pre_hook(unit_pre_forward(state), with_kwargs=True)
+            modules[unit_path].register_forward_hook(unit_post_forward(unit))
+    state.fqn_to_param = {
+        fqn: (unit, index)
+        for unit in state.units
+        for index, unit_holders in enumerate(unit.holders)
+        for fqn in _holder_fqns(unit_holders, modules)
+    }
+    module.register_forward_pre_hook(state.root_pre_forward, with_kwargs=True)
+    module.register_forward_hook(state.root_post_forward, with_kwargs=True, always_call=True)
+    module.__dict__["_fsdp_root_state"] = state
+    _check_same_on_all_ranks(state, group, world)
+    return module
+
+
+def sharded(**fully_shard_kwargs) -> Callable[[type], type]:
+    """Class decorator: every instance of the class is ``fully_shard``-ed (default process
+    group) at the end of its ``__init__``, with these keyword arguments."""
+
+    def decorate(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"fsdp_compile.sharded decorates nn.Module classes, not {cls!r}")
+        original_init = cls.__init__
+
+        @functools.wraps(original_init)
+        def __init__(self, *args, **kwargs):
+            original_init(self, *args, **kwargs)
+            if type(self) is cls:  # a subclass shards itself at the end of its own __init__
+                fully_shard(self, **fully_shard_kwargs)
+
+        cls.__init__ = __init__
+        return cls
+
+    return decorate
+
+
+def root_state(module: nn.Module) -> FSDPState:
+    state = _params.tree_state(module)
+    if state is None:
+        raise ValueError(
+            f"fsdp_compile: {type(module).__name__} is not sharded; call fully_shard(module) first"
+        )
+    return state
+
+
+def no_sync(module: nn.Module) -> contextlib.AbstractContextManager:
+    """Inside: backward passes accumulate gradients locally, with no communication. The first
+    backward after it reduces the accumulated total (FSDP's ``no_sync``)."""
+    return root_state(module).no_sync()
+
+
+# ---- helpers of fully_shard ---------------------------------------------------------------
+def _policy_predicate(policy: Policy) -> Callable[[nn.Module], bool]:
+    if policy is None:
+        return lambda m: False
+    if isinstance(policy, type) and issubclass(policy, nn.Module):
+        return lambda m: isinstance(m, policy)
+    if isinstance(policy, (set, frozenset, list, tuple)):
+        bad = [c for c in policy if not (isinstance(c, type) and issubclass(c, nn.Module))]
+        if bad:
+            raise TypeError(
+                f"fully_shard: policy holds {bad[0]!r}, which is not an nn.Module class; "
+                "pass a set of module classes, e.g. policy={TransformerBlock}"
+            )
+        classes = tuple(policy)
+        return lambda m: isinstance(m, classes)
+    if callable(policy):
+        return policy
+    raise TypeError(
+        f"fully_shard: policy must be None, a set of nn.Module classes, or a callable "
+        f"(module) -> bool; got {type(policy).__name__} {policy!r}"
+    )
+
+
+def _check_type(name, value, cls):
+    if value is None:
+        return cls()
+    if not isinstance(value, cls):
+        raise TypeError(f"fully_shard: {name} must be a fsdp_compile.{cls.__name__}, got {value!r}")
+    return value
+
+
+def _resolve_group(group):
+    if group is None and not dist.is_initialized():
+        return None, 1, 0, None
+    if group is None:
+        group = dist.group.WORLD
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    return (group.group_name if world > 1 else None), world, rank, group
+
+
+def _collect_holders(module, ignored_ids):
+    """id(param) -> [(module_path, module, attr, param), ...] for every registration of it."""
+    holders: dict[int, list] = {}
+    for path, sub in module.named_modules():
+        for attr, param in sub._parameters.items():
+            if param is None or id(param) in ignored_ids:
+                continue
+            holders.setdefault(id(param), []).append((path, sub, param, attr))
+    return holders
+
+
+def _fqn(path: str, attr: str) -> str:
+    return f"{path}.{attr}" if path else attr
+
+
+def _common_device(holders) -> Optional[torch.device]:
+    device, first = None, None
+    for entries in holders.values():
+        path, _, param, attr = entries[0]
+        if device is None:
+            device, first = param.device, _fqn(path, attr)
+        elif param.device != device:
+            raise ValueError(
+                f"fully_shard: parameter {_fqn(path, attr)!r} is on {param.device}, but "
+                f"{first!r} is on {device}; move the model to one device first"
+            )
+    return device
+
+
+def _compute_device(device, cpu_offload: CPUOffload) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    if cpu_offload.offload_params and device.type == "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _assign_units(holders, unit_paths: list[str]) -> dict[int, str]:
+    """id(param) -> path of its unit: the nearest unit module above the holders' common ancestor."""
+    units = set(unit_paths)
+    assignment = {}
+    for entries in holders.values():
+        paths = [e[0].split(".") if e[0] else [] for e in entries]
+        common = paths[0]
+        for other in paths[1:]:
+            n = 0
+            while n < min(len(common), len(other)) and common[n] == other[n]:
+                n += 1
+            common = common[:n]
+        while common and ".".join(common) not in units:
+            common = common[:-1]
+        assignment[id(entries[0][2])] = ".".join(common)
+    return assignment
+
+
+def _build_unit(path, module, members, strategy, mp, group_name, world, rank, compute_device, state):
+    fqns = [_fqn(m[0][0], m[0][3]) for m in members]
+    params = [m[0][2] for m in members]
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) > 1:
+        odd = next(f for f, p in zip(fqns, params) if p.dtype != params[0].dtype)
+        raise ValueError(
+            f"fully_shard: unit {path or '<root>'!r} mixes dtypes {sorted(map(str, dtypes))} "
+            f"({fqns[0]!r} is {params[0].dtype}, {odd!r} is not); cast the model to one dtype "
+            "and use MixedPrecision for lower-precision compute"
+        )
+    replicated = strategy == ShardingStrategy.NO_SHARD
+    layout = make_unit_layout(fqns, [tuple(p.shape) for p in params], world, replicated)
+    spec = CommSpec(group_name, world, rank, replicated, mp.param_dtype, mp.reduce_dtype)
+    holders = [[(m, attr) for _, m, _, attr in entries] for entries in members]
+    unit = Unit(path, module, holders, layout, [p.shape for p in params], strategy, spec, compute_device, state)
+    shards = unit.shard_from(params)
+    for index, (entries, shard) in enumerate(zip(members, shards)):
+        for _, owner, _, attr in entries:
+            owner._parameters[attr] = shard
+            _params.install_accessor(owner, attr, unit, index)
+    return unit
+
+
+def _holder_fqns(unit_holders, modules):
+    paths = {id(m): p for p, m in modules.items()}
+    return [_fqn(paths[id(m)], attr) for m, attr in unit_holders]
+
+
+def _check_same_on_all_ranks(state: FSDPState, group, world: int) -> None:
+    """Every rank must build the same units: compare a fingerprint with rank 0's."""
+    if world <= 1:
+        return
+    mine = [
+        (u.name, u.strategy.name, [(p.fqn, p.full_shape) for p in u.layout.params], str(u.shard_dtype))
+        for u in state.units
+    ]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine, group=group)
+    for rank, theirs in enumerate(everyone):
+        if theirs != mine:
+            diff = next(
+                (f"{a} vs {b}" for a, b in zip(mine, theirs) if a != b),
+                f"{len(mine)} units vs {len(theirs)}",
+            )
+            raise RuntimeError(
+                f"fully_shard: this rank's units differ from rank {rank}'s ({diff}); every rank "
+                "must build the same model and call fully_shard with the same arguments"
+            )

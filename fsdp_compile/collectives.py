@@ -1,0 +1,103 @@
+"""One unit's communication: copy-in -> collective -> wait -> copy-out, as plain tensor functions.
+
+Takes tensors, a ``UnitLayout`` and a ``CommSpec``; knows nothing about modules. The same
+functions run eagerly and under AOTAutograd tracing (fake tensors), so the compiled graph and
+the eager runtime issue identical collectives: functional collectives (``_c10d_functional``)
+followed by ``wait_tensor``. Gradients are averaged over ranks (DDP semantics): summed by the
+collective in ``reduce_dtype`` and divided by the world size before the cast back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import kernels
+from .layout import UnitLayout
+
+_c10d = torch.ops._c10d_functional
+
+
+@dataclass(frozen=True)
+class CommSpec:
+    """What a unit's collectives need: the group and the dtypes on the wire."""
+
+    group_name: Optional[str]  # None: no process group (world size 1), collectives are skipped
+    world_size: int
+    rank: int
+    replicated: bool  # NO_SHARD: all-reduce gradients, never all-gather
+    param_dtype: Optional[torch.dtype]  # dtype of gathered parameters; None keeps the shard dtype
+    reduce_dtype: Optional[torch.dtype]  # dtype of the gradient reduction; None: the grad dtype
+
+    @property
+    def communicates(self) -> bool:
+        return self.group_name is not None and self.world_size > 1
+
+
+def all_gather_unit(
+    shards: list[torch.Tensor], layout: UnitLayout, spec: CommSpec
+) -> list[torch.Tensor]:
+    """This rank's shards -> every parameter's full tensor (in ``param_dtype``), one all-gather."""
+    dtype = spec.param_dtype or shards[0].dtype
+    if spec.replicated or not spec.communicates:
+        # NO_SHARD / world 1: the shard is the whole parameter; only the dtype may change.
+        return [s.to(dtype) if s.dtype != dtype else s.view_as(s) for s in shards]
+    slot = kernels.all_gather_copy_in(shards, layout.padded_numels, dtype)
+    gathered = _c10d.all_gather_into_tensor(slot, spec.world_size, spec.group_name)
+    gathered = _c10d.wait_tensor(gathered)
+    return kernels.all_gather_copy_out(gathered, layout.full_shapes, spec.world_size)
+
+
+def pack_unit_grads(
+    grads: list[Optional[torch.Tensor]], layout: UnitLayout, spec: CommSpec
+) -> torch.Tensor:
+    """Full gradients -> the reduction input in ``reduce_dtype``: rank-major padded slots
+    (``torch._chunk_cat`` layout), or the plain concatenation for NO_SHARD / world 1.
+    ``None`` gradients count as zeros."""
+    like = next(g for g in grads if g is not None)
+    reduce_dtype = spec.reduce_dtype or like.dtype
+    full = [
+        g if g is not None else like.new_zeros(p.full_shape)
+        for g, p in zip(grads, layout.params)
+    ]
+    if spec.replicated or not spec.communicates:
+        return torch.cat([g.reshape(-1).to(reduce_dtype) for g in full])
+    return kernels.reduce_scatter_copy_in(full, spec.world_size, reduce_dtype)
+
+
+def reduce_unit_grads(
+    grads: list[Optional[torch.Tensor]],
+    layout: UnitLayout,
+    spec: CommSpec,
+    grad_dtypes: list[torch.dtype],
+    pending: Optional[torch.Tensor] = None,
+) -> list[torch.Tensor]:
+    """Full gradients (+ ``pending`` packed gradients held back by ``no_sync``) -> this rank's
+    shard of their rank average: one reduce-scatter, or one all-reduce for NO_SHARD. Returns
+    shard-shaped tensors in ``grad_dtypes`` (the shards' dtypes), views into one flat buffer."""
+    packed = pack_unit_grads(grads, layout, spec)
+    if pending is not None:
+        packed = packed + pending
+    if not spec.communicates:
+        flat = packed
+    elif spec.replicated:
+        flat = _c10d.wait_tensor(_c10d.all_reduce(packed, "sum", spec.group_name))
+    else:
+        flat = _c10d.reduce_scatter_tensor(packed, "sum", spec.world_size, spec.group_name)
+        flat = _c10d.wait_tensor(flat)
+    if spec.communicates:
+        flat = flat / spec.world_size
+    return _split_shards(flat, layout, spec, grad_dtypes)
+
+
+def _split_shards(
+    flat: torch.Tensor, layout: UnitLayout, spec: CommSpec, dtypes: list[torch.dtype]
+) -> list[torch.Tensor]:
+    """Shard-shaped views of this rank's local flat buffer (cast to each shard's dtype)."""
+    out = []
+    for param, shape, dtype in zip(layout.params, layout.shard_shapes(spec.rank), dtypes):
+        numel = param.row_numel * shape[0]
+        piece = flat.narrow(0, param.offset, numel).view(shape)
+        out.append(piece.to(dtype) if piece.dtype != dtype else piece)
+    return out

@@ -1,0 +1,148 @@
+"""The ``torch.compile`` backend ``"fsdp_compile"``: graph passes wired into AOTAutograd/Inductor.
+
+Pipeline for one Dynamo graph:
+1. ``passes.insert_collectives`` (Dynamo graph): param-use markers -> one gather per unit.
+2. AOTAutograd traces forward + backward (the gather's backward is the reduce-scatter) into a
+   joint graph; ``passes.reshard`` tags it (``functorch.config.joint_custom_pass``); the min-cut
+   partitioner splits it according to the tags.
+3. ``passes.schedule_check`` records the collective schedule of each graph; the first call of
+   each compiled graph compares its fingerprint across ranks (a clear error instead of a hang).
+4. The inner compiler (Inductor, or ``aot_eager`` for debugging) compiles both graphs.
+
+No pass reads or writes state per step: the only per-call work is clearing a unit's pending
+``no_sync`` gradients once a graph has captured them.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch._functorch.config as functorch_config
+import torch.fx
+
+from passes.insert_collectives import UnitGather, insert_collectives
+from passes.reshard import tag_reshard
+from passes.schedule_check import Collective, collective_schedule, verify_schedule_across_ranks
+
+from . import ops
+from .config import ShardingStrategy
+from .registry import get_unit
+
+
+@dataclass
+class CompiledGraphs:
+    """What the backend produced for one Dynamo graph (read by ``explain`` and the tests)."""
+
+    gathers: list[UnitGather]
+    inner: str
+    forward: Optional[torch.fx.GraphModule] = None
+    backward: Optional[torch.fx.GraphModule] = None
+    schedules: dict[str, list[Collective]] = field(default_factory=dict)
+
+
+class FSDPBackend:
+    """``torch.compile(model, backend=FSDPBackend(...))``; ``fsdp_compile.backend(...)`` builds one."""
+
+    def __init__(self, prefetch: int = 1, bucket_bytes: Optional[int] = None, inner: str = "inductor"):
+        if inner not in ("inductor", "aot_eager"):
+            raise ValueError(f"fsdp_compile.backend: inner={inner!r}; use 'inductor' or 'aot_eager'")
+        if prefetch < 0:
+            raise ValueError(f"fsdp_compile.backend: prefetch={prefetch} must be >= 0")
+        if bucket_bytes is not None and bucket_bytes <= 0:
+            raise ValueError(f"fsdp_compile.backend: bucket_bytes={bucket_bytes} must be positive or None")
+        self.prefetch = prefetch
+        self.bucket_bytes = bucket_bytes
+        self.inner = inner
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs) -> Callable:
+        gathers = insert_collectives(gm)
+        units = {g.unit_id: get_unit(g.unit_id) for g in gathers}
+        record = CompiledGraphs(gathers, self.inner)
+        for state in {id(u.state): u.state for u in units.values()}.values():
+            state.compiled_graphs.append(record)
+        group = next((u.state.group for u in units.values() if u.spec.communicates), None)
+
+        def strategy_of(unit_id: Optional[int]) -> ShardingStrategy:
+            if unit_id in units:
+                return units[unit_id].strategy
+            strategies = {u.strategy for u in units.values()}
+            if len(strategies) != 1:
+                raise RuntimeError(f"fsdp_compile: cannot tell which unit an all-gather belongs to ({strategies})")
+            return strategies.pop()
+
+        def joint_pass(joint: torch.fx.GraphModule, *args) -> torch.fx.GraphModule:
+            tag_reshard(joint, strategy_of)
+            joint.recompile()
+            return joint
+
+        def on_graph(graph: torch.fx.GraphModule, is_backward: bool) -> None:
+            name = "backward" if is_backward else "forward"
+            setattr(record, name, graph)
+            record.schedules[name] = collective_schedule(graph)
+
+        with functorch_config.patch(joint_custom_pass=joint_pass):
+            compiled = _compile_inner(self.inner, gm, example_inputs, on_graph)
+        return _wrap_call(compiled, record, units, group)
+
+
+def _compile_inner(inner: str, gm, example_inputs, on_graph) -> Callable:
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    if inner == "aot_eager":
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def recording(is_backward):
+            def compiler(graph, inputs):
+                on_graph(graph, is_backward)
+                return make_boxed_func(graph.forward)
+
+            return compiler
+
+        return aot_autograd(
+            fw_compiler=recording(False),
+            bw_compiler=recording(True),
+            partition_fn=min_cut_rematerialization_partition,
+            keep_inference_input_mutations=True,
+        )(gm, example_inputs)
+
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    def inner_compile(graph, inputs, **kwargs):
+        on_graph(graph, bool(kwargs.get("is_backward", False)))
+        return compile_fx_inner(graph, inputs, **kwargs)
+
+    return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+
+
+def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -> Callable:
+    """Per call: on the first, check the schedule across ranks; after each, drop pending
+    ``no_sync`` gradients the graph has consumed (it holds them until its backward)."""
+    consumed = [units[g.unit_id] for g in record.gathers if g.mode == ops.SYNC_PENDING]
+    checked = False
+
+    @functools.wraps(compiled)
+    def run(*args):
+        nonlocal checked
+        if not checked and group is not None:
+            verify_schedule_across_ranks(record.schedules.get("forward", []), group, "forward")
+            checked = True
+        out = compiled(*args)
+        for unit in consumed:
+            unit.pending = None
+        return out
+
+    run._boxed_call = getattr(compiled, "_boxed_call", False)
+    return run
+
+
+def backend(prefetch: int = 1, bucket_bytes: Optional[int] = None, inner: str = "inductor") -> FSDPBackend:
+    """A configured backend: ``torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager"))``."""
+    return FSDPBackend(prefetch=prefetch, bucket_bytes=bucket_bytes, inner=inner)
+
+
+def fsdp_compile_backend(gm: torch.fx.GraphModule, example_inputs) -> Callable:
+    """The ``"fsdp_compile"`` backend with default options (registered by entry point)."""
+    return FSDPBackend()(gm, example_inputs)

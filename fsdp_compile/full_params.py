@@ -1,0 +1,144 @@
+"""Full (unsharded) views of a sharded model outside the training step: ``summon_full_params``,
+``full_state_dict`` and ``load_full_state_dict``.
+
+Full parameters are gathered in the shards' own dtype (never the mixed-precision one). Writing
+back copies this rank's dim-0 rows of each full parameter into its shard, in place, so
+optimizers keep their references.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from .api import root_state
+from .unit import Unit
+
+
+def _gather_full(unit: Unit, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    fulls = unit.all_gather(tensors, dtype=unit.shard_dtype)
+    # NO_SHARD / world 1 gathers are views of the shards themselves: copy so edits stay local.
+    return [f.clone() if f.data_ptr() == t.data_ptr() and f.numel() else f for f, t in zip(fulls, tensors)]
+
+
+def _gather_unit_params(unit: Unit, with_grads: bool) -> list[nn.Parameter]:
+    shards = unit.shards()
+    unit.check_shards(shards)
+    full = [nn.Parameter(f, requires_grad=s.requires_grad) for f, s in zip(_gather_full(unit, shards), shards)]
+    if with_grads:
+        grads = [s.grad for s in shards]
+        if any(g is not None for g in grads):
+            zeros = [torch.zeros_like(s) if g is None else g for s, g in zip(shards, grads)]
+            for p, g, had in zip(full, _gather_full(unit, zeros), grads):
+                p.grad = g if had is not None else None
+    return full
+
+
+def _write_back(unit: Unit, full: list[torch.Tensor]) -> None:
+    rank = unit.spec.rank if unit.spec.communicates and not unit.spec.replicated else 0
+    for layout, shard, tensor in zip(unit.layout.params, unit.shards(), full):
+        start, stop = layout.shard_row_range(rank)
+        shard.copy_(tensor.reshape(layout.full_shape)[start:stop].reshape(shard.shape))
+
+
+@contextlib.contextmanager
+def summon_full_params(module: nn.Module, writeback: bool = True, with_grads: bool = False):
+    """Inside, every sharded parameter read (``module.weight``, ``named_parameters()``) is the
+    full parameter; with ``with_grads`` its ``.grad`` is the full gradient. On exit, edits of
+    the full parameters are copied into the shards when ``writeback`` (else discarded)."""
+    state = root_state(module)
+    if state.in_forward or state.summoned is not None:
+        raise RuntimeError(
+            "fsdp_compile: summon_full_params cannot be entered during a forward or inside "
+            "another summon_full_params"
+        )
+    with torch.no_grad():
+        summoned = {u.id: _gather_unit_params(u, with_grads) for u in state.units}
+    state.summoned = summoned
+    try:
+        yield module
+    finally:
+        state.summoned = None
+        if writeback:
+            with torch.no_grad():
+                for unit in state.units:
+                    _write_back(unit, summoned[unit.id])
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every sharded parameter replaced by its full tensor (on
+    every rank), under the original names."""
+    state = root_state(module)
+    result = module.state_dict()
+    with summon_full_params(module, writeback=False):
+        for fqn, (unit, index) in state.fqn_to_param.items():
+            if fqn in result:
+                result[fqn] = state.summoned[unit.id][index].detach().clone()
+    return result
+
+
+def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load full tensors (as from ``full_state_dict`` or an unsharded model) into the shards."""
+    state = root_state(module)
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"load_full_state_dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
+    with torch.no_grad():
+        for fqn, (unit, index) in state.fqn_to_param.items():
+            want = tuple(unit.layout.params[index].full_shape)
+            got = state_dict[fqn]
+            if tuple(got.shape) != tuple(unit.orig_shapes[index]):
+                raise RuntimeError(
+                    f"load_full_state_dict: {fqn!r} has shape {tuple(got.shape)}, the model's "
+                    f"full parameter has shape {tuple(unit.orig_shapes[index])}"
+                )
+            layout = unit.layout.params[index]
+            rank = unit.spec.rank if unit.spec.communicates and not unit.spec.replicated else 0
+            start, stop = layout.shard_row_range(rank)
+            shard = unit.shards()[index]
+            shard.copy_(got.reshape(want)[start:stop].reshape(shard.shape))
+        rest = {k: v for k, v in state_dict.items() if k not in state.fqn_to_param}
+        module.load_state_dict(rest, strict=False)
+
+
+def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """Clip the gradients of all of ``module``'s parameters by their *global* norm (over every
+    rank's shards, as if unsharded); every rank returns the same total norm."""
+    import torch.distributed as dist
+
+    state = root_state(module)
+    norm_type = float(norm_type)
+    sharded, replicated = [], []
+    in_units = set()
+    for unit in state.units:
+        target = replicated if (unit.spec.replicated or not unit.spec.communicates) else sharded
+        for shard in unit.shards():
+            in_units.add(id(shard))
+            if shard.grad is not None:
+                target.append(shard.grad)
+    replicated += [p.grad for p in module.parameters() if id(p) not in in_units and p.grad is not None]
+    grads = sharded + replicated
+    device = grads[0].device if grads else torch.device("cpu")
+
+    def local(gs):
+        if not gs:
+            return torch.zeros((), device=device)
+        norms = torch.stack([torch.linalg.vector_norm(g.float(), norm_type) for g in gs])
+        return norms.max() if norm_type == float("inf") else norms.pow(norm_type).sum()
+
+    sharded_part, replicated_part = local(sharded), local(replicated)
+    if any(u.spec.communicates and not u.spec.replicated for u in state.units):
+        op = dist.ReduceOp.MAX if norm_type == float("inf") else dist.ReduceOp.SUM
+        dist.all_reduce(sharded_part, op=op, group=state.group)
+    if norm_type == float("inf"):
+        total = torch.maximum(sharded_part, replicated_part)
+    else:
+        total = (sharded_part + replicated_part).pow(1.0 / norm_type)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total

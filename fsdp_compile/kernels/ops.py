@@ -1,0 +1,277 @@
+"""``fsdp_compile::`` custom ops for copy-in/copy-out, with fake and autograd registrations.
+
+Owns: op schemas, the fake (meta) implementations, autograd formulas, the CPU/Triton dispatch and
+the single switch :func:`use_triton`. Shapes and offsets come only from the arguments
+(``padded_numels``, ``full_shapes``, ``world_size``), never from data, so the ops trace under
+FakeTensorMode / torch.compile.
+
+Dispatch (``_want_triton``), in order:
+1. ``FSDP_COMPILE_FORCE_TRITON=1`` in the environment, or ``use_triton(True)``: Triton for every
+   call (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before Triton is imported).
+2. ``use_triton(False)``: the torch path everywhere.
+3. default: Triton for CUDA tensors whose bucket has at least ``TRITON_MIN_NUMEL`` elements; the
+   torch path (``cpu.py``, device generic) for CPU tensors and for tiny buckets, where launching a
+   kernel and uploading its pointer table costs more than a few plain copies.
+
+Autograd: copy-in and copy-out are each other's transpose. d(all_gather_copy_out)/d(gathered) is
+``reduce_scatter_copy_in`` of the output grads (padding positions get zero); d(reduce_scatter_copy_in)
+is ``all_gather_copy_out`` of the incoming grad; d(all_gather_copy_in)/d(shard_i) is the slice
+``[off_i, off_i + numel_i)`` of the slot grad. Mutating variants have no autograd.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fsdp_compile.kernels import cpu
+from fsdp_compile.kernels._offsets import (
+    chunk_rows,
+    pack_shapes,
+    padded_numels as _padded_numels,
+    prefix_offsets,
+    row_numel,
+    unpack_shapes,
+)
+
+TRITON_MIN_NUMEL = 1 << 16
+_triton_override: Optional[bool] = None
+
+
+def use_triton(enabled: Optional[bool] = None) -> Optional[bool]:
+    """Set the process-wide Triton switch (``True``/``False``/``None`` = automatic); returns the
+    previous value. This is the only global state of ``fsdp_compile.kernels``."""
+    global _triton_override
+    previous, _triton_override = _triton_override, enabled
+    return previous
+
+
+def _want_triton(device: torch.device, numel: int) -> bool:
+    if os.environ.get("FSDP_COMPILE_FORCE_TRITON") == "1" or _triton_override is True:
+        return True
+    if _triton_override is False:
+        return False
+    return device.type == "cuda" and numel >= TRITON_MIN_NUMEL
+
+
+def _impl(device: torch.device, numel: int):
+    if _want_triton(device, numel):
+        from fsdp_compile.kernels import triton_kernels
+
+        return triton_kernels
+    return cpu
+
+
+# all_gather_copy_in ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fsdp_compile::all_gather_copy_in", mutates_args=())
+def _all_gather_copy_in(shards: list[Tensor], padded_numels: list[int], dtype: torch.dtype) -> Tensor:
+    return _impl(shards[0].device, sum(padded_numels)).all_gather_copy_in(shards, padded_numels, dtype)
+
+
+@_all_gather_copy_in.register_fake
+def _(shards, padded_numels, dtype):
+    return shards[0].new_empty(sum(padded_numels), dtype=dtype)
+
+
+def _agci_setup(ctx, inputs, output):
+    shards, padded_numels, _ = inputs
+    ctx.meta = [(s.shape, s.dtype) for s in shards]
+    ctx.offsets = prefix_offsets(padded_numels)
+
+
+def _agci_backward(ctx, grad):
+    grads = [
+        grad[off : off + shape.numel()].view(shape).to(dtype)
+        for (shape, dtype), off in zip(ctx.meta, ctx.offsets)
+    ]
+    return grads, None, None
+
+
+_all_gather_copy_in.register_autograd(_agci_backward, setup_context=_agci_setup)
+
+
+# all_gather_copy_out ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fsdp_compile::all_gather_copy_out", mutates_args=())
+def _all_gather_copy_out(gathered: Tensor, flat_shapes: list[int], ndims: list[int], world_size: int) -> list[Tensor]:
+    shapes = unpack_shapes(flat_shapes, ndims)
+    out = [torch.empty(s, dtype=gathered.dtype, device=gathered.device) for s in shapes]
+    _impl(gathered.device, gathered.numel()).all_gather_copy_out(gathered.reshape(-1), shapes, world_size, out)
+    return out
+
+
+@_all_gather_copy_out.register_fake
+def _(gathered, flat_shapes, ndims, world_size):
+    return [gathered.new_empty(s) for s in unpack_shapes(flat_shapes, ndims)]
+
+
+def _agco_setup(ctx, inputs, output):
+    gathered, flat_shapes, ndims, world_size = inputs
+    ctx.shapes = unpack_shapes(flat_shapes, ndims)
+    ctx.world_size = world_size
+    ctx.gathered_shape = gathered.shape
+    ctx.dtype = gathered.dtype
+    ctx.device = gathered.device
+
+
+def _agco_backward(ctx, grads):
+    grads = [torch.zeros(s, dtype=ctx.dtype, device=ctx.device) if g is None else g for g, s in zip(grads, ctx.shapes)]
+    flat = torch.ops.fsdp_compile.reduce_scatter_copy_in(grads, ctx.world_size, ctx.dtype)
+    return flat.view(ctx.gathered_shape), None, None, None
+
+
+_all_gather_copy_out.register_autograd(_agco_backward, setup_context=_agco_setup)
+
+
+@torch.library.custom_op("fsdp_compile::all_gather_copy_out_", mutates_args=("out",))
+def _all_gather_copy_out_(
+    gathered: Tensor, flat_shapes: list[int], ndims: list[int], world_size: int, out: list[Tensor]
+) -> None:
+    shapes = unpack_shapes(flat_shapes, ndims)
+    impl = _impl(gathered.device, gathered.numel())
+    if impl is not cpu and not all(o.is_contiguous() for o in out):
+        impl = cpu
+    impl.all_gather_copy_out(gathered.reshape(-1), shapes, world_size, out)
+
+
+@_all_gather_copy_out_.register_fake
+def _(gathered, flat_shapes, ndims, world_size, out):
+    return None
+
+
+# reduce_scatter_copy_in ------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fsdp_compile::reduce_scatter_copy_in", mutates_args=())
+def _reduce_scatter_copy_in(grads: list[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
+    numel = sum(g.numel() for g in grads)
+    return _impl(grads[0].device, numel).reduce_scatter_copy_in(grads, world_size, dtype)
+
+
+@_reduce_scatter_copy_in.register_fake
+def _(grads, world_size, dtype):
+    total = sum(_padded_numels([g.shape for g in grads], world_size))
+    return grads[0].new_empty(world_size * total, dtype=dtype)
+
+
+def _rsci_setup(ctx, inputs, output):
+    grads, world_size, _ = inputs
+    ctx.flat_shapes, ctx.ndims = pack_shapes([g.shape for g in grads])
+    ctx.dtypes = [g.dtype for g in grads]
+    ctx.world_size = world_size
+
+
+def _rsci_backward(ctx, grad):
+    full = torch.ops.fsdp_compile.all_gather_copy_out(grad, ctx.flat_shapes, ctx.ndims, ctx.world_size)
+    return [f.to(dt) for f, dt in zip(full, ctx.dtypes)], None, None
+
+
+_reduce_scatter_copy_in.register_autograd(_rsci_backward, setup_context=_rsci_setup)
+
+
+# reduce_scatter_copy_out -----------------------------------------------------------------------
+
+
+@torch.library.custom_op("fsdp_compile::reduce_scatter_copy_out", mutates_args=("flat_grad",))
+def _reduce_scatter_copy_out(slot: Tensor, flat_grad: Tensor, accumulate: bool) -> None:
+    impl = _impl(slot.device, slot.numel())
+    if impl is not cpu and not flat_grad.is_contiguous():
+        impl = cpu
+    impl.reduce_scatter_copy_out(slot, flat_grad, accumulate)
+
+
+@_reduce_scatter_copy_out.register_fake
+def _(slot, flat_grad, accumulate):
+    return None
+
+
+@torch.library.custom_op("fsdp_compile::reduce_scatter_copy_out_new", mutates_args=())
+def _reduce_scatter_copy_out_new(slot: Tensor, dtype: torch.dtype) -> Tensor:
+    out = torch.empty(slot.shape, dtype=dtype, device=slot.device)
+    _impl(slot.device, slot.numel()).reduce_scatter_copy_out(slot, out, False)
+    return out
+
+
+@_reduce_scatter_copy_out_new.register_fake
+def _(slot, dtype):
+    return slot.new_empty(slot.shape, dtype=dtype)
+
+
+def _rscon_setup(ctx, inputs, output):
+    ctx.dtype = inputs[0].dtype
+
+
+_reduce_scatter_copy_out_new.register_autograd(
+    lambda ctx, grad: (grad.to(ctx.dtype), None), setup_context=_rscon_setup
+)
+
+
+# Python wrappers (public) ----------------------------------------------------------------------
+
+
+def _check_shapes(full_shapes: Sequence[Sequence[int]]) -> None:
+    for i, s in enumerate(full_shapes):
+        if len(s) == 0:
+            raise ValueError(f"fsdp_compile.kernels: param {i} is 0-D; shard 1-D or larger params only")
+
+
+def all_gather_copy_in(shards: list[Tensor], padded_numels: list[int], dtype: torch.dtype) -> Tensor:
+    """Pack this rank's shards (cast to ``dtype``) into its zero-padded slot of ``sum(padded_numels)``."""
+    if not shards or len(shards) != len(padded_numels):
+        raise ValueError(
+            f"all_gather_copy_in: got {len(shards)} shards and {len(padded_numels)} padded numels; "
+            "pass one padded numel per shard (and at least one shard)"
+        )
+    for i, (s, p) in enumerate(zip(shards, padded_numels)):
+        if s.numel() > p:
+            raise ValueError(f"all_gather_copy_in: shard {i} has {s.numel()} elements > padded numel {p}")
+    return torch.ops.fsdp_compile.all_gather_copy_in(list(shards), [int(p) for p in padded_numels], dtype)
+
+
+def all_gather_copy_out(
+    gathered: Tensor, full_shapes: list[list[int]], world_size: int, out: Optional[list[Tensor]] = None
+) -> list[Tensor]:
+    """Unpack the rank-major all-gather buffer into one full tensor per param (padding dropped)."""
+    _check_shapes(full_shapes)
+    want = world_size * sum(_padded_numels(full_shapes, world_size))
+    if gathered.numel() != want:
+        raise ValueError(
+            f"all_gather_copy_out: gathered has {gathered.numel()} elements, layout of {len(full_shapes)} "
+            f"params at world size {world_size} needs {want}"
+        )
+    flat, ndims = pack_shapes(full_shapes)
+    if out is None:
+        return list(torch.ops.fsdp_compile.all_gather_copy_out(gathered, flat, ndims, world_size))
+    for i, (o, s) in enumerate(zip(out, full_shapes)):
+        if tuple(o.shape) != tuple(s) or o.dtype != gathered.dtype:
+            raise ValueError(
+                f"all_gather_copy_out: out[{i}] is {tuple(o.shape)} {o.dtype}, expected {tuple(s)} {gathered.dtype}"
+            )
+    torch.ops.fsdp_compile.all_gather_copy_out_(gathered, flat, ndims, world_size, list(out))
+    return list(out)
+
+
+def reduce_scatter_copy_in(grads: list[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
+    """Pack full gradients rank-major (``torch._chunk_cat`` layout, zero padded), cast to ``dtype``."""
+    if not grads:
+        raise ValueError("reduce_scatter_copy_in: pass at least one gradient")
+    _check_shapes([g.shape for g in grads])
+    return torch.ops.fsdp_compile.reduce_scatter_copy_in(list(grads), world_size, dtype)
+
+
+def reduce_scatter_copy_out(slot: Tensor, flat_grad: Tensor, accumulate: bool) -> None:
+    """``flat_grad = slot`` or ``flat_grad += slot``, cast to and added in ``flat_grad.dtype``."""
+    if slot.shape != flat_grad.shape:
+        raise ValueError(f"reduce_scatter_copy_out: slot {tuple(slot.shape)} vs flat_grad {tuple(flat_grad.shape)}")
+    torch.ops.fsdp_compile.reduce_scatter_copy_out(slot, flat_grad, accumulate)
+
+
+def reduce_scatter_copy_out_new(slot: Tensor, dtype: torch.dtype) -> Tensor:
+    """Functional copy-out: a new tensor holding ``slot`` cast to ``dtype``."""
+    return torch.ops.fsdp_compile.reduce_scatter_copy_out_new(slot, dtype)

@@ -1,0 +1,176 @@
+"""Triton copy-in/copy-out kernels: one launch per op (per source dtype) for any number of tensors.
+
+Owns: the ``@triton.jit`` segment-copy kernel and its four launchers. Never touches custom-op
+registration (``ops.py``) or offsets beyond ``_offsets.py``.
+
+Design: every op is a list of *segments* ``(src address, dst address, copy_len, total_len)``: the
+kernel copies ``copy_len`` elements (casting to the destination dtype, optionally accumulating)
+and writes zeros for ``[copy_len, total_len)`` (the padding). Segments are found per program
+through a prefix-sum table of blocks per segment (binary search in the kernel), so one launch
+covers all tensors. Addresses are ``data_ptr()`` values (plus byte offsets) in an int64 table that
+the kernel casts with ``.to(tl.pointer_type(...))``; this works on CUDA and under
+``TRITON_INTERPRET=1`` (where pointers are raw host addresses), and sources/destinations need
+not share a storage. Because the table is built from ``data_ptr()`` at call time, the launchers
+run inside the opaque ``fsdp_compile::`` custom ops rather than through ``torch.library.triton_op``
+/ ``wrap_triton`` (which would need the addresses to be traceable).
+
+Rounding: fp32 -> bf16 is rounded to nearest-even by bit arithmetic in the kernel, since the
+interpreter's native cast truncates; the result then equals ``Tensor.to(torch.bfloat16)`` on every
+backend. fp64 sources are rounded through fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fsdp_compile.kernels._offsets import prefix_offsets, rank_major_segments
+
+BLOCK = 2048
+
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
+
+
+@triton.jit
+def _cast(x, DST: tl.constexpr):
+    if DST == tl.bfloat16:
+        if x.dtype == tl.bfloat16:
+            y = x
+        else:
+            xf = x.to(tl.float32)
+            bits = xf.to(tl.uint32, bitcast=True)
+            r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            r = tl.where(xf != xf, 0x7FC0, r)
+            y = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(DST)
+    return y
+
+
+@triton.jit
+def _segment_copy_kernel(
+    table_ptr,
+    num_segments,
+    SRC: tl.constexpr,
+    DST: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """table rows: [0] src addr, [1] dst addr, [2] copy_len, [3] total_len, [4] block prefix
+    (``num_segments + 1`` entries). Program ``pid`` serves segment ``s`` with
+    ``prefix[s] <= pid < prefix[s+1]``."""
+    pid = tl.program_id(0).to(tl.int64)
+    stride = num_segments + 1
+    prefix = table_ptr + 4 * stride
+    lo = pid * 0
+    hi = lo + num_segments
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        go = tl.load(prefix + mid) <= pid
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    seg = lo
+    src = tl.load(table_ptr + seg).to(tl.pointer_type(SRC))
+    dst = tl.load(table_ptr + stride + seg).to(tl.pointer_type(DST))
+    copy_len = tl.load(table_ptr + 2 * stride + seg)
+    total_len = tl.load(table_ptr + 3 * stride + seg)
+    offs = (pid - tl.load(prefix + seg)) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(src + offs, mask=offs < copy_len, other=0.0)
+    if ACCUMULATE:
+        old = tl.load(dst + offs, mask=offs < total_len, other=0.0)
+        y = _cast(old.to(COMPUTE) + x.to(COMPUTE), DST)
+    else:
+        y = _cast(x, DST)
+    tl.store(dst + offs, y, mask=offs < total_len)
+
+
+def _launch(segments: list[tuple[int, int, int, int]], src_dtype, dst_dtype, device, accumulate=False):
+    """Copy ``(src_addr, dst_addr, copy_len, total_len)`` segments in one kernel launch."""
+    segments = [s for s in segments if s[3] > 0]
+    if not segments:
+        return
+    blocks = [-(-s[3] // BLOCK) for s in segments]
+    prefix = prefix_offsets(blocks)
+    n = len(segments)
+    rows = [list(col) + [0] for col in zip(*segments)] + [list(prefix)]
+    table = torch.tensor(rows, dtype=torch.int64).to(device)
+    wide = torch.float64 in (src_dtype, dst_dtype)
+    _segment_copy_kernel[(prefix[-1],)](
+        table,
+        n,
+        SRC=_TL_DTYPES[src_dtype],
+        DST=_TL_DTYPES[dst_dtype],
+        COMPUTE=tl.float64 if wide else tl.float32,
+        ACCUMULATE=accumulate,
+        SEARCH_STEPS=max(1, (n).bit_length()),
+        BLOCK=BLOCK,
+    )
+
+
+def _by_dtype(segments_with_dtype):
+    groups: dict[torch.dtype, list] = {}
+    for dtype, seg in segments_with_dtype:
+        groups.setdefault(dtype, []).append(seg)
+    return groups.items()
+
+
+def all_gather_copy_in(shards: Sequence[Tensor], padded_numels: Sequence[int], dtype: torch.dtype) -> Tensor:
+    offs = prefix_offsets(padded_numels)
+    out = torch.empty(offs[-1], dtype=dtype, device=shards[0].device)
+    shards = [s if s.is_contiguous() else s.contiguous() for s in shards]
+    base, esz = out.data_ptr(), out.element_size()
+    segs = [
+        (s.dtype, (s.data_ptr(), base + off * esz, s.numel(), p))
+        for s, off, p in zip(shards, offs, padded_numels)
+    ]
+    for src_dtype, group in _by_dtype(segs):
+        _launch(group, src_dtype, dtype, out.device)
+    return out
+
+
+def all_gather_copy_out(
+    gathered: Tensor, full_shapes: Sequence[Sequence[int]], world_size: int, out: Sequence[Tensor]
+) -> None:
+    gathered = gathered.contiguous()
+    esz, base = gathered.element_size(), gathered.data_ptr()
+    segs = [
+        (base + s.slot_start * esz, out[s.param].data_ptr() + s.full_start * esz, s.numel, s.numel)
+        for s in rank_major_segments(tuple(tuple(x) for x in full_shapes), world_size)
+    ]
+    _launch(segs, gathered.dtype, gathered.dtype, gathered.device)
+
+
+def reduce_scatter_copy_in(grads: Sequence[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    layout = rank_major_segments(tuple(tuple(g.shape) for g in grads), world_size)
+    total = sum(s.padded for s in layout)
+    out = torch.empty(total, dtype=dtype, device=grads[0].device)
+    base, esz = out.data_ptr(), out.element_size()
+    segs = [
+        (
+            grads[s.param].dtype,
+            (grads[s.param].data_ptr() + s.full_start * grads[s.param].element_size(),
+             base + s.slot_start * esz, s.numel, s.padded),
+        )
+        for s in layout
+    ]
+    for src_dtype, group in _by_dtype(segs):
+        _launch(group, src_dtype, dtype, out.device)
+    return out
+
+
+def reduce_scatter_copy_out(slot: Tensor, flat_grad: Tensor, accumulate: bool) -> None:
+    slot = slot.contiguous()
+    n = slot.numel()
+    _launch([(slot.data_ptr(), flat_grad.data_ptr(), n, n)], slot.dtype, flat_grad.dtype, slot.device, accumulate)

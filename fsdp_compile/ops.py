@@ -1,0 +1,105 @@
+"""The two operations every original-parameter read turns into.
+
+``fsdp_compile::param_use(shards, extra, unit, index, mode)`` is the *marker*: what a read of
+``module.weight`` inside a compiled forward becomes in the Dynamo graph. Its fake result has the
+full shape (and gathered dtype) of parameter ``index`` of ``unit``. The backend's
+``passes.insert_collectives`` replaces all markers of a unit by one ``gather_unit`` call; a
+marker that survives (another backend) still runs correctly, one parameter at a time.
+
+``gather_unit(unit, mode, extra, *shards)`` is the autograd-aware gather of a whole unit: forward
+is copy-in -> all-gather -> copy-out, backward is copy-in -> reduce-scatter -> shard views
+(``collectives``). Eager forwards call it directly; compiled graphs call it through the pass, and
+AOTAutograd traces both directions into the forward and backward graphs.
+
+``mode`` says what the backward does with the full gradients:
+- ``SYNC``: reduce them now (one reduce-scatter / all-reduce).
+- ``NO_SYNC``: no communication; the packed full gradients become the gradient of ``extra``,
+  the unit's accumulator leaf, and wait in ``Unit.pending`` (``no_sync``).
+- ``SYNC_PENDING``: reduce the gradients plus ``extra`` (the pending packed gradients).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx.traceback
+
+from . import collectives
+from .registry import get_unit
+
+SYNC, NO_SYNC, SYNC_PENDING = 0, 1, 2
+
+
+class _GatherUnit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, unit_id: int, mode: int, extra: Optional[torch.Tensor], *shards):
+        unit = get_unit(unit_id)
+        ctx.unit_id, ctx.mode = unit_id, mode
+        ctx.shard_dtypes = [s.dtype for s in shards]
+        ctx.shard_devices = [s.device for s in shards]
+        if mode == SYNC_PENDING:
+            ctx.save_for_backward(extra)
+        with torch.fx.traceback.annotate({"fsdp_unit": unit_id}):
+            return tuple(unit.all_gather(list(shards)))
+
+    @staticmethod
+    def backward(ctx, *full_grads):
+        with torch.fx.traceback.annotate({"fsdp_unit": ctx.unit_id}):
+            return _GatherUnit._backward(ctx, full_grads)
+
+    @staticmethod
+    def _backward(ctx, full_grads):
+        unit = get_unit(ctx.unit_id)
+        none_for_shards = [None] * len(full_grads)
+        unit.after_backward_use()
+        if all(g is None for g in full_grads):
+            return (None, None, None, *none_for_shards)
+        if ctx.mode == NO_SYNC:
+            return (None, None, unit.pack_grads(list(full_grads)), *none_for_shards)
+        pending = ctx.saved_tensors[0] if ctx.mode == SYNC_PENDING else None
+        grads = unit.reduce_grads(list(full_grads), ctx.shard_dtypes, pending)
+        grads = [
+            g.to(dev) if needed else None
+            for g, dev, needed in zip(grads, ctx.shard_devices, ctx.needs_input_grad[3:])
+        ]
+        return (None, None, None, *grads)
+
+
+def gather_unit(unit_id: int, mode: int, extra: Optional[torch.Tensor], *shards) -> tuple:
+    """Full tensors of every parameter of ``unit_id``, differentiable w.r.t. the shards."""
+    return _GatherUnit.apply(unit_id, mode, extra, *shards)
+
+
+@torch.library.custom_op("fsdp_compile::param_use", mutates_args=())
+def param_use(
+    shards: list[torch.Tensor], extra: Optional[torch.Tensor], unit: int, index: int, mode: int
+) -> torch.Tensor:
+    """Full tensor of parameter ``index`` of ``unit`` (a marker for the graph passes)."""
+    with torch.no_grad():
+        return get_unit(unit).all_gather(shards)[index].clone()
+
+
+@param_use.register_fake
+def _param_use_fake(shards, extra, unit, index, mode):
+    u = get_unit(unit)
+    u.check_shards(shards)
+    return shards[0].new_empty(u.full_shape(index), dtype=u.gather_dtype)
+
+
+def _param_use_setup(ctx, inputs, output):
+    shards, extra, unit, index, mode = inputs
+    ctx.unit, ctx.index, ctx.mode, ctx.n = unit, index, mode, len(shards)
+    ctx.dtypes = [s.dtype for s in shards]
+
+
+def _param_use_backward(ctx, grad):
+    """Unfused fallback: reduce this parameter's gradient alone (correct, one collective each)."""
+    unit = get_unit(ctx.unit)
+    grads = [grad if i == ctx.index else None for i in range(ctx.n)]
+    if ctx.mode == NO_SYNC:
+        return None, unit.pack_grads(grads), None, None, None
+    shard_grads = unit.reduce_grads(grads, ctx.dtypes, None)
+    return [g if i == ctx.index else None for i, g in enumerate(shard_grads)], None, None, None, None
+
+
+param_use.register_autograd(_param_use_backward, setup_context=_param_use_setup)

@@ -1,0 +1,145 @@
+"""Per-root runtime state and the forward hooks that drive eager execution.
+
+``FSDPState`` belongs to the module passed to ``fully_shard``. Its flags are what parameter
+accessors read: ``in_forward`` (reads return full tensors), ``sync_grads`` (``no_sync``) and
+``summoned`` (``summon_full_params``). Under ``torch.compile`` the hooks only flip these flags
+(Dynamo traces them; the graph passes do the rest); eagerly they also:
+- gather lazily (on a unit's first parameter read, in ``Unit.gather_for_forward``),
+- reshard each unit after its module's forward and every unit after the root's forward,
+- for FULL_SHARD, replace saved full parameters by tokens (saved-tensor hooks) so that they are
+  freed after forward and re-gathered on demand in backward.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_map
+
+from .unit import Unit
+
+
+@dataclass(frozen=True)
+class _SavedFull:
+    """A full parameter (or a view of it) that autograd saved, by reference."""
+
+    unit: Unit
+    index: int
+    size: torch.Size
+    stride: tuple[int, ...]
+    storage_offset: int
+
+
+class FSDPState:
+    def __init__(self, root: nn.Module, units: list[Unit], param_dtype: Optional[torch.dtype]):
+        self.root_ref = root
+        self.units = units
+        self.param_dtype = param_dtype
+        self.in_forward = False
+        self.sync_grads = True
+        self.summoned: Optional[dict[int, list[torch.Tensor]]] = None
+        self._full_storages: dict[int, list[tuple[Unit, int, torch.Tensor]]] = {}
+        self._saved_hooks: Optional[contextlib.AbstractContextManager] = None
+        self.group = None  # the process group of every unit (None: no communication)
+        self.fqn_to_param: dict = {}  # every registered name -> (unit, index)
+        self.compiled_graphs: list = []  # backend.CompiledGraphs, one per compiled Dynamo graph
+
+    # ---- forward hooks -------------------------------------------------------------------
+    def root_pre_forward(self, module, args, kwargs):
+        if self.summoned is not None:
+            raise RuntimeError(
+                f"fsdp_compile: {type(module).__name__}.forward called inside "
+                "summon_full_params; leave the context first"
+            )
+        self.in_forward = True
+        if not torch.compiler.is_compiling() and torch.is_grad_enabled():
+            if any(u.strategy.name == "FULL_SHARD" for u in self.units):
+                self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+                self._saved_hooks.__enter__()
+        return self.cast_inputs(args, kwargs)
+
+    def root_post_forward(self, module, args, kwargs, output):
+        if not torch.compiler.is_compiling():
+            for unit in self.units:
+                unit.reshard()
+            if self._saved_hooks is not None:
+                self._saved_hooks.__exit__(None, None, None)
+                self._saved_hooks = None
+        self.in_forward = False
+        return output
+
+    def cast_inputs(self, args, kwargs):
+        if self.param_dtype is None:
+            return args, kwargs
+        dtype = self.param_dtype
+
+        def cast(x):
+            return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+        return tree_map(cast, args), tree_map(cast, kwargs)
+
+    # ---- FULL_SHARD: free after forward, regather for backward ---------------------------
+    def register_full(self, unit: Unit, fulls: list[torch.Tensor]) -> None:
+        for index, full in enumerate(fulls):
+            if full.numel():
+                key = full.untyped_storage().data_ptr()
+                self._full_storages.setdefault(key, []).append((unit, index, full))
+
+    def unregister_full(self, unit: Unit) -> None:
+        for key in list(self._full_storages):
+            kept = [e for e in self._full_storages[key] if e[0] is not unit]
+            if kept:
+                self._full_storages[key] = kept
+            else:
+                del self._full_storages[key]
+
+    def _pack(self, tensor: torch.Tensor):
+        if tensor.numel() == 0 or tensor.layout != torch.strided or tensor.is_sparse:
+            return tensor
+        offset = tensor.storage_offset()
+        for unit, index, full in self._full_storages.get(tensor.untyped_storage().data_ptr(), ()):
+            start = full.storage_offset()
+            if full.dtype == tensor.dtype and start <= offset < start + full.numel():
+                return _SavedFull(unit, index, tensor.size(), tensor.stride(), offset - start)
+        return tensor
+
+    @staticmethod
+    def _unpack(saved):
+        if not isinstance(saved, _SavedFull):
+            return saved
+        full = saved.unit.regather_for_backward()[saved.index]
+        return full.as_strided(saved.size, saved.stride, full.storage_offset() + saved.storage_offset)
+
+    # ---- no_sync -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def no_sync(self):
+        for unit in self.units:
+            unit.ensure_accumulator()
+        previous, self.sync_grads = self.sync_grads, False
+        try:
+            yield
+        finally:
+            self.sync_grads = previous
+
+
+def unit_post_forward(unit: Unit):
+    """Forward hook of a policy unit's module: reshard right after its forward (eager)."""
+
+    def hook(module, args, output):
+        if not torch.compiler.is_compiling() and unit.state.in_forward:
+            unit.reshard()
+        return output
+
+    return hook
+
+
+def unit_pre_forward(state: FSDPState):
+    """Forward pre-hook of a policy unit's module: mixed-precision input cast."""
+
+    def hook(module, args, kwargs):
+        return state.cast_inputs(args, kwargs)
+
+    return hook

@@ -1,0 +1,72 @@
+"""Run a function on N local gloo ranks (spawned processes), with a hard timeout.
+
+Every rank gets a real ``torch.distributed`` process group on 127.0.0.1 (a fresh free port), the
+group is destroyed on the way out, and a rank that hangs (a mismatched collective) fails the
+whole run within ``timeout`` seconds instead of hanging. Results come back pickled, by rank.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, timeout, fn, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout)
+        )
+        queue.put((rank, True, fn(rank, world, *args)))
+    except BaseException:  # noqa: BLE001 -- reported to the parent, which re-raises
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., Any], world: int = 2, *args, timeout: float = 300.0) -> list[Any]:
+    """``[fn(rank, world, *args) for rank]`` on ``world`` spawned gloo ranks. ``fn`` must be
+    importable (module level). Raises ``RuntimeError`` with the failing rank's traceback, or
+    ``TimeoutError`` when a rank has not finished after ``timeout`` seconds."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_entry, args=(r, world, port, timeout, fn, args, queue), daemon=True)
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        for _ in range(world):
+            try:
+                rank, ok, value = queue.get(timeout=timeout + 30)
+            except Exception:  # queue.Empty
+                raise TimeoutError(
+                    f"run_ranks: ranks {sorted(set(range(world)) - set(results))} did not finish "
+                    f"within {timeout:.0f}s (a hung or mismatched collective?)"
+                ) from None
+            if not ok:
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            results[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [results[r] for r in range(world)]

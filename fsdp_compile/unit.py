@@ -1,0 +1,208 @@
+"""One unit: the parameters gathered and freed together, and their sharded/unsharded states.
+
+A ``Unit`` owns the local flat buffer that its shards are views of, the ``UnitLayout`` and the
+``CommSpec`` of its collectives. It knows where each shard is registered (``holders``: every
+``(module, attr)`` that holds the parameter, the first one canonical), so a shard replaced by
+the user (``m.weight = nn.Parameter(t)``) is picked up at the next gather.
+
+Eager states: SHARDED (``_full is None``) -> UNSHARDED during the forward of its module
+(``gather_for_forward``) -> SHARDED after it (``reshard``); FULL_SHARD units are re-gathered on
+demand in backward (``regather_for_backward``) and freed by their reduce (``after_backward_use``).
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn as nn
+
+from . import collectives, ops
+from .config import ShardingStrategy
+from .layout import UnitLayout
+from .registry import register_unit
+
+if TYPE_CHECKING:
+    from .runtime import FSDPState
+
+
+class Unit:
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        holders: list[list[tuple[nn.Module, str]]],
+        layout: UnitLayout,
+        orig_shapes: list[torch.Size],
+        strategy: ShardingStrategy,
+        spec: collectives.CommSpec,
+        compute_device: torch.device,
+        state: "FSDPState",
+    ):
+        self.name = name
+        self.module = module
+        self.holders = holders
+        self.layout = layout
+        self.orig_shapes = orig_shapes
+        self.strategy = strategy
+        self.spec = spec
+        self.compute_device = compute_device
+        self.state = state
+        self.id = register_unit(self)
+        self.local_flat: Optional[torch.Tensor] = None
+        self.accumulator: Optional[torch.Tensor] = None  # no_sync gradient sink (a leaf)
+        self.pending: Optional[torch.Tensor] = None  # packed gradients held back by no_sync
+        self._full: Optional[list[torch.Tensor]] = None
+        self._bw_full: Optional[list[torch.Tensor]] = None
+
+    def __repr__(self) -> str:
+        return f"Unit({self.name or '<root>'!r}, {len(self.layout.params)} params, {self.strategy.name})"
+
+    # ---- what the unit holds -------------------------------------------------------------
+    @property
+    def fqns(self) -> list[str]:
+        return [p.fqn for p in self.layout.params]
+
+    @property
+    def shard_dtype(self) -> torch.dtype:
+        return self.local_flat.dtype
+
+    @property
+    def gather_dtype(self) -> torch.dtype:
+        return self.spec.param_dtype or self.shard_dtype
+
+    @property
+    def reduce_dtype(self) -> torch.dtype:
+        return self.spec.reduce_dtype or self.gather_dtype
+
+    def shards(self) -> list[torch.Tensor]:
+        return [holders[0][0]._parameters[holders[0][1]] for holders in self.holders]
+
+    def full_shape(self, index: int) -> torch.Size:
+        return self.orig_shapes[index]
+
+    def check_shards(self, shards: list[torch.Tensor]) -> None:
+        """Raise if a shard was replaced by a tensor of the wrong shape (nothing is modified)."""
+        want = self.layout.shard_shapes(self.spec.rank)
+        for param, shard, shape in zip(self.layout.params, shards, want):
+            if tuple(shard.shape) != tuple(shape):
+                raise RuntimeError(
+                    f"fsdp_compile: parameter {param.fqn!r} holds a tensor of shape "
+                    f"{tuple(shard.shape)}, but its shard on rank {self.spec.rank} has shape "
+                    f"{tuple(shape)} (full shape {param.full_shape}); assign a tensor of the "
+                    "shard's shape, or edit full parameters inside fsdp_compile.summon_full_params"
+                )
+
+    # ---- communication (eager and traced) ------------------------------------------------
+    def all_gather(self, shards: list[torch.Tensor], dtype: Optional[torch.dtype] = None) -> list[torch.Tensor]:
+        spec = self.spec if dtype is None else _with_param_dtype(self.spec, dtype)
+        shards = [s.to(self.compute_device) if s.device != self.compute_device else s for s in shards]
+        fulls = collectives.all_gather_unit(shards, self.layout, spec)
+        return [f.view(shape) if f.shape != shape else f for f, shape in zip(fulls, self.orig_shapes)]
+
+    def pack_grads(self, full_grads: list[Optional[torch.Tensor]]) -> torch.Tensor:
+        return collectives.pack_unit_grads(self._flat_grads(full_grads), self.layout, self.spec)
+
+    def reduce_grads(
+        self,
+        full_grads: list[Optional[torch.Tensor]],
+        shard_dtypes: list[torch.dtype],
+        pending: Optional[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        return collectives.reduce_unit_grads(
+            self._flat_grads(full_grads), self.layout, self.spec, shard_dtypes, pending
+        )
+
+    def _flat_grads(self, full_grads):
+        return [
+            None if g is None else g.reshape(p.full_shape)
+            for g, p in zip(full_grads, self.layout.params)
+        ]
+
+    # ---- gradient-sync mode (read by the accessor; in a compiled graph it becomes guards) ---
+    def grad_mode(self) -> tuple[int, Optional[torch.Tensor]]:
+        if not self.state.sync_grads:
+            return ops.NO_SYNC, self.accumulator
+        if self.pending is not None:
+            return ops.SYNC_PENDING, self.pending
+        return ops.SYNC, None
+
+    def ensure_accumulator(self) -> None:
+        """Create the no_sync gradient sink: a zero-stride leaf whose gradient is the packed full
+        gradients; a hook moves each accumulated gradient into ``pending``."""
+        if self.accumulator is not None:
+            return
+        numel = self.layout.local_numel * (1 if self.spec.replicated or not self.spec.communicates else self.spec.world_size)
+        leaf = torch.zeros((), dtype=self.reduce_dtype, device=self.compute_device).expand(numel)
+        leaf.requires_grad_(True)
+        leaf.register_post_accumulate_grad_hook(self._take_pending)
+        self.accumulator = leaf
+
+    def _take_pending(self, leaf: torch.Tensor) -> None:
+        grad, leaf.grad = leaf.grad, None
+        self.pending = grad.detach() if self.pending is None else self.pending + grad
+
+    # ---- eager states --------------------------------------------------------------------
+    def full_param(self, index: int) -> torch.Tensor:
+        """What a read of parameter ``index`` returns inside the forward."""
+        if torch.compiler.is_compiling():
+            mode, extra = self.grad_mode()
+            return ops.param_use(self.shards(), extra, self.id, index, mode)
+        return self.gather_for_forward()[index]
+
+    def gather_for_forward(self) -> list[torch.Tensor]:
+        if self._full is None:
+            shards = self.shards()
+            self.check_shards(shards)
+            if torch.is_grad_enabled() and any(s.requires_grad for s in shards):
+                mode, extra = self.grad_mode()
+                fulls = list(ops.gather_unit(self.id, mode, extra, *shards))
+                if mode == ops.SYNC_PENDING:
+                    self.pending = None  # consumed: the graph holds it until backward
+                if self.strategy == ShardingStrategy.FULL_SHARD:
+                    self.state.register_full(self, fulls)
+            else:
+                with torch.no_grad():
+                    fulls = self.all_gather(shards)
+            self._full = fulls
+        return self._full
+
+    def reshard(self) -> None:
+        if self._full is not None:
+            self.state.unregister_full(self)
+            self._full = None
+
+    def regather_for_backward(self) -> list[torch.Tensor]:
+        if self._bw_full is None:
+            with torch.no_grad():
+                self._bw_full = self.all_gather(self.shards())
+        return self._bw_full
+
+    def after_backward_use(self) -> None:
+        self._bw_full = None
+
+    # ---- sharding ------------------------------------------------------------------------
+    def shard_from(self, full_params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """Copy this rank's rows of ``full_params`` into a new local flat buffer and return the
+        shards: ``nn.Parameter`` views into it (padding stays zero)."""
+        first = full_params[0]
+        flat = torch.zeros(self.layout.local_numel, dtype=first.dtype, device=first.device)
+        shards = []
+        rank = self.spec.rank if self.spec.communicates and not self.spec.replicated else 0
+        for param, full in zip(self.layout.params, full_params):
+            start, stop = param.shard_row_range(rank)
+            rows = full.detach().reshape(param.full_shape)[start:stop]
+            view = flat.narrow(0, param.offset, rows.numel()).view(rows.shape)
+            view.copy_(rows)
+            shards.append(nn.Parameter(view, requires_grad=full.requires_grad))
+        self.local_flat = flat
+        return shards
+
+    def shard_numels(self) -> int:
+        return sum(math.prod(s) for s in self.layout.shard_shapes(self.spec.rank))
+
+
+def _with_param_dtype(spec: collectives.CommSpec, dtype: torch.dtype) -> collectives.CommSpec:
+    from dataclasses import replace
+
+    return replace(spec, param_dtype=dtype)

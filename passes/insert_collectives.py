@@ -1,0 +1,72 @@
+"""Replace every original-parameter marker by one gather per unit (Dynamo graph, pre-AOT).
+
+Before (one marker per read of an original parameter; ``shards`` are all of the unit's shards)::
+
+    w1 = fsdp_compile.param_use([s0, s1, s2], None, unit=3, index=0, mode=SYNC)
+    y  = linear(x, w1, ...)
+    b1 = fsdp_compile.param_use([s0, s1, s2], None, unit=3, index=1, mode=SYNC)
+    w1_again = fsdp_compile.param_use([s0, s1, s2], None, unit=3, index=0, mode=SYNC)
+
+After (the gather sits where the unit's first marker was; repeated reads share one result)::
+
+    full = fsdp_compile.ops.gather_unit(3, SYNC, None, s0, s1, s2)
+    w1 = full[0]
+    b1 = full[1]
+    y  = linear(x, w1, ...)
+
+``gather_unit`` is an autograd.Function: when AOTAutograd traces this graph, its forward becomes
+copy-in -> all_gather_into_tensor -> wait_tensor -> copy-out and its backward becomes copy-in ->
+reduce_scatter_tensor -> wait_tensor -> shard views (all-reduce for NO_SHARD). Called from the
+backend before AOTAutograd; entry point ``insert_collectives``.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from fsdp_compile.ops import gather_unit
+
+
+@dataclass(frozen=True)
+class UnitGather:
+    """One inserted gather: which unit, in which gradient mode, how many distinct params read."""
+
+    unit_id: int
+    mode: int
+    indices: tuple[int, ...]
+
+
+def is_param_use(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.ops.fsdp_compile.param_use.default
+
+
+def insert_collectives(gm: torch.fx.GraphModule) -> list[UnitGather]:
+    """Rewrite ``gm`` in place; return the inserted gathers in program order."""
+    graph = gm.graph
+    markers: dict[int, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        if is_param_use(node):
+            markers.setdefault(node.args[2], []).append(node)
+    inserted = []
+    for unit_id, nodes in markers.items():
+        first = nodes[0]
+        shards, extra, _, _, mode = first.args
+        with graph.inserting_before(first):
+            gathered = graph.call_function(gather_unit, (unit_id, mode, extra, *shards))
+            gathered.meta["fsdp_unit"] = unit_id
+            by_index: dict[int, torch.fx.Node] = {}
+            for node in nodes:
+                index = node.args[3]
+                if index not in by_index:
+                    by_index[index] = graph.call_function(operator.getitem, (gathered, index))
+                    by_index[index].meta.update(node.meta)
+        for node in nodes:
+            node.replace_all_uses_with(by_index[node.args[3]])
+            graph.erase_node(node)
+        inserted.append(UnitGather(unit_id, mode, tuple(sorted(by_index))))
+    graph.lint()
+    gm.recompile()
+    return inserted

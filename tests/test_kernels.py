@@ -1,0 +1,323 @@
+"""Tests for fsdp_compile.kernels: the four copy ops on the torch path and the Triton path.
+
+Reference: plain PyTorch written here (explicit slicing loops, ``torch.cat`` of zero-padded chunks,
+``torch._chunk_cat``), compared with ``torch.equal``. The Triton path runs under the interpreter in
+a subprocess (``TRITON_INTERPRET`` must be set before Triton is imported), selected with
+``FSDP_COMPILE_FORCE_TRITON=1``; ``test_triton_path_in_subprocess`` drives it so one
+``pytest tests/`` covers both paths.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsdp_compile import kernels as K
+from fsdp_compile.kernels._offsets import chunk_rows, padded_numels, prefix_offsets, row_numel
+
+IN_TRITON_SUBPROCESS = os.environ.get("FSDP_COMPILE_FORCE_TRITON") == "1"
+SHAPE_SETS = {
+    "mixed": [(7, 3), (1,), (0, 5), (5, 2, 3, 2), (16,), (2, 4)],
+    "divisible": [(24, 4), (48,), (8, 2, 3)],
+    "one": [(3, 5)],
+}
+
+
+# ---- independent reference ---------------------------------------------------------------------
+
+
+def ref_shard(full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    c = chunk_rows(full.shape[0], world)
+    return full[min(rank * c, full.shape[0]) : min((rank + 1) * c, full.shape[0])]
+
+
+def ref_all_gather_copy_in(shards, padded, dtype):
+    out = torch.zeros(sum(padded), dtype=dtype)
+    off = 0
+    for s, p in zip(shards, padded):
+        out[off : off + s.numel()] = s.reshape(-1).to(dtype)
+        off += p
+    return out
+
+
+def ref_pad_rows(g: torch.Tensor, world: int) -> torch.Tensor:
+    c = chunk_rows(g.shape[0], world)
+    pad = torch.zeros((world * c - g.shape[0],) + tuple(g.shape[1:]), dtype=g.dtype)
+    return torch.cat([g, pad]).view(world, -1)
+
+
+def ref_reduce_scatter_copy_in(grads, world, dtype):
+    flat = torch.cat([ref_pad_rows(g.to(dtype), world) for g in grads], dim=1).flatten()
+    nonempty = [g.to(dtype) for g in grads if g.shape[0] > 0]
+    if len(nonempty) == len(grads):
+        assert torch.equal(flat, torch._chunk_cat(nonempty, 0, world).flatten())
+    return flat
+
+
+def ref_all_gather_copy_out(gathered, shapes, world):
+    padded = padded_numels(shapes, world)
+    offs = prefix_offsets(padded)
+    total = offs[-1]
+    outs = []
+    for i, shape in enumerate(shapes):
+        c, rn = chunk_rows(shape[0], world), row_numel(shape)
+        pieces = []
+        for r in range(world):
+            rows = max(0, min((r + 1) * c, shape[0]) - r * c)
+            start = r * total + offs[i]
+            pieces.append(gathered[start : start + rows * rn].view((rows,) + tuple(shape[1:])))
+        outs.append(torch.cat(pieces))
+    return outs
+
+
+# ---- cases ---------------------------------------------------------------------------------------
+
+CASES = [
+    (shapes, world, src, dst)
+    for shapes in SHAPE_SETS
+    for world in (1, 2, 3, 4, 8)
+    for src, dst in [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float16)]
+]
+TRITON_CASES = [
+    ("mixed", 3, torch.float32, torch.bfloat16),
+    ("mixed", 8, torch.float16, torch.float32),
+    ("mixed", 2, torch.bfloat16, torch.float32),
+    ("divisible", 4, torch.float32, torch.float16),
+    ("one", 1, torch.float32, torch.float32),
+]
+PATHS = [("torch", c) for c in CASES] + [("triton", c) for c in TRITON_CASES]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _select(path):
+    if path == "triton" and not IN_TRITON_SUBPROCESS:
+        pytest.skip("Triton cases run in the interpreter subprocess (test_triton_path_in_subprocess)")
+    if path == "torch" and IN_TRITON_SUBPROCESS:
+        pytest.skip("torch cases run in the parent process")
+
+
+def _ids(p):
+    path, (shapes, world, src, dst) = p
+    return f"{path}-{shapes}-W{world}-{str(src)[6:]}-{str(dst)[6:]}"
+
+
+@pytest.mark.parametrize("path,case", PATHS, ids=[_ids(p) for p in PATHS])
+def test_all_gather_round_trip(path, case):
+    _select(path)
+    name, world, src, dst = case
+    shapes = SHAPE_SETS[name]
+    fulls = [torch.randn(s).to(src) for s in shapes]
+    padded = list(padded_numels(shapes, world))
+    slots = []
+    for r in range(world):
+        shards = [ref_shard(f, world, r) for f in fulls]
+        if r == world - 1:
+            shards = [s.t().contiguous().t() if s.dim() == 2 else s for s in shards]  # non-contiguous
+        slot = K.all_gather_copy_in(shards, padded, dst)
+        assert slot.dtype == dst
+        assert torch.equal(slot, ref_all_gather_copy_in(shards, padded, dst))
+        slots.append(slot)
+    gathered = torch.cat(slots)
+    outs = K.all_gather_copy_out(gathered, [list(s) for s in shapes], world)
+    for o, f in zip(outs, fulls):
+        assert o.dtype == dst and torch.equal(o, f.to(dst))
+    for o, r in zip(outs, ref_all_gather_copy_out(gathered, shapes, world)):
+        assert torch.equal(o, r)
+    pre = [torch.full(s, 7.0, dtype=dst) for s in shapes]
+    got = K.all_gather_copy_out(gathered, shapes, world, out=pre)
+    assert all(g is p for g, p in zip(got, pre))
+    for o, f in zip(pre, fulls):
+        assert torch.equal(o, f.to(dst))
+
+
+def test_all_gather_copy_in_non_contiguous():
+    full = torch.randn(6, 10)
+    shard = full.t()[:4]  # (4, 6), non-contiguous
+    other = torch.randn(3)
+    slot = K.all_gather_copy_in([shard, other], [28, 5], torch.bfloat16)
+    assert torch.equal(slot, ref_all_gather_copy_in([shard, other], [28, 5], torch.bfloat16))
+
+
+@pytest.mark.parametrize("path,case", PATHS, ids=[_ids(p) for p in PATHS])
+def test_reduce_scatter_copy_in_and_out(path, case):
+    _select(path)
+    name, world, src, dst = case
+    shapes = SHAPE_SETS[name]
+    grads = [torch.randn(s).to(src) for s in shapes]
+    flat = K.reduce_scatter_copy_in(grads, world, dst)
+    assert flat.dtype == dst and torch.equal(flat, ref_reduce_scatter_copy_in(grads, world, dst))
+    total = sum(padded_numels(shapes, world))
+    slot = flat[total * (world - 1) :]
+    for accumulate in (False, True):
+        flat_grad = torch.randn(total).to(src)
+        expect = flat_grad + slot.to(src) if accumulate else slot.to(src)
+        K.reduce_scatter_copy_out(slot, flat_grad, accumulate)
+        assert torch.equal(flat_grad, expect)
+    assert torch.equal(K.reduce_scatter_copy_out_new(slot, src), slot.to(src))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_reduce_scatter_non_contiguous_grad(world):
+    grads = [torch.randn(5, 7).t(), torch.randn(3)]
+    flat = K.reduce_scatter_copy_in(grads, world, torch.bfloat16)
+    assert torch.equal(flat, ref_reduce_scatter_copy_in(grads, world, torch.bfloat16))
+
+
+# ---- autograd ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_autograd_is_the_transpose(world):
+    shapes = SHAPE_SETS["mixed"]
+    total = sum(padded_numels(shapes, world))
+    gathered = torch.randn(world * total, requires_grad=True)
+    outs = K.all_gather_copy_out(gathered, shapes, world)
+    go = [torch.randn(s) for s in shapes]
+    (g_gathered,) = torch.autograd.grad(outs, gathered, go)
+    assert torch.equal(g_gathered, ref_reduce_scatter_copy_in(go, world, torch.float32))
+
+    grads = [torch.randn(s, requires_grad=True) for s in shapes]
+    flat = K.reduce_scatter_copy_in(grads, world, torch.bfloat16)
+    v = torch.randn(world * total).bfloat16()
+    back = torch.autograd.grad(flat, grads, v)
+    for b, r, g in zip(back, ref_all_gather_copy_out(v, shapes, world), grads):
+        assert b.dtype == g.dtype and torch.equal(b, r.float())
+
+    shards = [ref_shard(torch.randn(s), world, world - 1).requires_grad_() for s in shapes]
+    padded = list(padded_numels(shapes, world))
+    slot = K.all_gather_copy_in(shards, padded, torch.float32)
+    w = torch.randn(total)
+    back = torch.autograd.grad(slot, shards, w)
+    offs = prefix_offsets(padded)
+    for b, s, off in zip(back, shards, offs):
+        assert torch.equal(b, w[off : off + s.numel()].view(s.shape))
+
+
+def test_autograd_unused_outputs_get_zero_grad():
+    shapes, world = SHAPE_SETS["mixed"], 2
+    gathered = torch.randn(world * sum(padded_numels(shapes, world)), requires_grad=True)
+    outs = K.all_gather_copy_out(gathered, shapes, world)
+    outs[0].sum().backward()
+    expect = ref_reduce_scatter_copy_in([torch.ones(shapes[0])] + [torch.zeros(s) for s in shapes[1:]], world, torch.float32)
+    assert torch.equal(gathered.grad, expect)
+
+
+def test_gradcheck_float64():
+    shapes, world = [(3, 2), (2,)], 2
+    padded = list(padded_numels(shapes, world))
+    total = sum(padded)
+    gathered = torch.randn(world * total, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda g: tuple(K.all_gather_copy_out(g, shapes, world)), (gathered,))
+    grads = tuple(torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes)
+    assert torch.autograd.gradcheck(lambda *g: K.reduce_scatter_copy_in(list(g), world, torch.float64), grads)
+    shards = tuple(ref_shard(g.detach(), world, 1).clone().requires_grad_() for g in grads)
+    assert torch.autograd.gradcheck(lambda *s: K.all_gather_copy_in(list(s), padded, torch.float64), shards)
+
+
+# ---- fake tensors and torch.compile ------------------------------------------------------------
+
+
+def test_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shapes, world = SHAPE_SETS["mixed"], 3
+    padded = list(padded_numels(shapes, world))
+    with FakeTensorMode():
+        fulls = [torch.empty(s) for s in shapes]
+        slot = K.all_gather_copy_in([ref_shard(f, world, 2) for f in fulls], padded, torch.bfloat16)
+        assert slot.shape == (sum(padded),) and slot.dtype == torch.bfloat16
+        outs = K.all_gather_copy_out(torch.empty(world * sum(padded)), shapes, world)
+        assert [tuple(o.shape) for o in outs] == [tuple(s) for s in shapes]
+        assert K.reduce_scatter_copy_in(fulls, world, torch.float16).shape == (world * sum(padded),)
+
+
+def test_torch_compile_aot_eager_matches_eager():
+    shapes, world = SHAPE_SETS["mixed"], 3
+    padded = list(padded_numels(shapes, world))
+    total = sum(padded)
+
+    def fn(shards, gathered, grads, flat_grad, outs):
+        slot = K.all_gather_copy_in(shards, padded, torch.bfloat16)
+        full = K.all_gather_copy_out(gathered, shapes, world)
+        K.all_gather_copy_out(gathered, shapes, world, out=outs)
+        rs = K.reduce_scatter_copy_in(grads, world, torch.bfloat16)
+        K.reduce_scatter_copy_out(rs[:total], flat_grad, True)
+        new = K.reduce_scatter_copy_out_new(rs[total:2 * total], torch.float32)
+        return slot, full, rs, new, sum(f.sum() for f in full)
+
+    def inputs():
+        torch.manual_seed(1)
+        fulls = [torch.randn(s) for s in shapes]
+        return (
+            [ref_shard(f, world, 1) for f in fulls],
+            torch.randn(world * total),
+            fulls,
+            torch.randn(total),
+            [torch.empty(s) for s in shapes],
+        )
+
+    eager_in, comp_in = inputs(), inputs()
+    expect = fn(*eager_in)
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(*comp_in)
+    assert torch.equal(expect[0], got[0]) and torch.equal(expect[2], got[2]) and torch.equal(expect[3], got[3])
+    assert all(torch.equal(a, b) for a, b in zip(expect[1], got[1]))
+    assert torch.equal(eager_in[3], comp_in[3])
+    assert all(torch.equal(a, b) for a, b in zip(eager_in[4], comp_in[4]))
+
+
+def test_torch_compile_backward():
+    shapes, world = SHAPE_SETS["mixed"], 2
+    total = sum(padded_numels(shapes, world))
+
+    def fn(gathered):
+        return sum((o * o).sum() for o in K.all_gather_copy_out(gathered, shapes, world))
+
+    g1 = torch.randn(world * total, requires_grad=True)
+    g2 = g1.detach().clone().requires_grad_()
+    fn(g1).backward()
+    torch.compile(fn, backend="aot_eager", fullgraph=True)(g2).backward()
+    assert torch.equal(g1.grad, g2.grad)
+
+
+# ---- dispatch ------------------------------------------------------------------------------------
+
+
+def test_use_triton_switch_round_trips():
+    prev = K.use_triton(False)
+    try:
+        assert K.use_triton(None) is False
+    finally:
+        K.use_triton(prev)
+
+
+def test_forced_triton_path_really_runs_triton():
+    _select("triton")
+    from fsdp_compile.kernels import ops
+
+    assert ops._want_triton(torch.device("cpu"), 1)
+    K.reduce_scatter_copy_in([torch.randn(3, 2)], 2, torch.bfloat16)
+    assert "fsdp_compile.kernels.triton_kernels" in sys.modules
+
+
+@pytest.mark.skipif(IN_TRITON_SUBPROCESS, reason="this is the parent of the Triton run")
+def test_triton_path_in_subprocess():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", FSDP_COMPILE_FORCE_TRITON="1")
+    repo = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+         "triton or compile or autograd or gradcheck or non_contiguous"],
+        env=env, cwd=repo, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout, proc.stdout[-2000:]
