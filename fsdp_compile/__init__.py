@@ -5,6 +5,7 @@
 """
 from .api import fully_shard, no_sync, sharded
 from .compiler import backend
+from .explain import explain
 from .config import CPUOffload, MixedPrecision, ShardingStrategy
 from .full_params import clip_grad_norm_, full_state_dict, load_full_state_dict, summon_full_params
 
@@ -14,6 +15,7 @@ __all__ = [
     "MixedPrecision",
     "ShardingStrategy",
     "clip_grad_norm_",
+    "explain",
     "full_state_dict",
     "fully_shard",
     "load_full_state_dict",

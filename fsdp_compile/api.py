@@ -46,7 +46,8 @@ def fully_shard(
         raise TypeError(f"fully_shard: expected an nn.Module, got {type(module).__name__}")
     for name, sub in module.named_modules():
         if _params.is_sharded(sub):
-            where = f"submodule {name!r}" if name else f"module {type(module).__name__}"
+            cls = getattr(type(module), "_fsdp_base_class", type(module))
+            where = f"submodule {name!r}" if name else f"module {cls.__name__}"
             raise ValueError(
                 f"fully_shard: {where} is already sharded by an earlier fully_shard call; "
                 "call fully_shard once, on the root, and choose units with policy="

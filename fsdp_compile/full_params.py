@@ -39,7 +39,11 @@ def _write_back(unit: Unit, full: list[torch.Tensor]) -> None:
     rank = unit.spec.rank if unit.spec.communicates and not unit.spec.replicated else 0
     for layout, shard, tensor in zip(unit.layout.params, unit.shards(), full):
         start, stop = layout.shard_row_range(rank)
-        shard.copy_(tensor.reshape(layout.full_shape)[start:stop].reshape(shard.shape))
+        rows = tensor.reshape(layout.full_shape)[start:stop].reshape(shard.shape)
+        # Unchanged shards are not written: an in-place copy bumps their version counter, which
+        # breaks a pending backward that saved them (summon_full_params between forward and backward).
+        if not torch.equal(rows, shard):
+            shard.copy_(rows)
 
 
 @contextlib.contextmanager

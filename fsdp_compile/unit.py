@@ -184,7 +184,10 @@ class Unit:
     # ---- sharding ------------------------------------------------------------------------
     def shard_from(self, full_params: list[nn.Parameter]) -> list[nn.Parameter]:
         """Copy this rank's rows of ``full_params`` into a new local flat buffer and return the
-        shards: ``nn.Parameter`` views into it (padding stays zero)."""
+        shards: the same ``nn.Parameter`` objects, whose data becomes a view into the buffer
+        (padding stays zero). Keeping the objects means an optimizer built before
+        ``fully_shard`` (and not stepped yet) steps the shards; a gradient already on a full
+        parameter is dropped."""
         first = full_params[0]
         flat = torch.zeros(self.layout.local_numel, dtype=first.dtype, device=first.device)
         shards = []
@@ -194,7 +197,9 @@ class Unit:
             rows = full.detach().reshape(param.full_shape)[start:stop]
             view = flat.narrow(0, param.offset, rows.numel()).view(rows.shape)
             view.copy_(rows)
-            shards.append(nn.Parameter(view, requires_grad=full.requires_grad))
+            full.grad = None
+            full.data = view
+            shards.append(full)
         self.local_flat = flat
         return shards
 

@@ -48,6 +48,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.dim)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         x = self.tok_emb(idx) + self.pos_emb[: idx.shape[1]]

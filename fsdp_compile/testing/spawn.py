@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
+import queue as queue_module
 import socket
 import traceback
 from typing import Any, Callable
@@ -29,7 +31,9 @@ def _entry(rank, world, port, timeout, fn, args, queue):
         dist.init_process_group(
             "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout)
         )
-        queue.put((rank, True, fn(rank, world, *args)))
+        # Plain pickle copies tensor data; multiprocessing's reducers would pass shared-memory
+        # handles that die with this process.
+        queue.put((rank, True, pickle.dumps(fn(rank, world, *args))))
     except BaseException:  # noqa: BLE001 -- reported to the parent, which re-raises
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -62,7 +66,7 @@ def run_ranks(fn: Callable[..., Any], world: int = 2, *args, timeout: float = 30
                 ) from None
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=5)

@@ -1,0 +1,410 @@
+"""Training-step benchmark: the README GPT on 2 gloo ranks (CPU), one run, eight configurations.
+
+    python benchmarks/step.py [--steps 20] [--quick] [--only NAME[,NAME]] [--json PATH]
+
+Configurations (``--only`` takes these names), each trained from the same seed on the same data
+(``gpt_batch(step, rank)``, different per rank) with ``AdamW(lr=1e-3)``:
+
+  ddp                 torch DistributedDataParallel
+  ddp_compile         torch.compile(DDP(model))  (inductor)
+  fsdp1               torch FSDP1 FullyShardedDataParallel(use_orig_params=True), auto-wrap per Block
+  fsdp2               torch FSDP2 fully_shard per Block + root, eager
+  fsdp2_compile       the same, then torch.compile (inductor)
+  simplefsdp_compile  torchtitan SimpleFSDP data_parallel(mode="fully_shard") on a CPU mesh, then
+                      torch.compile (inductor); skipped with the reason when torchtitan is missing
+                      or fails on this model
+  fsdp_compile_eager  fsdp_compile.fully_shard(model, policy={Block})
+  fsdp_compile        the same, then torch.compile(model, backend="fsdp_compile")
+
+Every configuration runs in its own freshly spawned pair of processes with a new gloo process
+group (``fsdp_compile.testing.spawn.run_ranks``), each rank with ``OMP_NUM_THREADS=1``, inductor
+``compile_threads=1`` and an empty inductor cache directory of its own (so the first step is a cold
+compile). A configuration that fails prints its error and the run goes on.
+
+Of the N steps, step 0 is timed on its own (``first_step_s``: includes compilation), steps
+1..N-2 are timed (``median_step_ms``: per step the slower rank, then the median), and the last
+step runs under ``torch.profiler`` (so it is not timed) to measure:
+
+* ``peak_step_mem`` -- peak memory growth during one step, measured by the CPU allocator's own
+  profiler hooks, not by any library's accounting: ``torch.profiler.profile(profile_memory=True)``
+  records a ``[memory]`` event (+bytes / -bytes) for every CPU allocation and free made through
+  c10's allocator (eager ops, inductor buffers, collective outputs, optimizer state) on any thread.
+  Sorted by time, the running sum of those events is the memory allocated during the step and
+  still live; its maximum is the peak growth. Blocks allocated before the step (parameters,
+  optimizer state) are not counted, and neither are their frees (the profiler drops a free of a
+  block it did not see allocated, with a one-time warning). Max over ranks.
+* ``collectives`` -- profiler events of that step whose name is a process-group collective issued
+  to gloo (``gloo:all_reduce``, ``gloo:all_gather``, ``gloo:reduce_scatter``, ...). Each call the
+  backend receives records exactly one ``gloo:*`` event, whatever issued it (DDP buckets, FSDP1/2,
+  DTensor redistribute, functional collectives in compiled graphs), so their count is the
+  collectives per step. gloo has no reduce-scatter of its own: ``reduce_scatter_tensor`` records
+  ``gloo:all_reduce`` (pytorch#118911), so the kind is taken from the ``c10d::`` op that issued
+  the call (``c10d::_reduce_scatter_base_`` -> rs); the JSON keeps the counts of every
+  ``c10d::``/``_c10d_functional::``/``gloo:`` event name seen. Max over ranks.
+* ``state_bytes`` -- bytes of parameters + gradients + optimizer state held by a rank after the
+  last optimizer step (before ``zero_grad``), counted over distinct tensor *storages* (a DTensor's local tensor; FSDP1's and
+  fsdp_compile's shards are views of a flat buffer, which is then counted once, padding
+  included). Max over ranks.
+
+Also: ``final_loss`` (mean of the ranks' losses at the last step) and ``max_loss_diff_vs_ddp``
+(largest difference from the ``ddp`` loss at any step, when ddp ran) to show that every
+configuration trains the same model; and for compiled configurations the Dynamo counters
+(``graph_breaks`` = sum of ``counters["graph_break"]``, unique graphs, a few break reasons).
+
+SimpleFSDP notes: ``data_parallel`` replaces each module's parameter separately, which unties the
+GPT's tied embedding/head weight; the benchmark re-ties them (``lm_head._parameters["weight"] =
+tok_emb._parameters["weight"]``). Its gradients are reduced as a SUM (``Partial("sum")``), so the
+loss is divided by the world size before ``backward()`` to get DDP's average.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+CONFIGS = [
+    "ddp",
+    "ddp_compile",
+    "fsdp1",
+    "fsdp2",
+    "fsdp2_compile",
+    "simplefsdp_compile",
+    "fsdp_compile_eager",
+    "fsdp_compile",
+]
+COMPILED = {"ddp_compile", "fsdp2_compile", "simplefsdp_compile", "fsdp_compile"}
+OPTIONAL = {"simplefsdp_compile"}
+LR = 1e-3
+SEED = 0
+_COLLECTIVE_PREFIXES = ("gloo:", "nccl:", "c10d::", "_c10d_functional::", "c10d_functional::")
+
+
+class SkipConfig(Exception):
+    """The configuration cannot run here (an optional dependency is missing)."""
+
+
+# ---- building each configuration (runs on every rank) --------------------------------------
+def _build(name: str, rank: int, world: int):
+    """-> (model to call, loss scale for backward). Called after the process group exists."""
+    import torch
+    import torch.distributed as dist
+
+    from fsdp_compile.testing.gpt import GPT, Block
+
+    torch.manual_seed(SEED)
+    model = GPT()
+    scale = 1.0
+    if name in ("ddp", "ddp_compile"):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model)
+        if name == "ddp_compile":
+            model = torch.compile(model)
+    elif name == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        model = FSDP(
+            model,
+            auto_wrap_policy=ModuleWrapPolicy({Block}),
+            use_orig_params=True,
+            device_id=torch.device("cpu"),
+        )
+    elif name in ("fsdp2", "fsdp2_compile"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        if name == "fsdp2_compile":
+            model = torch.compile(model)
+    elif name == "simplefsdp_compile":
+        try:
+            from torchtitan.experiments.graph_trainer.simple_fsdp import data_parallel
+        except Exception as e:  # noqa: BLE001 -- any import failure means "not available"
+            raise SkipConfig(f"torchtitan SimpleFSDP not importable: {type(e).__name__}: {e}") from e
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,))
+        model = data_parallel(model, mesh, mode="fully_shard")
+        # data_parallel distributes tok_emb.weight and lm_head.weight separately: re-tie them
+        model.lm_head._parameters["weight"] = model.tok_emb._parameters["weight"]
+        scale = 1.0 / world  # gradients are reduced with Partial("sum"), DDP averages
+        model = torch.compile(model)
+    elif name in ("fsdp_compile_eager", "fsdp_compile"):
+        import fsdp_compile
+
+        fsdp_compile.fully_shard(model, policy={Block})
+        if name == "fsdp_compile":
+            model = torch.compile(model, backend="fsdp_compile")
+    else:
+        raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
+    dist.barrier()
+    return model, scale
+
+
+def _storage_bytes(tensors) -> int:
+    from torch.distributed.tensor import DTensor
+
+    seen: dict[tuple[int, int], int] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        if isinstance(t, DTensor):
+            t = t._local_tensor
+        s = t.untyped_storage()
+        if s.nbytes() == 0:
+            continue
+        seen[(s.data_ptr(), s.nbytes())] = s.nbytes()
+    return sum(seen.values())
+
+
+def _state_bytes(model, opt) -> dict[str, int]:
+    import torch
+
+    params = list(model.parameters())
+    opt_tensors = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    out = {
+        "params": _storage_bytes(params),
+        "grads": _storage_bytes(p.grad for p in params),
+        "optim": _storage_bytes(opt_tensors),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def _profile(step_fn):
+    """Run ``step_fn`` under the profiler -> (peak memory growth, collective name counts)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step_fn()
+    events = list(prof.profiler.kineto_results.events())
+    mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type().name == "CPU")
+    running = peak = 0
+    for _, nbytes in mem:
+        running += nbytes
+        peak = max(peak, running)
+    names = Counter(e.name() for e in events if e.name().startswith(_COLLECTIVE_PREFIXES))
+    return peak, dict(names)
+
+
+def _worker(rank: int, world: int, name: str, steps: int) -> dict:
+    import torch
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    import torch.distributed as dist
+
+    from fsdp_compile.testing.gpt import gpt_batch
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"step_bench_{name}_r{rank}_")
+    inductor_config.compile_threads = 1
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+    model, scale = _build(name, rank, world)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses, times = [], []
+
+    state = {}
+
+    def step(i, measure_state=False):
+        idx, tgt = gpt_batch(i, rank)
+        loss = model(idx, tgt)
+        (loss * scale if scale != 1.0 else loss).backward()
+        opt.step()
+        if measure_state:  # no tensor is allocated here: safe inside the profiled step
+            state.update(_state_bytes(model, opt))
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    peak, coll = 0, {}
+    for i in range(steps):
+        dist.barrier()
+        if i == steps - 1 and steps > 1:
+            peak, coll = _profile(lambda: step(i, measure_state=True))
+            continue
+        t0 = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t0)
+
+    counters = torch._dynamo.utils.counters
+    breaks = counters.get("graph_break", Counter())
+    dynamo = {
+        "graph_breaks": int(sum(breaks.values())),
+        "break_reasons": [f"{n}x {r[:200]}" for r, n in list(breaks.items())[:5]],
+        "unique_graphs": int(counters.get("stats", {}).get("unique_graphs", 0)),
+        "calls_captured": int(counters.get("stats", {}).get("calls_captured", 0)),
+    }
+    return {"losses": losses, "times": times, "peak": peak, "collectives": coll, "state": state, "dynamo": dynamo}
+
+
+def _worker_entry(rank: int, world: int, name: str, steps: int) -> dict:
+    try:
+        return _worker(rank, world, name, steps)
+    except SkipConfig as e:
+        return {"skipped": str(e)}
+
+
+# ---- the parent: run each configuration, summarize ------------------------------------------
+def _summarize(name: str, ranks: list[dict], steps: int) -> dict:
+    first = max(r["times"][0] for r in ranks) if ranks[0]["times"] else float("nan")
+    per_step = [max(ts) for ts in zip(*(r["times"][1:] for r in ranks))]
+    coll_names = Counter()
+    for r in ranks:
+        for k, v in r["collectives"].items():
+            coll_names[k] = max(coll_names[k], v)
+    gloo = {k: v for k, v in coll_names.items() if k.startswith(("gloo:", "nccl:")) and "barrier" not in k}
+    kinds = Counter()
+    for k, v in coll_names.items():
+        if k.startswith("c10d::"):
+            kinds[_kind(k)] += v
+    mean_losses = [sum(ls) / len(ls) for ls in zip(*(r["losses"] for r in ranks))]
+    return {
+        "name": name,
+        "status": "ok",
+        "steps": steps,
+        "first_step_s": first,
+        "median_step_ms": statistics.median(per_step) * 1e3 if per_step else float("nan"),
+        "min_step_ms": min(per_step) * 1e3 if per_step else float("nan"),
+        "max_step_ms": max(per_step) * 1e3 if per_step else float("nan"),
+        "step_ms": [round(t * 1e3, 2) for t in per_step],
+        "peak_step_mem_bytes": max(r["peak"] for r in ranks),
+        "state_bytes": {k: max(r["state"][k] for r in ranks) for k in ranks[0]["state"]},
+        "collectives_per_step": sum(gloo.values()),
+        "collectives_by_backend_event": dict(sorted(gloo.items())),
+        "collectives_by_kind": dict(sorted(kinds.items())),
+        "collective_events_seen": dict(sorted(coll_names.items())),
+        "losses": mean_losses,
+        "final_loss": mean_losses[-1] if mean_losses else float("nan"),
+        "dynamo": ranks[0]["dynamo"] if name in COMPILED else None,
+    }
+
+
+def _kind(c10d_op: str) -> str:
+    op = c10d_op.split("::", 1)[1].replace("_", "")
+    for key, short in (("reducescatter", "rs"), ("allgather", "ag"), ("allreduce", "ar"),
+                       ("broadcast", "bcast"), ("barrier", "barrier"), ("alltoall", "a2a")):
+        if key in op:
+            return short
+    return op
+
+
+def _mib(b) -> str:
+    return f"{b / 2**20:.2f}"
+
+
+def _table(results: list[dict]) -> str:
+    head = ["config", "status", "first step s", "median ms", "peak step MiB", "p+g+opt MiB",
+            "coll/step", "graph breaks", "final loss", "|dloss| vs ddp"]
+    rows = []
+    for r in results:
+        if r["status"] != "ok":
+            rows.append([r["name"], r["status"], *["-"] * (len(head) - 2)])
+            continue
+        kinds = " + ".join(f"{v} {k}" for k, v in r["collectives_by_kind"].items() if k != "barrier")
+        dyn = r["dynamo"]
+        rows.append([
+            r["name"], "ok", f"{r['first_step_s']:.2f}", f"{r['median_step_ms']:.1f}",
+            _mib(r["peak_step_mem_bytes"]), _mib(r["state_bytes"]["total"]),
+            f"{r['collectives_per_step']} = {kinds}",
+            str(dyn["graph_breaks"]) if dyn else "-",
+            f"{r['final_loss']:.5f}",
+            "-" if r.get("max_loss_diff_vs_ddp") is None else f"{r['max_loss_diff_vs_ddp']:.1e}",
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    fmt = lambda row: "| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="3 steps (a smoke run)")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of: {','.join(CONFIGS)}")
+    ap.add_argument("--json", default="bench_results/step.json")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
+    args = ap.parse_args(argv)
+    steps = 3 if args.quick else args.steps
+    if steps < 2:
+        ap.error("--steps must be >= 2 (one first step, one profiled step)")
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or CONFIGS
+    bad = [n for n in names if n not in CONFIGS]
+    if bad:
+        ap.error(f"unknown configuration(s) {bad}; choose from {', '.join(CONFIGS)}")
+
+    import torch
+
+    from fsdp_compile.testing.spawn import run_ranks
+
+    world = 2
+    print(f"torch {torch.__version__}, {world} gloo ranks, {steps} steps, configs: {', '.join(names)}", flush=True)
+    results = []
+    for name in names:
+        t0 = time.perf_counter()
+        print(f"== {name} ...", flush=True)
+        try:
+            ranks = run_ranks(_worker_entry, world, name, steps, timeout=args.timeout)
+            odd = [r for r in ranks if not isinstance(r, dict)]
+            if odd:
+                raise RuntimeError(f"a rank returned {type(odd[0]).__name__}, not a dict: {odd[0]!r:.2000}")
+            skipped = next((r["skipped"] for r in ranks if "skipped" in r), None)
+            if skipped:
+                res = {"name": name, "status": "skipped", "reason": skipped}
+            else:
+                res = _summarize(name, ranks, steps)
+        except Exception as e:  # noqa: BLE001 -- report and go on with the next configuration
+            err = str(e) if isinstance(e, (RuntimeError, TimeoutError)) else traceback.format_exc()
+            last = next((ln for ln in reversed(err.strip().splitlines()) if ln.strip()), "")
+            status = "skipped" if name in OPTIONAL else "failed"
+            res = {"name": name, "status": status, "reason": last.strip(), "error": err}
+            print(err, file=sys.stderr, flush=True)
+        res["wall_s"] = time.perf_counter() - t0
+        if res["status"] == "ok":
+            d = res["dynamo"]
+            print(
+                f"   ok in {res['wall_s']:.0f}s: first {res['first_step_s']:.2f}s, median "
+                f"{res['median_step_ms']:.1f}ms, final loss {res['final_loss']:.5f}"
+                + (f", graph breaks {d['graph_breaks']}, graphs {d['unique_graphs']}" if d else ""),
+                flush=True,
+            )
+        else:
+            print(f"   {res['status']} in {res['wall_s']:.0f}s: {res['reason']}", flush=True)
+        results.append(res)
+
+    ddp = next((r for r in results if r["name"] == "ddp" and r["status"] == "ok"), None)
+    for r in results:
+        if r["status"] == "ok" and ddp is not None:
+            r["max_loss_diff_vs_ddp"] = max(abs(a - b) for a, b in zip(r["losses"], ddp["losses"]))
+    print()
+    print(_table(results))
+    for r in results:
+        if r["status"] == "ok" and r["dynamo"] and r["dynamo"]["break_reasons"]:
+            print(f"\n{r['name']} graph breaks (first reasons):")
+            for reason in r["dynamo"]["break_reasons"]:
+                print("  ", reason.replace("\n", " "))
+    for r in results:
+        if r["status"] != "ok":
+            print(f"\n{r['name']}: {r['status']}: {r['reason']}")
+
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "world": world, "steps": steps, "lr": LR, "seed": SEED,
+            "cpu_count": os.cpu_count()}
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    print(f"\nwrote {out}")
+    return 0 if all(r["status"] != "failed" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

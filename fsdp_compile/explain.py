@@ -1,0 +1,50 @@
+"""``explain(model)``: what fully_shard and the backend did to a model, as text."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .api import root_state
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def explain(model: nn.Module) -> str:
+    """Units (parameters, shard and full sizes, strategy, dtypes) and, for every graph the
+    ``fsdp_compile`` backend compiled, the collectives it inserted in program order with the
+    bytes each one hands to the backend. Accepts the sharded module or its ``torch.compile``
+    wrapper."""
+    module = getattr(model, "_orig_mod", model)
+    state = root_state(module)
+    lines = [f"fsdp_compile: {type(module).__name__} in {len(state.units)} units"]
+    for unit in state.units:
+        spec = unit.spec
+        elem = unit.local_flat.element_size()
+        full = sum(p.full_numel for p in unit.layout.params)
+        lines.append(
+            f"  unit {unit.name or '<root>'!r}: {len(unit.layout.params)} params, "
+            f"{unit.strategy.name}, world {spec.world_size}, shard {_fmt_bytes(unit.layout.local_numel * elem)} "
+            f"of {_fmt_bytes(full * elem)} full, gather {str(unit.gather_dtype).replace('torch.', '')}, "
+            f"reduce {str(unit.reduce_dtype).replace('torch.', '')}"
+        )
+        for param in unit.layout.params:
+            lines.append(f"    {param.fqn} {tuple(param.full_shape)} -> {param.chunk_rows} rows/rank")
+    if not state.compiled_graphs:
+        lines.append("no compiled graphs yet (run a compiled forward/backward first)")
+    for number, record in enumerate(state.compiled_graphs):
+        lines.append(f"compiled graph {number} ({record.inner}): {len(record.gathers)} unit gathers")
+        for name in ("forward", "backward"):
+            schedule = record.schedules.get(name)
+            if schedule is None:
+                lines.append(f"  {name}: not compiled yet")
+                continue
+            total = sum(c.input_bytes for c in schedule)
+            lines.append(f"  {name}: {len(schedule)} collectives, {_fmt_bytes(total)} in")
+            for c in schedule:
+                lines.append(f"    {c.kind:<24} {_fmt_bytes(c.input_bytes):>10} {c.dtype}")
+    return "\n".join(lines)

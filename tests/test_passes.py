@@ -1,0 +1,130 @@
+"""Each FX pass on a small hand-built graph: the exact node sequence before and after.
+
+No process group: units are built with world size 1 (``fully_shard`` without
+``torch.distributed``), and graphs that name collectives are only analysed, never run.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy
+
+import fsdp_compile
+from fsdp_compile import ops
+from fsdp_compile.config import ShardingStrategy
+from passes.insert_collectives import insert_collectives
+from passes.reshard import tag_reshard
+from passes.schedule_check import collective_schedule
+
+c10d = torch.ops._c10d_functional
+fc = torch.ops.fsdp_compile
+
+
+def _unit_of_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    reference = (lin.weight.detach().clone(), lin.bias.detach().clone())
+    fsdp_compile.fully_shard(lin)
+    return lin, lin._fsdp_root_state.units[0], reference
+
+
+def _targets(gm):
+    return [n.target if n.op == "call_function" else n.op for n in gm.graph.nodes]
+
+
+def test_insert_collectives_one_gather_per_unit_before_first_use():
+    lin, unit, (w_ref, b_ref) = _unit_of_linear()
+    graph = torch.fx.Graph()
+    w_shard, b_shard, x = (graph.placeholder(n) for n in ("w_shard", "b_shard", "x"))
+    shards = [w_shard, b_shard]
+    w = graph.call_function(fc.param_use.default, (shards, None, unit.id, 0, ops.SYNC))
+    b = graph.call_function(fc.param_use.default, (shards, None, unit.id, 1, ops.SYNC))
+    y = graph.call_function(F.linear, (x, w, b))
+    w_again = graph.call_function(fc.param_use.default, (shards, None, unit.id, 0, ops.SYNC))
+    z = graph.call_function(torch.matmul, (y, w_again))
+    graph.output(z)
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+
+    gathers = insert_collectives(gm)
+
+    assert [(g.unit_id, g.mode, g.indices) for g in gathers] == [(unit.id, ops.SYNC, (0, 1))]
+    assert _targets(gm) == [
+        "placeholder", "placeholder", "placeholder",
+        ops.gather_unit, operator.getitem, operator.getitem,
+        F.linear, torch.matmul, "output",
+    ]
+    gather = next(n for n in gm.graph.nodes if n.target is ops.gather_unit)
+    assert gather.args == (unit.id, ops.SYNC, None, w_shard, b_shard)
+    # Both reads of the weight are now the same getitem.
+    linear = next(n for n in gm.graph.nodes if n.target is F.linear)
+    matmul = next(n for n in gm.graph.nodes if n.target is torch.matmul)
+    assert linear.args[1] is matmul.args[1]
+    # And the rewritten graph computes what the plain module computes.
+    x_val = torch.randn(2, 4)
+    expected = (x_val @ w_ref.t() + b_ref) @ w_ref
+    torch.testing.assert_close(gm(lin.weight, lin.bias, x_val), expected, rtol=0, atol=0)
+
+
+def test_insert_collectives_leaves_graphs_without_markers_alone():
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.ReLU()))
+    before = _targets(gm)
+    assert insert_collectives(gm) == []
+    assert _targets(gm) == before
+
+
+def _gather_chain_graph(with_cast: bool = False):
+    """copy_in -> all_gather -> wait -> copy_out -> getitem -> t -> mm (a joint-graph forward)."""
+    graph = torch.fx.Graph()
+    shard, x = graph.placeholder("primals_1"), graph.placeholder("primals_2")
+    copy_in = graph.call_function(fc.all_gather_copy_in.default, ([shard], [8], torch.float32))
+    ag = graph.call_function(c10d.all_gather_into_tensor.default, (copy_in, 2, "0"))
+    wait = graph.call_function(c10d.wait_tensor.default, (ag,))
+    copy_out = graph.call_function(fc.all_gather_copy_out.default, (wait, [4, 4], [2], 2))
+    full = graph.call_function(operator.getitem, (copy_out, 0))
+    t = graph.call_function(torch.ops.aten.t.default, (full,))
+    mm = graph.call_function(torch.ops.aten.mm.default, (x, t))
+    graph.output(mm)
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+    return gm, {"copy_in": copy_in, "ag": ag, "wait": wait, "copy_out": copy_out, "full": full, "t": t, "mm": mm}
+
+
+def test_reshard_full_shard_tags_whole_gather_chain_must_recompute():
+    gm, nodes = _gather_chain_graph()
+    tag_reshard(gm, lambda unit: ShardingStrategy.FULL_SHARD)
+    tagged = {name for name, n in nodes.items() if n.meta.get("recompute") is CheckpointPolicy.MUST_RECOMPUTE}
+    assert tagged == {"copy_in", "ag", "wait", "copy_out", "full", "t"}
+    assert "recompute" not in nodes["mm"].meta
+
+
+def test_reshard_shard_grad_op_saves_the_gathered_parameters():
+    gm, nodes = _gather_chain_graph()
+    tag_reshard(gm, lambda unit: ShardingStrategy.SHARD_GRAD_OP)
+    tagged = {name for name, n in nodes.items() if n.meta.get("recompute") is CheckpointPolicy.MUST_SAVE}
+    assert tagged == {"copy_in", "ag", "wait", "copy_out", "full", "t"}
+    assert all(n.meta.get("ac_graph_id") == 100000 for name, n in nodes.items() if name in tagged)
+
+
+def test_reshard_reads_each_gathers_unit_from_node_annotations():
+    gm, nodes = _gather_chain_graph()
+    nodes["wait"].meta["custom"] = {"fsdp_unit": 7}
+    seen = []
+    tag_reshard(gm, lambda unit: seen.append(unit) or ShardingStrategy.FULL_SHARD)
+    assert seen == [7]
+
+
+def test_schedule_lists_collectives_in_program_order_with_bytes():
+    gm, nodes = _gather_chain_graph()
+    nodes["copy_in"].meta["val"] = torch.empty(8, dtype=torch.bfloat16)
+    graph = gm.graph
+    with graph.inserting_before(nodes["mm"]):
+        rs = graph.call_function(c10d.reduce_scatter_tensor.default, (nodes["copy_in"], "sum", 2, "0"))
+        graph.call_function(c10d.wait_tensor.default, (rs,))
+    schedule = collective_schedule(gm)
+    assert [(c.kind, c.input_bytes, c.dtype) for c in schedule] == [
+        ("all_gather_into_tensor", 16, "bfloat16"),
+        ("reduce_scatter_tensor", 16, "bfloat16"),
+    ]
