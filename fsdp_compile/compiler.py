@@ -5,9 +5,12 @@ Pipeline for one Dynamo graph:
 2. AOTAutograd traces forward + backward (the gather's backward is the reduce-scatter) into a
    joint graph; ``passes.reshard`` tags it (``functorch.config.joint_custom_pass``); the min-cut
    partitioner splits it according to the tags.
-3. ``passes.schedule_check`` records the collective schedule of each graph; the first call of
+3. ``passes.bucketing`` (with ``bucket_bytes``) merges adjacent small units' gathers before
+   AOTAutograd; ``passes.reorder`` moves each all-gather ``prefetch`` gathers earlier in the
+   partitioned forward and backward graphs so that it overlaps compute.
+4. ``passes.schedule_check`` records the collective schedule of each graph; the first call of
    each compiled graph compares its fingerprint across ranks (a clear error instead of a hang).
-4. The inner compiler (Inductor, or ``aot_eager`` for debugging) compiles both graphs.
+5. The inner compiler (Inductor, or ``aot_eager`` for debugging) compiles both graphs.
 
 No pass reads or writes state per step: the only per-call work is clearing a unit's pending
 ``no_sync`` gradients once a graph has captured them.
@@ -22,13 +25,16 @@ import torch
 import torch._functorch.config as functorch_config
 import torch.fx
 
+from passes.bucketing import bucket_gathers
 from passes.insert_collectives import UnitGather, insert_collectives
+from passes.reorder import prefetch_all_gathers
 from passes.reshard import tag_reshard
 from passes.schedule_check import Collective, collective_schedule, verify_schedule_across_ranks
 
 from . import ops
 from .config import ShardingStrategy
 from .registry import get_unit
+from .unit import Unit
 
 
 @dataclass
@@ -40,6 +46,8 @@ class CompiledGraphs:
     forward: Optional[torch.fx.GraphModule] = None
     backward: Optional[torch.fx.GraphModule] = None
     schedules: dict[str, list[Collective]] = field(default_factory=dict)
+    buckets: list[list[int]] = field(default_factory=list)  # unit ids merged per gather
+    bucket_units: list = field(default_factory=list)  # keeps bucket Units alive (weak registry)
 
 
 class FSDPBackend:
@@ -60,6 +68,15 @@ class FSDPBackend:
         gathers = insert_collectives(gm)
         units = {g.unit_id: get_unit(g.unit_id) for g in gathers}
         record = CompiledGraphs(gathers, self.inner)
+        if self.bucket_bytes is not None:
+
+            def make_bucket(unit_ids: list[int]) -> int:
+                bucket = Unit.bucket([units[i] for i in unit_ids])
+                record.bucket_units.append(bucket)
+                units[bucket.id] = bucket
+                return bucket.id
+
+            record.buckets = bucket_gathers(gm, self.bucket_bytes, make_bucket)
         for state in {id(u.state): u.state for u in units.values()}.values():
             state.compiled_graphs.append(record)
         group = next((u.state.group for u in units.values() if u.spec.communicates), None)
@@ -78,6 +95,7 @@ class FSDPBackend:
             return joint
 
         def on_graph(graph: torch.fx.GraphModule, is_backward: bool) -> None:
+            prefetch_all_gathers(graph, self.prefetch)
             name = "backward" if is_backward else "forward"
             setattr(record, name, graph)
             record.schedules[name] = collective_schedule(graph)

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import collectives, ops
 from .config import ShardingStrategy
-from .layout import UnitLayout
+from .layout import UnitLayout, make_unit_layout
 from .registry import register_unit
 
 if TYPE_CHECKING:
@@ -180,6 +180,26 @@ class Unit:
 
     def after_backward_use(self) -> None:
         self._bw_full = None
+
+    @classmethod
+    def bucket(cls, units: list["Unit"]) -> "Unit":
+        """One unit made of ``units`` (same strategy, group and dtypes): their layouts one after
+        the other, so one collective moves all of them. Used by the bucketing pass only; the
+        bucket owns no shards (its members do)."""
+        first = units[0]
+        params = [p for u in units for p in u.layout.params]
+        layout = make_unit_layout(
+            [p.fqn for p in params], [p.full_shape for p in params], first.layout.world_size,
+            first.layout.replicated,
+        )
+        name = "bucket(" + ", ".join(u.name or "<root>" for u in units) + ")"
+        merged = cls(
+            name, first.module, [h for u in units for h in u.holders], layout,
+            [s for u in units for s in u.orig_shapes], first.strategy, first.spec,
+            first.compute_device, first.state,
+        )
+        merged.local_flat = first.local_flat  # dtype and device only
+        return merged
 
     # ---- sharding ------------------------------------------------------------------------
     def shard_from(self, full_params: list[nn.Parameter]) -> list[nn.Parameter]:

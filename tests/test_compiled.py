@@ -236,3 +236,31 @@ def test_decorated_class_compiles_and_trains_like_ddp_and_explain_lists_collecti
         assert "forward: 3 collectives" in text and "backward: 6 collectives" in text
         assert text.count("all_gather_into_tensor") == 6 and text.count("reduce_scatter_tensor") == 3
         assert "rank 1's issues" in res["mismatch"] or "rank 0's issues" in res["mismatch"]
+
+
+def bucketing_run(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    base = GPT(SMALL)
+    eager = fsdp_compile.fully_shard(copy.deepcopy(base), policy={Block})
+    model = fsdp_compile.fully_shard(copy.deepcopy(base), policy={Block})
+    backend = fsdp_compile.backend(inner="aot_eager", bucket_bytes=64 << 20, prefetch=2)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    record = None
+    out = {"eager": _train(eager, eager, rank, steps=4), "bucketed": _train(model, compiled, rank, steps=4)}
+    record = model._fsdp_root_state.compiled_graphs[0]
+    out["buckets"] = [len(b) for b in record.buckets]
+    out["schedules"] = {k: [c.kind for c in v] for k, v in record.schedules.items()}
+    out["params"] = (fsdp_compile.full_state_dict(eager), fsdp_compile.full_state_dict(model))
+    return out
+
+
+def test_bucketing_merges_all_units_into_one_collective_and_keeps_parity():
+    for res in run_ranks(bucketing_run, 2, timeout=600):
+        assert res["buckets"] == [3]  # the root and both blocks: adjacent, same strategy
+        assert res["schedules"] == {
+            "forward": ["all_gather_into_tensor"],
+            "backward": ["all_gather_into_tensor", "reduce_scatter_tensor"],
+        }
+        torch.testing.assert_close(res["bucketed"], res["eager"], **TOL)
+        for key, value in res["params"][0].items():
+            torch.testing.assert_close(res["params"][1][key], value, **TOL)

@@ -128,3 +128,78 @@ def test_schedule_lists_collectives_in_program_order_with_bytes():
         ("all_gather_into_tensor", 16, "bfloat16"),
         ("reduce_scatter_tensor", 16, "bfloat16"),
     ]
+
+
+def _two_gathers_graph():
+    """unit A: copy_in -> ag -> wait -> relu(compute); unit B: the same, after A's compute."""
+    graph = torch.fx.Graph()
+    a, b = graph.placeholder("primals_1"), graph.placeholder("primals_2")
+    names = {}
+    previous = None
+    for tag, shard in (("a", a), ("b", b)):
+        copy_in = graph.call_function(fc.all_gather_copy_in.default, ([shard], [4], torch.float32))
+        ag = graph.call_function(c10d.all_gather_into_tensor.default, (copy_in, 2, "0"))
+        wait = graph.call_function(c10d.wait_tensor.default, (ag,))
+        inputs = (wait,) if previous is None else (wait, previous)
+        compute = graph.call_function(torch.ops.aten.add.Tensor if previous is not None else torch.ops.aten.relu.default, inputs)
+        previous = compute
+        names.update({f"copy_in_{tag}": copy_in, f"ag_{tag}": ag, f"wait_{tag}": wait, f"compute_{tag}": compute})
+    graph.output(previous)
+    return torch.fx.GraphModule(nn.Module(), graph), names
+
+
+def test_prefetch_issues_next_all_gather_before_previous_compute():
+    from passes.reorder import prefetch_all_gathers
+
+    gm, n = _two_gathers_graph()
+    order_before = [node.name for node in gm.graph.nodes]
+    assert prefetch_all_gathers(gm, 0) == 0
+    assert [node.name for node in gm.graph.nodes] == order_before
+    assert prefetch_all_gathers(gm, 1) == 1
+    names = {v.name: k for k, v in n.items()}
+    assert [names.get(node.name, node.op) for node in gm.graph.nodes] == [
+        "placeholder", "placeholder",
+        "copy_in_a", "ag_a", "wait_a", "copy_in_b", "ag_b",  # B's gather now overlaps A's compute
+        "compute_a", "wait_b", "compute_b", "output",
+    ]
+
+
+def _two_units():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    reference = [p.detach().clone() for p in model.parameters()]
+    fsdp_compile.fully_shard(model, policy={nn.Linear})
+    return model, model._fsdp_root_state.units, reference
+
+
+def test_bucketing_merges_adjacent_gathers_into_one():
+    from passes.bucketing import bucket_gathers
+    from fsdp_compile.unit import Unit
+
+    model, units, (w0, b0, w1, b1) = _two_units()
+    u0, u1 = units
+    graph = torch.fx.Graph()
+    s = [graph.placeholder(f"s{i}") for i in range(4)]
+    x = graph.placeholder("x")
+    g0 = graph.call_function(ops.gather_unit, (u0.id, ops.SYNC, None, s[0], s[1]))
+    w0n, b0n = (graph.call_function(operator.getitem, (g0, i)) for i in (0, 1))
+    h = graph.call_function(F.linear, (x, w0n, b0n))
+    g1 = graph.call_function(ops.gather_unit, (u1.id, ops.SYNC, None, s[2], s[3]))
+    w1n, b1n = (graph.call_function(operator.getitem, (g1, i)) for i in (0, 1))
+    graph.output(graph.call_function(F.linear, (h, w1n, b1n)))
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+    keep = []
+
+    def make_bucket(ids):
+        keep.append(Unit.bucket([u for u in units if u.id in ids]))
+        return keep[-1].id
+
+    assert bucket_gathers(gm, bucket_bytes=1, make_bucket=make_bucket) == [[u0.id], [u1.id]]
+    assert bucket_gathers(gm, bucket_bytes=1 << 20, make_bucket=make_bucket) == [[u0.id, u1.id]]
+    gathers = [node for node in gm.graph.nodes if node.target is ops.gather_unit]
+    assert len(gathers) == 1 and gathers[0].args == (keep[0].id, ops.SYNC, None, *s)
+    assert [node.args[1] for node in gm.graph.nodes if node.target is operator.getitem] == [0, 1, 2, 3]
+    x_val = torch.randn(3, 4)
+    expected = F.linear(F.linear(x_val, w0, b0), w1, b1)
+    params = [p for p in model.parameters()]
+    torch.testing.assert_close(gm(*params, x_val), expected, rtol=0, atol=0)
