@@ -11,6 +11,7 @@ import os
 import pickle
 import queue as queue_module
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -55,15 +56,24 @@ def run_ranks(fn: Callable[..., Any], world: int = 2, *args, timeout: float = 30
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout + 30
     try:
-        for _ in range(world):
+        while len(results) < world:
             try:
-                rank, ok, value = queue.get(timeout=timeout + 30)
-            except Exception:  # queue.Empty
-                raise TimeoutError(
-                    f"run_ranks: ranks {sorted(set(range(world)) - set(results))} did not finish "
-                    f"within {timeout:.0f}s (a hung or mismatched collective?)"
-                ) from None
+                rank, ok, value = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+                if dead:  # died before reporting (e.g. could not unpickle ``fn``)
+                    raise RuntimeError(
+                        f"run_ranks: rank {dead[0]} exited with code {procs[dead[0]].exitcode} "
+                        "without a result (see its stderr above)"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"run_ranks: ranks {sorted(set(range(world)) - set(results))} did not "
+                        f"finish within {timeout:.0f}s (a hung or mismatched collective?)"
+                    ) from None
+                continue
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             results[rank] = pickle.loads(value)
