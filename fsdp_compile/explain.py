@@ -1,6 +1,7 @@
 """``explain(model)``: what fully_shard and the backend did to a model, as text."""
 from __future__ import annotations
 
+import torch.distributed as dist
 import torch.nn as nn
 
 from .api import root_state
@@ -36,6 +37,8 @@ def explain(model: nn.Module) -> str:
             lines.append(f"    {param.fqn} {tuple(param.full_shape)} -> {param.chunk_rows} rows/rank")
     if not state.compiled_graphs:
         lines.append("no compiled graphs yet (run a compiled forward/backward first)")
+    backend = dist.get_backend(state.group) if state.group is not None else "none (world size 1)"
+    lines.append(f"process group backend: {backend}")
     for number, record in enumerate(state.compiled_graphs):
         lines.append(f"compiled graph {number} ({record.inner}): {len(record.gathers)} unit gathers")
         for name in ("forward", "backward"):
@@ -46,5 +49,9 @@ def explain(model: nn.Module) -> str:
             total = sum(c.input_bytes for c in schedule)
             lines.append(f"  {name}: {len(schedule)} collectives, {_fmt_bytes(total)} in")
             for c in schedule:
-                lines.append(f"    {c.kind:<24} {_fmt_bytes(c.input_bytes):>10} {c.dtype}")
+                note = ""
+                if backend == "gloo" and c.kind == "reduce_scatter_tensor":
+                    # gloo has no native reduce-scatter: it all-reduces the whole input.
+                    note = f"  (gloo: emulated by an all-reduce of all {_fmt_bytes(c.input_bytes)})"
+                lines.append(f"    {c.kind:<24} {_fmt_bytes(c.input_bytes):>10} {c.dtype}{note}")
     return "\n".join(lines)
