@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from typing import Callable, Iterable, Optional, Union
 
 import torch

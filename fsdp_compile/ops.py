@@ -24,7 +24,6 @@ from typing import Optional
 import torch
 import torch.fx.traceback
 
-from . import collectives
 from .registry import get_unit
 
 SYNC, NO_SYNC, SYNC_PENDING = 0, 1, 2

@@ -11,7 +11,7 @@ demand in backward (``regather_for_backward``) and freed by their reduce (``afte
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -223,11 +223,6 @@ class Unit:
         self.local_flat = flat
         return shards
 
-    def shard_numels(self) -> int:
-        return sum(math.prod(s) for s in self.layout.shard_shapes(self.spec.rank))
-
 
 def _with_param_dtype(spec: collectives.CommSpec, dtype: torch.dtype) -> collectives.CommSpec:
-    from dataclasses import replace
-
-    return replace(spec, param_dtype=dtype)
+    return dataclasses.replace(spec, param_dtype=dtype)

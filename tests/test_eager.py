@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.testing import assert_close
 
 import fsdp_compile
-from fsdp_compile import ShardingStrategy, collectives, fully_shard
+from fsdp_compile import collectives, fully_shard
 from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch
 from fsdp_compile.testing.spawn import run_ranks
 

@@ -90,7 +90,9 @@ TRITON_CASES = [
     ("divisible", 4, torch.float32, torch.float16),
     ("one", 1, torch.float32, torch.float32),
 ]
-PATHS = [("torch", c) for c in CASES] + [("triton", c) for c in TRITON_CASES]
+# The parent process runs the torch (CPU) path; test_triton_path_in_subprocess re-runs this file
+# with TRITON_INTERPRET=1, where the same tests take the Triton cases instead.
+PATHS = [("triton", c) for c in TRITON_CASES] if IN_TRITON_SUBPROCESS else [("torch", c) for c in CASES]
 
 
 @pytest.fixture(autouse=True)
@@ -99,10 +101,7 @@ def _seed():
 
 
 def _select(path):
-    if path == "triton" and not IN_TRITON_SUBPROCESS:
-        pytest.skip("Triton cases run in the interpreter subprocess (test_triton_path_in_subprocess)")
-    if path == "torch" and IN_TRITON_SUBPROCESS:
-        pytest.skip("torch cases run in the parent process")
+    assert (path == "triton") == IN_TRITON_SUBPROCESS, path
 
 
 def _ids(p):
@@ -299,24 +298,23 @@ def test_use_triton_switch_round_trips():
         K.use_triton(prev)
 
 
-def test_forced_triton_path_really_runs_triton():
-    _select("triton")
+def test_kernel_path_matches_the_process():
     from fsdp_compile.kernels import ops
 
-    assert ops._want_triton(torch.device("cpu"), 1)
+    assert ops._want_triton(torch.device("cpu"), 1) == IN_TRITON_SUBPROCESS
     K.reduce_scatter_copy_in([torch.randn(3, 2)], 2, torch.bfloat16)
-    assert "fsdp_compile.kernels.triton_kernels" in sys.modules
+    assert ("fsdp_compile.kernels.triton_kernels" in sys.modules) == IN_TRITON_SUBPROCESS
 
 
-@pytest.mark.skipif(IN_TRITON_SUBPROCESS, reason="this is the parent of the Triton run")
 def test_triton_path_in_subprocess():
-    pytest.importorskip("triton")
+    if IN_TRITON_SUBPROCESS:
+        return  # this is the child run itself
     env = dict(os.environ, TRITON_INTERPRET="1", FSDP_COMPILE_FORCE_TRITON="1")
     repo = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-         "triton or compile or autograd or gradcheck or non_contiguous"],
+         "not test_triton_path_in_subprocess"],
         env=env, cwd=repo, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -29,11 +29,9 @@ from torch import Tensor
 
 from fsdp_compile.kernels import cpu
 from fsdp_compile.kernels._offsets import (
-    chunk_rows,
     pack_shapes,
     padded_numels as _padded_numels,
     prefix_offsets,
-    row_numel,
     unpack_shapes,
 )
 
