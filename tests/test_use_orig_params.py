@@ -7,14 +7,17 @@ same seeded model fed the same per-rank data (DDP averages gradients over ranks,
 reference's dim-0 rows where a shard is compared. Exact numbers: ``torch.testing.assert_close``
 with its defaults in eager mode, ``rtol=1e-4, atol=1e-5`` compiled.
 
-To keep the suite fast, one spawn runs every (strategy, mode) case of a behaviour; each rank
-returns ``{case: None | traceback}`` and the parent reports every failing case at once.
+To keep the suite fast, one spawn (a module-scoped fixture) runs every case of every selected
+behaviour; each rank returns ``{(behaviour, case): None | traceback}`` and ``test_behaviour[name]``
+reports every failing case of its behaviour at once. Compiling is what costs time, so compiled
+cases reuse one compiled model where the behaviour allows it (documented per behaviour).
 """
 from __future__ import annotations
 
 import copy
 import itertools
 import re
+import sys
 import traceback
 from typing import Callable
 from unittest import mock
@@ -26,8 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.testing import assert_close
 
 import fsdp_compile
-from fsdp_compile import collectives
-from fsdp_compile import MixedPrecision, fully_shard, load_full_state_dict, no_sync, summon_full_params
+from fsdp_compile import MixedPrecision, collectives, fully_shard, load_full_state_dict, no_sync, summon_full_params
 from fsdp_compile.testing.spawn import run_ranks
 
 WORLD = 2
@@ -88,7 +90,8 @@ class TiedNet(nn.Module):
 
 
 class ManyTiny(nn.Module):
-    """1,000 parameters of dim 0 = 1 < world size: every shard on rank 1 is empty."""
+    """``2 * n`` parameters (``n`` Linear(4, 1) in 10 units) of dim 0 = 1 < world size: every
+    shard on rank 1 is empty."""
 
     def __init__(self, n: int = 500):
         super().__init__()
@@ -135,7 +138,7 @@ def _close(got, want, mode: str, what: str) -> None:
 
 def _build(strategy: str, mode: str, model_fn: Callable[[], nn.Module] = Net, *, freeze=None, mp=None,
            inner: str = "aot_eager", before_shard: Callable | None = None):
-    """Seeded ``model_fn()`` sharded by ``policy={Block}``; its DDP reference; the callable to run
+    """Seeded ``model_fn()`` sharded by ``policy={Block, TinyGroup}``; its DDP reference; the callable to run
     (the model, or ``torch.compile`` of it). ``before_shard(model)`` runs before ``fully_shard``."""
     torch.manual_seed(0)
     model = model_fn()
@@ -183,35 +186,6 @@ def _check_shards(model, ddp, rank: int, strategy: str, mode: str, what: str, gr
                 _close(p.grad, _shard(ref.grad, rank, strategy), mode, f"{what}: grad of {name}")
 
 
-def _run_cases(rank: int, world: int, behaviour: str, cases: list[tuple]) -> dict:
-    """Run ``BEHAVIOURS[behaviour](rank, *case)`` for every case; ``{case: None | traceback}``."""
-    results = {}
-    for case in cases:
-        try:
-            BEHAVIOURS[behaviour](rank, *case)
-            results[case] = None
-        except Exception:  # noqa: BLE001 -- every failing case is reported by the parent
-            results[case] = traceback.format_exc()
-    return results
-
-
-def _spawn(behaviour: str, cases: list[tuple], timeout: float = 240.0) -> None:
-    per_rank = run_ranks(_run_cases, WORLD, behaviour, cases, timeout=timeout)
-    failures = [
-        f"--- {behaviour} {case} rank {rank}:\n{error}"
-        for rank, results in enumerate(per_rank)
-        for case, error in results.items()
-        if error is not None
-    ]
-    summary = [
-        f"{behaviour} {case} rank {rank}: {error.strip().splitlines()[-1][:200]}"
-        for rank, results in enumerate(per_rank)
-        for case, error in results.items()
-        if error is not None
-    ]
-    assert not failures, "failing cases:\n" + "\n".join(summary) + "\n\n" + "\n".join(failures)
-
-
 def _grid(*extra) -> list[tuple]:
     return [(s, m, *e) for s in STRATEGIES for m in MODES for e in itertools.product(*extra)]
 
@@ -231,8 +205,9 @@ def _param_groups(named_params):
     ]
 
 
-def _train_param_groups(rank, model, run, ddp, opt, variant, mode) -> None:
+def _train_param_groups(rank, model, run, ddp, opt, variant, mode, label: str = "") -> None:
     opt_name, foreach, set_to_none = variant
+    label = f"{label}{variant}"
     ref_opt = getattr(torch.optim, opt_name)(_param_groups(ddp.module.named_parameters()), lr=5e-3, foreach=foreach)
     for step in range(10):
         x = _batch(step, rank)
@@ -246,8 +221,8 @@ def _train_param_groups(rank, model, run, ddp, opt, variant, mode) -> None:
             loss.backward()
             o.step()
             losses.append(loss.detach())
-        _close(*losses, mode, f"{variant}: loss at step {step}")
-    _check_full_params(model, ddp, mode, f"{variant}: after 10 steps")
+        _close(*losses, mode, f"{label}: loss at step {step}")
+    _check_full_params(model, ddp, mode, f"{label}: after 10 steps")
 
 
 def param_groups(rank, strategy, mode, inner="aot_eager"):
@@ -271,13 +246,13 @@ def param_groups(rank, strategy, mode, inner="aot_eager"):
         _assert_compiled(model, mode)
     # Built before fully_shard: it holds the parameter objects, which become the shards. Compiling
     # is what costs time, so compiled mode covers two of the variants.
-    before = variants if mode == "eager" else variants[::7]
+    before = variants if mode == "eager" else variants[::7] if inner == "aot_eager" else []
     for variant in before:
         model, run, ddp, opt = _build(strategy, mode, inner=inner, before_shard=lambda m: make_opt(m, variant))
         assert [id(p) for g in opt.param_groups for p in g["params"]] == [
             id(p) for g in _param_groups(model.named_parameters()) for p in g["params"]
         ]
-        _train_param_groups(rank, model, run, ddp, opt, ("built before fully_shard", *variant), mode)
+        _train_param_groups(rank, model, run, ddp, opt, variant, mode, "built before fully_shard ")
         _assert_compiled(model, mode)
 
 
@@ -549,42 +524,52 @@ def _grads(model) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _backward_counting(model, run, x, mode) -> int:
-    """One forward + backward; the number of gradient reductions it ran (eager: calls of
-    ``collectives.reduce_unit_grads``; compiled: reductions in the compiled graphs it created)."""
+def _count_collectives(model, run, x, mode) -> tuple[int, int]:
+    """One forward + backward; returns (gradient reductions, all-gathers in the backward).
+    Eager: calls of ``collectives.reduce_unit_grads`` / ``all_gather_unit`` (the backward's are
+    the FULL_SHARD regathers). Compiled: the collectives in the schedules of the one compiled
+    graph this call created (each gradient mode compiles its own graph)."""
     graphs = model._fsdp_root_state.compiled_graphs
     seen = len(graphs)
-    with mock.patch.object(collectives, "reduce_unit_grads", wraps=collectives.reduce_unit_grads) as spy:
-        _loss(run(x)).backward()
+    with mock.patch.object(collectives, "reduce_unit_grads", wraps=collectives.reduce_unit_grads) as reduce:
+        loss = _loss(run(x))
+        with mock.patch.object(collectives, "all_gather_unit", wraps=collectives.all_gather_unit) as gather:
+            loss.backward()
     if mode == "eager":
-        return spy.call_count
-    new = graphs[seen:]  # (the spy also saw AOTAutograd trace the backward: not a run)
+        return reduce.call_count, gather.call_count
+    new = graphs[seen:]  # (the spies also saw AOTAutograd trace the graphs: not runs)
     assert len(new) == 1, f"expected one new compiled graph (a new gradient mode), got {len(new)}"
-    return sum(c.kind in REDUCTIONS for name in ("forward", "backward") for c in new[0].schedules[name])
+    schedules = new[0].schedules
+    reductions = sum(c.kind in REDUCTIONS for name in ("forward", "backward") for c in schedules[name])
+    return reductions, sum(c.kind.startswith("all_gather") for c in schedules["backward"])
 
 
 def no_sync_case(rank, strategy, mode, param_dtype):
-    """A backward inside ``no_sync`` then one outside == exactly 2x one synced backward, with no
-    gradient reduction inside; with MixedPrecision(param_dtype, reduce_dtype=fp32) the
-    gradients are fp32. Without mixed precision, also against DDP's ``no_sync``."""
+    """A backward inside ``no_sync`` then one outside == exactly 2x one synced backward; inside,
+    no gradient reduction (and no collective beyond FULL_SHARD's backward regathers); with
+    MixedPrecision(param_dtype, reduce_dtype=fp32) the gradients are fp32. Without mixed
+    precision, also against DDP (one backward, and DDP's ``no_sync``)."""
     mp = None if param_dtype is None else MixedPrecision(getattr(torch, param_dtype), torch.float32)
     model, run, ddp, _ = _build(strategy, mode, mp=mp)
     n_units = len(model._fsdp_root_state.units)
     x = _batch(0, rank)
-    assert _backward_counting(model, run, x, mode) == n_units
+    reductions, regathers = _count_collectives(model, run, x, mode)
+    assert reductions == n_units and (regathers > 0) == (strategy == "FULL_SHARD"), (reductions, regathers)
     once = _grads(model)
     assert all(g.dtype == torch.float32 for g in once.values())
     for p in model.parameters():
         p.grad = None
     with no_sync(model):
-        assert _backward_counting(model, run, x, mode) == 0
-    assert _backward_counting(model, run, x, mode) == n_units
+        assert _count_collectives(model, run, x, mode) == (0, regathers)
+    assert all(p.grad is None for p in model.parameters())  # held back until the synced backward
+    assert _count_collectives(model, run, x, mode) == (n_units, regathers)
     for name, grad in _grads(model).items():
         assert grad.dtype == torch.float32, (name, grad.dtype)
         assert torch.equal(grad, 2 * once[name]), f"{name}: no_sync + synced != 2x synced"
     if mp is None:
         _loss(ddp(x)).backward()
-        _check_shards(model, ddp, rank, strategy, mode, "vs DDP, one backward")
+        for name, ref in ddp.module.named_parameters():
+            _close(once[name], _shard(ref.grad, rank, strategy), mode, f"one synced backward: grad of {name}")
         for p, ref in zip(model.parameters(), ddp.parameters()):
             p.grad, ref.grad = None, None
         with ddp.no_sync():
@@ -604,9 +589,9 @@ def no_sync_case(rank, strategy, mode, param_dtype):
 def empty_shards(rank, strategy, mode):
     """Parameters of dim 0 = 1: on rank 1 every shard is empty (FULL_SHARD, SHARD_GRAD_OP);
     foreach Adam, AdamW and SGD with momentum train it like DDP. Eagerly over 1,000 parameters;
-    compiled over 100 (the optimizers run eagerly either way, and compile time grows with the
+    compiled over 40 (the optimizers run eagerly either way, and compile time grows with the
     number of parameters read per unit)."""
-    n_linear = 500 if mode == "eager" else 50
+    n_linear = 500 if mode == "eager" else 20
     model, run, ddp, _ = _build(strategy, mode, lambda: ManyTiny(n_linear))
     params = list(model.parameters())
     assert len(params) == 2 * n_linear
@@ -660,65 +645,65 @@ def tied(rank, strategy, mode):
     _assert_compiled(model, mode)
 
 
-BEHAVIOURS = {
-    "param_groups": param_groups,
-    "frozen": frozen,
-    "several_optimizers": several_optimizers,
-    "several_forwards": several_forwards,
-    "param_access": param_access,
-    "param_writeback": param_writeback,
-    "grad_writeback": grad_writeback,
-    "summon": summon,
-    "no_sync": no_sync_case,
-    "empty_shards": empty_shards,
-    "tied": tied,
+# ---- the plan: behaviour -> (function, cases) ------------------------------------------------------
+PLAN = {
+    "param_groups": (param_groups, _grid()),
+    "param_groups_inductor": (param_groups, [(s, "compiled", "inductor") for s in STRATEGIES]),
+    "frozen": (frozen, _grid()),
+    "several_optimizers": (several_optimizers, _grid()),
+    "several_forwards": (several_forwards, _grid()),
+    "param_access": (param_access, _grid()),
+    "param_writeback": (param_writeback, _grid(("parameter", "data"))),
+    "grad_writeback": (grad_writeback, _grid(("grad", "grad.data", "none"))),
+    "summon_full_params": (summon, _grid()),
+    # Mixed precision: every dtype eagerly; compiled, one dtype per strategy (compiling is the cost).
+    "no_sync": (
+        no_sync_case,
+        [case for case in _grid((None, "float16", "bfloat16"))
+         if case[1] == "eager" or case[2] in (None, {"FULL_SHARD": "float16", "SHARD_GRAD_OP": "bfloat16", "NO_SHARD": "float16"}[case[0]])],
+    ),
+    "empty_shards": (empty_shards, _grid()),
+    "tied_and_shared": (tied, _grid()),
 }
 
 
-# ---- the tests -------------------------------------------------------------------------------------
-def test_param_groups():
-    _spawn("param_groups", _grid())
+def _run_plan(rank: int, world: int, behaviours: list[str]) -> dict:
+    """Every case of ``behaviours`` on this rank: ``{(behaviour, case): None | traceback}``."""
+    results = {}
+    for behaviour in behaviours:
+        fn, cases = PLAN[behaviour]
+        for case in cases:
+            print(f"[rank {rank}] {behaviour} {case}", file=sys.stderr, flush=True)
+            try:
+                fn(rank, *case)
+                results[behaviour, case] = None
+            except Exception:  # noqa: BLE001 -- every failing case is reported by the parent
+                results[behaviour, case] = traceback.format_exc()
+    return results
 
 
-def test_param_groups_inductor():
-    _spawn("param_groups", [(s, "compiled", "inductor") for s in STRATEGIES])
+@pytest.fixture(scope="module")
+def results(request) -> list[dict]:
+    """One spawn of 2 gloo ranks runs the cases of every selected behaviour (startup and the
+    first compile are paid once); each test then checks its own behaviour's cases."""
+    selected = [
+        item.callspec.params["behaviour"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec")
+    ]
+    behaviours = [b for b in PLAN if b in selected]
+    return run_ranks(_run_plan, WORLD, behaviours, timeout=850.0)
 
 
-def test_frozen():
-    _spawn("frozen", _grid())
-
-
-def test_several_optimizers():
-    _spawn("several_optimizers", _grid())
-
-
-def test_several_forwards():
-    _spawn("several_forwards", _grid())
-
-
-def test_param_access():
-    _spawn("param_access", _grid())
-
-
-def test_param_writeback():
-    _spawn("param_writeback", _grid(("parameter", "data")))
-
-
-def test_grad_writeback():
-    _spawn("grad_writeback", _grid(("grad", "grad.data", "none")))
-
-
-def test_summon_full_params():
-    _spawn("summon", _grid())
-
-
-def test_no_sync():
-    _spawn("no_sync", _grid((None, "float16", "bfloat16")))
-
-
-def test_empty_shards():
-    _spawn("empty_shards", _grid())
-
-
-def test_tied_and_shared():
-    _spawn("tied", _grid())
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("behaviour", list(PLAN))
+def test_behaviour(behaviour, results):
+    failures, summary = [], []
+    for rank, per_rank in enumerate(results):
+        for (name, case), error in per_rank.items():
+            if name == behaviour and error is not None:
+                summary.append(f"{case} rank {rank}: {error.strip().splitlines()[-1][:200]}")
+                failures.append(f"--- {case} rank {rank}:\n{error}")
+    ran = sum(name == behaviour for name, _ in results[0])
+    assert ran == len(PLAN[behaviour][1]), f"{behaviour}: {ran} cases ran"
+    assert not failures, f"{behaviour}: failing cases:\n" + "\n".join(summary) + "\n\n" + "\n".join(failures)
