@@ -12,33 +12,15 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fsdp_compile
-from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch
+from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch, param_groups
 from fsdp_compile.testing.spawn import run_ranks
 
 STEPS = 10
 TOL = dict(rtol=1e-4, atol=1e-5)
 BF16 = fsdp_compile.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-
-
-def param_groups(model: nn.Module):
-    """weights lr 1e-2 wd 0.1, biases lr 1e-3 wd 0.01, everything else the defaults."""
-    weights, biases, rest = [], [], []
-    for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            biases.append(p)
-        elif name.endswith("weight") and p.ndim >= 2:
-            weights.append(p)
-        else:
-            rest.append(p)
-    return [
-        {"params": weights, "lr": 1e-2, "weight_decay": 0.1},
-        {"params": biases, "lr": 1e-3, "weight_decay": 0.01},
-        {"params": rest},
-    ]
 
 
 def _train(model, forward, rank, steps=STEPS):

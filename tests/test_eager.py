@@ -28,6 +28,7 @@ from torch.testing import assert_close
 import fsdp_compile
 from fsdp_compile import collectives, fully_shard
 from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch
+from fsdp_compile.testing.gpt import param_groups as _param_groups
 from fsdp_compile.testing.spawn import run_ranks
 
 WORLD = 2
@@ -46,22 +47,6 @@ def _rows(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     d = full.shape[0]
     c = math.ceil(d / world)
     return full[min(rank * c, d): min((rank + 1) * c, d)]
-
-
-def _param_groups(model: nn.Module) -> list[dict]:
-    weights, biases, rest = [], [], []
-    for name, p in model.named_parameters():
-        if name.endswith("weight") and p.ndim >= 2:
-            weights.append(p)
-        elif name.endswith("bias"):
-            biases.append(p)
-        else:
-            rest.append(p)
-    return [
-        {"params": weights, "lr": 1e-2, "weight_decay": 0.1},
-        {"params": biases, "lr": 1e-3, "weight_decay": 0.01},
-        {"params": rest},
-    ]
 
 
 def _full_params(model: nn.Module) -> dict[str, torch.Tensor]:

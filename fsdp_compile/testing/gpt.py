@@ -65,3 +65,21 @@ def gpt_batch(step: int, rank: int, cfg: GPTConfig = GPTConfig(), batch: int = 4
     g = torch.Generator().manual_seed(1000 * step + rank)
     idx = torch.randint(0, cfg.vocab, (batch, cfg.seq), generator=g)
     return idx, torch.roll(idx, -1, dims=1)
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """The three optimizer groups the parity tests use: matrix weights (lr 1e-2, wd 0.1),
+    biases (lr 1e-3, wd 0.01), everything else (the optimizer's defaults)."""
+    weights, biases, rest = [], [], []
+    for name, p in model.named_parameters():
+        if name.endswith("weight") and p.ndim >= 2:
+            weights.append(p)
+        elif name.endswith("bias"):
+            biases.append(p)
+        else:
+            rest.append(p)
+    return [
+        {"params": weights, "lr": 1e-2, "weight_decay": 0.1},
+        {"params": biases, "lr": 1e-3, "weight_decay": 0.01},
+        {"params": rest},
+    ]
