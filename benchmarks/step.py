@@ -17,13 +17,19 @@ Configurations (``--only`` takes these names), each trained from the same seed o
   fsdp_compile        the same, then torch.compile(model, backend="fsdp_compile")
 
 Every configuration runs in its own freshly spawned pair of processes with a new gloo process
-group (``fsdp_compile.testing.spawn.run_ranks``), each rank with ``OMP_NUM_THREADS=1``, inductor
+group (``fsdp_compile.testing.spawn.run_ranks``), each rank with one intra-op thread, inductor
 ``compile_threads=1`` and an empty inductor cache directory of its own (so the first step is a cold
-compile). A configuration that fails prints its error and the run goes on.
+compile). A configuration that fails prints its error and the run goes on. One thread is set with
+``torch.set_num_threads(1)``: the ``OMP_NUM_THREADS=1`` that ``run_ranks`` puts in the environment
+comes after torch is imported in the child and has no effect, and two ranks with two OpenMP
+threads each on 2 cores spin-wait against each other (steps of 1-3 s instead of ~50-300 ms).
 
-Of the N steps, step 0 is timed on its own (``first_step_s``: includes compilation), steps
-1..N-2 are timed (``median_step_ms``: per step the slower rank, then the median), and the last
-step runs under ``torch.profiler`` (so it is not timed) to measure:
+Of the N steps, step 0 is timed on its own (``first_step_s``: includes compilation), the last
+``min(5, N-2)`` steps run under ``torch.profiler`` (so they are not timed), and the steps between
+are timed (``median_step_ms``/``min_step_ms``: wall time, per step the slower rank, then
+the median/min; ``median_cpu_ms``: the same with ``time.process_time()``, the CPU time of all the
+rank's threads, gloo's included -- far less sensitive than wall time to other processes on a
+shared machine). The profiled steps measure:
 
 * ``peak_step_mem`` -- peak memory growth during one step, measured by the CPU allocator's own
   profiler hooks, not by any library's accounting: ``torch.profiler.profile(profile_memory=True)``
@@ -32,15 +38,19 @@ step runs under ``torch.profiler`` (so it is not timed) to measure:
   Sorted by time, the running sum of those events is the memory allocated during the step and
   still live; its maximum is the peak growth. Blocks allocated before the step (parameters,
   optimizer state) are not counted, and neither are their frees (the profiler drops a free of a
-  block it did not see allocated, with a one-time warning). Max over ranks.
-* ``collectives`` -- profiler events of that step whose name is a process-group collective issued
+  block it did not see allocated, with a one-time warning). Per profiled step the max over ranks,
+  then the median over the profiled steps; the table also shows min-max. It varies from step to
+  step in multiples of one Block's fp32 parameters (199,936 bytes): whether an asynchronous
+  collective has completed and freed its buffer before the next unit's allocation is timing.
+* ``collectives`` -- profiler events of a profiled step whose name is a process-group collective issued
   to gloo (``gloo:all_reduce``, ``gloo:all_gather``, ``gloo:reduce_scatter``, ...). Each call the
   backend receives records exactly one ``gloo:*`` event, whatever issued it (DDP buckets, FSDP1/2,
   DTensor redistribute, functional collectives in compiled graphs), so their count is the
   collectives per step. gloo has no reduce-scatter of its own: ``reduce_scatter_tensor`` records
   ``gloo:all_reduce`` (pytorch#118911), so the kind is taken from the ``c10d::`` op that issued
   the call (``c10d::_reduce_scatter_base_`` -> rs); the JSON keeps the counts of every
-  ``c10d::``/``_c10d_functional::``/``gloo:`` event name seen. Max over ranks.
+  ``c10d::``/``_c10d_functional::``/``gloo:`` event name seen. Max over ranks and profiled
+  steps; ``collectives_same_every_profiled_step`` says whether every rank and step agreed.
 * ``state_bytes`` -- bytes of parameters + gradients + optimizer state held by a rank after the
   last optimizer step (before ``zero_grad``), counted over distinct tensor *storages* (a DTensor's local tensor; FSDP1's and
   fsdp_compile's shards are views of a flat buffer, which is then counted once, padding
@@ -49,7 +59,10 @@ step runs under ``torch.profiler`` (so it is not timed) to measure:
 Also: ``final_loss`` (mean of the ranks' losses at the last step) and ``max_loss_diff_vs_ddp``
 (largest difference from the ``ddp`` loss at any step, when ddp ran) to show that every
 configuration trains the same model; and for compiled configurations the Dynamo counters
-(``graph_breaks`` = sum of ``counters["graph_break"]``, unique graphs, a few break reasons).
+(``graph_breaks`` = sum of ``counters["graph_break"]`` (breaks that resume in a new graph) and
+``counters["unimplemented"]`` (breaks that make Dynamo run a whole frame eagerly, e.g. a break
+inside a loop, or a generator frame); the table shows ``resumed+frame-skipped/graphs/ops
+captured``, the JSON a few break reasons).
 
 SimpleFSDP notes: ``data_parallel`` replaces each module's parameter separately, which unties the
 GPT's tied embedding/head weight; the benchmark re-ties them (``lm_head._parameters["weight"] =
@@ -60,8 +73,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -82,6 +95,7 @@ CONFIGS = [
 ]
 COMPILED = {"ddp_compile", "fsdp2_compile", "simplefsdp_compile", "fsdp_compile"}
 OPTIONAL = {"simplefsdp_compile"}
+PROFILED_STEPS = 5  # the last steps, run under the profiler (not timed)
 LR = 1e-3
 SEED = 0
 _COLLECTIVE_PREFIXES = ("gloo:", "nccl:", "c10d::", "_c10d_functional::", "c10d_functional::")
@@ -207,14 +221,16 @@ def _worker(rank: int, world: int, name: str, steps: int) -> dict:
 
     from fsdp_compile.testing.gpt import gpt_batch
 
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"step_bench_{name}_r{rank}_")
+    torch.set_num_threads(1)  # see the module docstring: OMP_NUM_THREADS comes too late here
+    cache_dir = tempfile.mkdtemp(prefix=f"step_bench_{name}_r{rank}_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     inductor_config.compile_threads = 1
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
 
     model, scale = _build(name, rank, world)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    losses, times = [], []
+    losses, times, cpu_times = [], [], []
 
     state = {}
 
@@ -228,25 +244,36 @@ def _worker(rank: int, world: int, name: str, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
 
-    peak, coll = 0, {}
+    peaks, colls = [], []
+    n_profiled = min(PROFILED_STEPS, steps - 2)
     for i in range(steps):
         dist.barrier()
-        if i == steps - 1 and steps > 1:
-            peak, coll = _profile(lambda: step(i, measure_state=True))
+        if i >= steps - n_profiled:
+            peak, coll = _profile(lambda: step(i, measure_state=i == steps - 1))
+            peaks.append(peak)
+            colls.append(coll)
             continue
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(i)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
 
     counters = torch._dynamo.utils.counters
-    breaks = counters.get("graph_break", Counter())
+    # A graph break that resumes in a new graph is counted in counters["graph_break"]; one that
+    # makes Dynamo give up on the whole frame (a break inside a loop, e.g. FSDP2's disabled hooks
+    # around each block call) stays in counters["unimplemented"]. Both are graph breaks here.
+    resumed = counters.get("graph_break", Counter())
+    skipped = counters.get("unimplemented", Counter())
     dynamo = {
-        "graph_breaks": int(sum(breaks.values())),
-        "break_reasons": [f"{n}x {r[:200]}" for r, n in list(breaks.items())[:5]],
+        "graph_breaks": int(sum(resumed.values()) + sum(skipped.values())),
+        "graph_breaks_resumed": int(sum(resumed.values())),
+        "graph_breaks_frame_skipped": int(sum(skipped.values())),
+        "break_reasons": [f"{n}x {r[:300]}" for r, n in [*resumed.items(), *skipped.items()][:6]],
         "unique_graphs": int(counters.get("stats", {}).get("unique_graphs", 0)),
         "calls_captured": int(counters.get("stats", {}).get("calls_captured", 0)),
+        "frames": dict(counters.get("frames", {})),
     }
-    return {"losses": losses, "times": times, "peak": peak, "collectives": coll, "state": state, "dynamo": dynamo}
+    return {"losses": losses, "times": times, "cpu_times": cpu_times, "peaks": peaks, "collectives": colls, "state": state, "dynamo": dynamo}
 
 
 def _worker_entry(rank: int, world: int, name: str, steps: int) -> dict:
@@ -254,16 +281,22 @@ def _worker_entry(rank: int, world: int, name: str, steps: int) -> dict:
         return _worker(rank, world, name, steps)
     except SkipConfig as e:
         return {"skipped": str(e)}
+    finally:
+        shutil.rmtree(os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/nonexistent"), ignore_errors=True)
 
 
 # ---- the parent: run each configuration, summarize ------------------------------------------
 def _summarize(name: str, ranks: list[dict], steps: int) -> dict:
     first = max(r["times"][0] for r in ranks) if ranks[0]["times"] else float("nan")
     per_step = [max(ts) for ts in zip(*(r["times"][1:] for r in ranks))]
+    cpu_step = [max(ts) for ts in zip(*(r["cpu_times"][1:] for r in ranks))]
     coll_names = Counter()
     for r in ranks:
-        for k, v in r["collectives"].items():
-            coll_names[k] = max(coll_names[k], v)
+        for step_colls in r["collectives"]:
+            for k, v in step_colls.items():
+                coll_names[k] = max(coll_names[k], v)
+    same = all(c == r["collectives"][0] for r in ranks for c in r["collectives"])
+    peaks = [max(p) for p in zip(*(r["peaks"] for r in ranks))]  # per profiled step, max over ranks
     gloo = {k: v for k, v in coll_names.items() if k.startswith(("gloo:", "nccl:")) and "barrier" not in k}
     kinds = Counter()
     for k, v in coll_names.items():
@@ -279,7 +312,11 @@ def _summarize(name: str, ranks: list[dict], steps: int) -> dict:
         "min_step_ms": min(per_step) * 1e3 if per_step else float("nan"),
         "max_step_ms": max(per_step) * 1e3 if per_step else float("nan"),
         "step_ms": [round(t * 1e3, 2) for t in per_step],
-        "peak_step_mem_bytes": max(r["peak"] for r in ranks),
+        "median_cpu_ms": statistics.median(cpu_step) * 1e3 if cpu_step else float("nan"),
+        "cpu_ms": [round(t * 1e3, 2) for t in cpu_step],
+        "peak_step_mem_bytes": int(statistics.median(peaks)),
+        "peak_step_mem_bytes_each": peaks,
+        "collectives_same_every_profiled_step": same,
         "state_bytes": {k: max(r["state"][k] for r in ranks) for k in ranks[0]["state"]},
         "collectives_per_step": sum(gloo.values()),
         "collectives_by_backend_event": dict(sorted(gloo.items())),
@@ -305,8 +342,8 @@ def _mib(b) -> str:
 
 
 def _table(results: list[dict]) -> str:
-    head = ["config", "status", "first step s", "median ms", "peak step MiB", "p+g+opt MiB",
-            "coll/step", "graph breaks", "final loss", "|dloss| vs ddp"]
+    head = ["config", "status", "first step s", "median ms", "min ms", "cpu ms", "peak step MiB (min-max)", "p+g+opt MiB",
+            "coll/step", "breaks/graphs/ops", "final loss", "|dloss| vs ddp"]
     rows = []
     for r in results:
         if r["status"] != "ok":
@@ -315,10 +352,14 @@ def _table(results: list[dict]) -> str:
         kinds = " + ".join(f"{v} {k}" for k, v in r["collectives_by_kind"].items() if k != "barrier")
         dyn = r["dynamo"]
         rows.append([
-            r["name"], "ok", f"{r['first_step_s']:.2f}", f"{r['median_step_ms']:.1f}",
-            _mib(r["peak_step_mem_bytes"]), _mib(r["state_bytes"]["total"]),
+            r["name"], "ok", f"{r['first_step_s']:.2f}", f"{r['median_step_ms']:.1f}", f"{r['min_step_ms']:.1f}",
+            f"{r['median_cpu_ms']:.1f}",
+            f"{_mib(r['peak_step_mem_bytes'])} ({_mib(min(r['peak_step_mem_bytes_each']))}-"
+            f"{_mib(max(r['peak_step_mem_bytes_each']))})",
+            _mib(r["state_bytes"]["total"]),
             f"{r['collectives_per_step']} = {kinds}",
-            str(dyn["graph_breaks"]) if dyn else "-",
+            (f"{dyn['graph_breaks_resumed']}+{dyn['graph_breaks_frame_skipped']}/{dyn['unique_graphs']}"
+             f"/{dyn['calls_captured']}") if dyn else "-",
             f"{r['final_loss']:.5f}",
             "-" if r.get("max_loss_diff_vs_ddp") is None else f"{r['max_loss_diff_vs_ddp']:.1e}",
         ])
@@ -336,8 +377,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     args = ap.parse_args(argv)
     steps = 3 if args.quick else args.steps
-    if steps < 2:
-        ap.error("--steps must be >= 2 (one first step, one profiled step)")
+    if steps < 3:
+        ap.error("--steps must be >= 3 (a first step, a timed step, a profiled step)")
     names = [n.strip() for n in args.only.split(",") if n.strip()] or CONFIGS
     bad = [n for n in names if n not in CONFIGS]
     if bad:

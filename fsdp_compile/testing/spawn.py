@@ -15,6 +15,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -27,7 +28,9 @@ def free_port() -> int:
 
 def _entry(rank, world, port, timeout, fn, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # One intra-op thread per rank: ranks share this machine's cores, and threads of several
+    # ranks spin-waiting on each other cost 10-100x (the env var is too late here: torch is loaded).
+    torch.set_num_threads(1)
     try:
         dist.init_process_group(
             "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout)
