@@ -1,6 +1,6 @@
 """The main job: train a small GPT (8 layers, tied head) with compiled FSDP on 2 CPU ranks.
 
-    python examples/train_gpt.py [--steps 8] [--strategy FULL_SHARD] [--inner inductor]
+    python examples/train_gpt.py [--steps 20] [--strategy FULL_SHARD] [--inner inductor]
 
 Spawns 2 gloo ranks on this machine, shards the model with ``fsdp_compile.fully_shard``
 (one unit per transformer block plus the root), compiles it with
@@ -16,7 +16,7 @@ import time
 import torch
 
 import fsdp_compile
-from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch
+from fsdp_compile.testing.gpt import GPT, Block, GPTConfig
 from fsdp_compile.testing.spawn import run_ranks
 
 
@@ -29,17 +29,27 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def counting_batch(step: int, rank: int, cfg: GPTConfig, batch: int = 8):
+    """Learnable data: each row counts up from a random start with a random stride (mod vocab),
+    and the target is the next number. Different on every rank and step."""
+    g = torch.Generator().manual_seed(7919 * step + rank)
+    start = torch.randint(0, cfg.vocab, (batch, 1), generator=g)
+    stride = torch.randint(1, 4, (batch, 1), generator=g)
+    seq = (start + stride * torch.arange(cfg.seq + 1)) % cfg.vocab
+    return seq[:, :-1], seq[:, 1:]
+
+
 def train(rank: int, world: int, steps: int, strategy: str, inner: str) -> dict:
     torch.manual_seed(0)
     model = GPT(GPTConfig())
     unsharded_param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     fsdp_compile.fully_shard(model, policy={Block}, strategy=strategy)
     compiled = torch.compile(model, backend=fsdp_compile.backend(inner=inner), fullgraph=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses, times = [], []
     for step in range(steps):
         start = time.perf_counter()
-        idx, targets = gpt_batch(step, rank)
+        idx, targets = counting_batch(step, rank, model.cfg)
         loss = compiled(idx, targets)
         loss.backward()
         opt.step()
@@ -65,7 +75,7 @@ def train(rank: int, world: int, steps: int, strategy: str, inner: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--strategy", default="FULL_SHARD", choices=["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"])
     parser.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager"])
     args = parser.parse_args()
