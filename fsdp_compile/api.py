@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from . import params as _params
 from .collectives import CommSpec
+from .consistency import first_mismatch_across_ranks
 from .config import CPUOffload, MixedPrecision, ShardingStrategy
 from .layout import make_unit_layout
 from .runtime import FSDPState, unit_post_forward, unit_pre_forward
@@ -255,22 +256,21 @@ def _holder_fqns(unit_holders, modules):
 
 
 def _check_same_on_all_ranks(state: FSDPState, group, world: int) -> None:
-    """Every rank must build the same units: compare a fingerprint with rank 0's."""
+    """Every rank must build the same units: compare a fingerprint with every other rank's."""
     if world <= 1:
         return
     mine = [
         (u.name, u.strategy.name, [(p.fqn, p.full_shape) for p in u.layout.params], str(u.shard_dtype))
         for u in state.units
     ]
-    everyone = [None] * world
-    dist.all_gather_object(everyone, mine, group=group)
-    for rank, theirs in enumerate(everyone):
-        if theirs != mine:
-            diff = next(
-                (f"{a} vs {b}" for a, b in zip(mine, theirs) if a != b),
-                f"{len(mine)} units vs {len(theirs)}",
-            )
-            raise RuntimeError(
-                f"fully_shard: this rank's units differ from rank {rank}'s ({diff}); every rank "
-                "must build the same model and call fully_shard with the same arguments"
-            )
+    mismatch = first_mismatch_across_ranks(mine, group)
+    if mismatch is not None:
+        rank, theirs = mismatch
+        diff = next(
+            (f"{a} vs {b}" for a, b in zip(mine, theirs) if a != b),
+            f"{len(mine)} units vs {len(theirs)}",
+        )
+        raise RuntimeError(
+            f"fully_shard: this rank's units differ from rank {rank}'s ({diff}); every rank "
+            "must build the same model and call fully_shard with the same arguments"
+        )

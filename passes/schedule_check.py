@@ -17,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.fx
+
+from fsdp_compile.consistency import first_mismatch_across_ranks
 
 _COLLECTIVES = {
     "all_gather_into_tensor": 0,
@@ -72,14 +73,12 @@ def collective_schedule(gm: torch.fx.GraphModule) -> list[Collective]:
 
 
 def verify_schedule_across_ranks(schedule: list[Collective], group, what: str) -> None:
-    world = dist.get_world_size(group)
     fingerprint = [(c.kind, c.input_bytes, c.dtype) for c in schedule]
-    everyone = [None] * world
-    dist.all_gather_object(everyone, fingerprint, group=group)
-    for rank, theirs in enumerate(everyone):
-        if theirs != fingerprint:
-            raise RuntimeError(
-                f"fsdp_compile: the compiled {what} graph on this rank issues collectives "
-                f"{fingerprint} but rank {rank}'s issues {theirs}; ranks must compile the same "
-                "model with the same inputs (shapes, dtypes) or the job would hang"
-            )
+    mismatch = first_mismatch_across_ranks(fingerprint, group)
+    if mismatch is not None:
+        rank, theirs = mismatch
+        raise RuntimeError(
+            f"fsdp_compile: the compiled {what} graph on this rank issues collectives "
+            f"{fingerprint} but rank {rank}'s issues {theirs}; ranks must compile the same "
+            "model with the same inputs (shapes, dtypes) or the job would hang"
+        )

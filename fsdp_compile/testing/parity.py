@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from fsdp_compile.consistency import first_mismatch_across_ranks
+
 from .spawn import run_ranks
 
 LR = 1e-3  # AdamW learning rate of every run
@@ -272,15 +274,14 @@ def _rank_main(rank: int, world: int, model_fn, batch_fn, config: dict) -> list[
 
 def _check_same_params(model: nn.Module) -> None:
     mine = [(n, tuple(p.shape), float(p.detach().double().sum())) for n, p in model.named_parameters()]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    for rank, theirs in enumerate(everyone):
-        if theirs != mine:
-            raise RuntimeError(
-                f"check_parity: model_fn() builds different parameters on rank {rank} and rank "
-                f"{dist.get_rank()}; build the model deterministically (it runs after "
-                "torch.manual_seed(0) on every rank)"
-            )
+    mismatch = first_mismatch_across_ranks(mine)
+    if mismatch is not None:
+        rank = mismatch[0]
+        raise RuntimeError(
+            f"check_parity: model_fn() builds different parameters on rank {rank} and rank "
+            f"{dist.get_rank()}; build the model deterministically (it runs after "
+            "torch.manual_seed(0) on every rank)"
+        )
 
 
 def _full_state(model: nn.Module, fsdp: bool):
