@@ -15,14 +15,15 @@ Configurations (``--only`` takes these names), each trained from the same seed o
                       or fails on this model
   fsdp_compile_eager  fsdp_compile.fully_shard(model, policy={Block})
   fsdp_compile        the same, then torch.compile(model, backend="fsdp_compile")
+  fsdp_compile_prefetch0   the same with fsdp_compile.backend(prefetch=0) (no all-gather prefetch)
+  fsdp_compile_bucket1mb   the same with fsdp_compile.backend(bucket_bytes=1 MiB) (units bucketed)
 
 Every configuration runs in its own freshly spawned pair of processes with a new gloo process
 group (``fsdp_compile.testing.spawn.run_ranks``), each rank with one intra-op thread, inductor
 ``compile_threads=1`` and an empty inductor cache directory of its own (so the first step is a cold
-compile). A configuration that fails prints its error and the run goes on. One thread is set with
-``torch.set_num_threads(1)``: the ``OMP_NUM_THREADS=1`` that ``run_ranks`` puts in the environment
-comes after torch is imported in the child and has no effect, and two ranks with two OpenMP
-threads each on 2 cores spin-wait against each other (steps of 1-3 s instead of ~50-300 ms).
+compile). A configuration that fails prints its error and the run goes on. ``run_ranks`` gives
+each rank one intra-op thread: two ranks with two OpenMP threads each on 2 cores spin-wait against
+each other (steps of 1-3 s instead of ~50-300 ms).
 
 Of the N steps, step 0 is timed on its own (``first_step_s``: includes compilation), the last
 ``min(5, N-2)`` steps run under ``torch.profiler`` (so they are not timed), and the steps between
@@ -92,8 +93,18 @@ CONFIGS = [
     "simplefsdp_compile",
     "fsdp_compile_eager",
     "fsdp_compile",
+    "fsdp_compile_prefetch0",
+    "fsdp_compile_bucket1mb",
 ]
-COMPILED = {"ddp_compile", "fsdp2_compile", "simplefsdp_compile", "fsdp_compile"}
+COMPILED = {
+    "ddp_compile", "fsdp2_compile", "simplefsdp_compile", "fsdp_compile",
+    "fsdp_compile_prefetch0", "fsdp_compile_bucket1mb",
+}
+FSDP_COMPILE_BACKENDS = {  # name -> fsdp_compile.backend(...) options
+    "fsdp_compile": {},
+    "fsdp_compile_prefetch0": {"prefetch": 0},
+    "fsdp_compile_bucket1mb": {"bucket_bytes": 1 << 20},
+}
 OPTIONAL = {"simplefsdp_compile"}
 PROFILED_STEPS = 5  # the last steps, run under the profiler (not timed)
 LR = 1e-3
@@ -155,12 +166,12 @@ def _build(name: str, rank: int, world: int):
         model.lm_head._parameters["weight"] = model.tok_emb._parameters["weight"]
         scale = 1.0 / world  # gradients are reduced with Partial("sum"), DDP averages
         model = torch.compile(model)
-    elif name in ("fsdp_compile_eager", "fsdp_compile"):
+    elif name == "fsdp_compile_eager" or name in FSDP_COMPILE_BACKENDS:
         import fsdp_compile
 
         fsdp_compile.fully_shard(model, policy={Block})
-        if name == "fsdp_compile":
-            model = torch.compile(model, backend="fsdp_compile")
+        if name in FSDP_COMPILE_BACKENDS:
+            model = torch.compile(model, backend=fsdp_compile.backend(**FSDP_COMPILE_BACKENDS[name]))
     else:
         raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
     dist.barrier()
