@@ -319,3 +319,31 @@ def test_triton_path_in_subprocess():
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_pooled_copy_in_buffers_are_reused_only_when_nothing_refers_to_them():
+    from fsdp_compile.kernels import _pool, cpu
+
+    big = 1 << 19  # 2 MiB of fp32: pooled
+    shards = [torch.randn(big - 3), torch.randn(5, 7)]
+    padded = [big, 40]
+    first = cpu.all_gather_copy_in(shards, padded, torch.float32)
+    first_ptr = first.data_ptr()
+    held = cpu.all_gather_copy_in(shards, padded, torch.float32)  # `first` is alive: a new buffer
+    assert held.data_ptr() != first_ptr
+    view = first[10:20]
+    del first
+    third = cpu.all_gather_copy_in(shards, padded, torch.float32)  # a view keeps it alive
+    assert third.data_ptr() not in (first_ptr, held.data_ptr())
+    del view, third
+    # Now free: reused, and fully rewritten (padding zeroed again after other data was there).
+    other = [torch.randn(big - 3), torch.randn(5, 7)]
+    reused = cpu.all_gather_copy_in(other, padded, torch.float32)
+    assert reused.data_ptr() == first_ptr
+    expected = torch.cat([other[0], torch.zeros(3), other[1].flatten(), torch.zeros(5)])
+    assert torch.equal(reused, expected)
+    previous = _pool.enable(False)
+    try:
+        assert cpu.all_gather_copy_in(other, padded, torch.float32).data_ptr() != held.data_ptr()
+    finally:
+        _pool.enable(previous)

@@ -3,9 +3,9 @@
 Owns: the four packing/unpacking routines on real tensors. Never touches torch.distributed,
 custom-op registration (``ops.py``) or Triton (``triton_kernels.py``).
 
-"Fused" here means: one output allocation, every input byte read once and every output byte
-written once, the dtype cast folded into the copy, and only padding tails zeroed. No per-tensor
-pad/cat temporaries. Two shapes of code, chosen per call:
+"Fused" here means: one output allocation (large CPU ones reused across calls, see ``_pool``),
+every input byte read once and every output byte written once, the dtype cast folded into the
+copy, and only padding tails zeroed. No per-tensor pad/cat temporaries. Two shapes of code, chosen per call:
 
 - batched (one C++ op for all tensors, so Python overhead does not grow with the tensor count):
   ``torch.cat(out=)`` for all-gather copy-in of contiguous shards (padding comes from views of one
@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from fsdp_compile.kernels import _pool
 from fsdp_compile.kernels._offsets import chunk_rows, prefix_offsets, row_numel
 
 
@@ -36,7 +37,7 @@ def _split_rows(dim0: int, world_size: int) -> tuple[int, int, int]:
 def all_gather_copy_in(shards: Sequence[Tensor], padded_numels: Sequence[int], dtype: torch.dtype) -> Tensor:
     """Pack ``shards`` (cast to ``dtype``) into one zero-padded slot of ``sum(padded_numels)``."""
     offs = prefix_offsets(padded_numels)
-    out = torch.empty(offs[-1], dtype=dtype, device=shards[0].device)
+    out = _pool.empty(offs[-1], dtype, shards[0].device)
     if len(shards) > 1 and all(s.is_contiguous() for s in shards):
         max_pad = max(p - s.numel() for s, p in zip(shards, padded_numels))
         zeros = torch.zeros(max_pad, dtype=dtype, device=out.device)
@@ -82,7 +83,7 @@ def reduce_scatter_copy_in(grads: Sequence[Tensor], world_size: int, dtype: torc
     """Pack full gradients rank-major (``torch._chunk_cat`` layout, zero padded) into ``W*T``."""
     padded = [chunk_rows(g.shape[0], world_size) * row_numel(g.shape) for g in grads]
     offs = prefix_offsets(padded)
-    out = torch.empty(world_size * offs[-1], dtype=dtype, device=grads[0].device)
+    out = _pool.empty(world_size * offs[-1], dtype, grads[0].device)
     o2 = out.view(world_size, offs[-1])
     if all(g.shape[0] and g.shape[0] % world_size == 0 and g.dtype == grads[0].dtype for g in grads):
         torch._chunk_cat(grads, 0, world_size, out=o2)
