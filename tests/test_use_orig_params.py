@@ -190,6 +190,15 @@ def _grid(*extra) -> list[tuple]:
     return [(s, m, *e) for s in STRATEGIES for m in MODES for e in itertools.product(*extra)]
 
 
+def _backward_compare_step(loss, ref_loss, model, ddp, opt, ref_opt, rank, strategy, mode, step):
+    """Backward both, compare the loss and this rank's gradient shards with DDP's, step, zero."""
+    loss.backward(), ref_loss.backward()
+    _close(loss.detach(), ref_loss.detach(), mode, f"loss at step {step}")
+    _check_shards(model, ddp, rank, strategy, mode, f"step {step}", grads=True)
+    opt.step(), ref_opt.step()
+    opt.zero_grad(), ref_opt.zero_grad()
+
+
 # ---- behaviour 1: parameter groups ---------------------------------------------------------------
 OPTIMIZER_VARIANTS = list(itertools.product(("Adam", "AdamW"), (True, False), (True, False)))
 
@@ -340,11 +349,7 @@ def several_forwards(rank, strategy, mode):
                 pass
         loss = first + _loss(run(x2 + 1))
         ref_loss = _loss(ddp(x1)) + _loss(ddp(x2 + 1))
-        loss.backward(), ref_loss.backward()
-        _close(loss.detach(), ref_loss.detach(), mode, f"loss at step {step}")
-        _check_shards(model, ddp, rank, strategy, mode, f"step {step}", grads=True)
-        opt.step(), ref_opt.step()
-        opt.zero_grad(), ref_opt.zero_grad()
+        _backward_compare_step(loss, ref_loss, model, ddp, opt, ref_opt, rank, strategy, mode, step)
     _check_full_params(model, ddp, mode, "after 3 steps")
     _assert_compiled(model, mode)
 
@@ -636,11 +641,7 @@ def tied(rank, strategy, mode):
     for step in range(3):
         idx = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(10 * step + rank))
         loss, ref_loss = _loss(run(idx)), _loss(ddp(idx))
-        loss.backward(), ref_loss.backward()
-        _close(loss.detach(), ref_loss.detach(), mode, f"loss at step {step}")
-        _check_shards(model, ddp, rank, strategy, mode, f"step {step}", grads=True)
-        opt.step(), ref_opt.step()
-        opt.zero_grad(), ref_opt.zero_grad()
+        _backward_compare_step(loss, ref_loss, model, ddp, opt, ref_opt, rank, strategy, mode, step)
     _check_full_params(model, ddp, mode, "after 3 steps")
     _assert_compiled(model, mode)
 
