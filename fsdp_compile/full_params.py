@@ -36,10 +36,8 @@ def _gather_unit_params(unit: Unit, with_grads: bool) -> list[nn.Parameter]:
 
 
 def _write_back(unit: Unit, full: list[torch.Tensor]) -> None:
-    rank = unit.spec.rank if unit.spec.communicates and not unit.spec.replicated else 0
-    for layout, shard, tensor in zip(unit.layout.params, unit.shards(), full):
-        start, stop = layout.shard_row_range(rank)
-        rows = tensor.reshape(layout.full_shape)[start:stop].reshape(shard.shape)
+    for index, (shard, tensor) in enumerate(zip(unit.shards(), full)):
+        rows = unit.local_rows(index, tensor).reshape(shard.shape)
         # Unchanged shards are not written: an in-place copy bumps their version counter, which
         # breaks a pending backward that saved them (summon_full_params between forward and backward).
         if not torch.equal(rows, shard):
@@ -93,18 +91,14 @@ def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor])
         )
     with torch.no_grad():
         for fqn, (unit, index) in state.fqn_to_param.items():
-            want = tuple(unit.layout.params[index].full_shape)
             got = state_dict[fqn]
             if tuple(got.shape) != tuple(unit.orig_shapes[index]):
                 raise RuntimeError(
                     f"load_full_state_dict: {fqn!r} has shape {tuple(got.shape)}, the model's "
                     f"full parameter has shape {tuple(unit.orig_shapes[index])}"
                 )
-            layout = unit.layout.params[index]
-            rank = unit.spec.rank if unit.spec.communicates and not unit.spec.replicated else 0
-            start, stop = layout.shard_row_range(rank)
             shard = unit.shards()[index]
-            shard.copy_(got.reshape(want)[start:stop].reshape(shard.shape))
+            shard.copy_(unit.local_rows(index, got).reshape(shard.shape))
         rest = {k: v for k, v in state_dict.items() if k not in state.fqn_to_param}
         module.load_state_dict(rest, strict=False)
 

@@ -202,6 +202,14 @@ class Unit:
         return merged
 
     # ---- sharding ------------------------------------------------------------------------
+    def local_rows(self, index: int, full: torch.Tensor) -> torch.Tensor:
+        """This rank's dim-0 rows of parameter ``index``'s full tensor ``full`` (a view, in the
+        shard's layout shape; all of it for NO_SHARD / world size 1)."""
+        param = self.layout.params[index]
+        rank = self.spec.rank if self.spec.communicates and not self.spec.replicated else 0
+        start, stop = param.shard_row_range(rank)
+        return full.reshape(param.full_shape)[start:stop]
+
     def shard_from(self, full_params: list[nn.Parameter]) -> list[nn.Parameter]:
         """Copy this rank's rows of ``full_params`` into a new local flat buffer and return the
         shards: the same ``nn.Parameter`` objects, whose data becomes a view into the buffer
@@ -211,10 +219,8 @@ class Unit:
         first = full_params[0]
         flat = torch.zeros(self.layout.local_numel, dtype=first.dtype, device=first.device)
         shards = []
-        rank = self.spec.rank if self.spec.communicates and not self.spec.replicated else 0
-        for param, full in zip(self.layout.params, full_params):
-            start, stop = param.shard_row_range(rank)
-            rows = full.detach().reshape(param.full_shape)[start:stop]
+        for index, (param, full) in enumerate(zip(self.layout.params, full_params)):
+            rows = self.local_rows(index, full.detach())
             view = flat.narrow(0, param.offset, rows.numel()).view(rows.shape)
             view.copy_(rows)
             full.grad = None
