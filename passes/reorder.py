@@ -13,17 +13,18 @@ After (prefetch=1: unit 2's gather is in flight while unit 1 computes)::
     ...compute unit 1...
     w2 = wait(ag2); ...compute unit 2...
 
-Only the copy-in and the all-gather move (to right after the wait of the gather ``prefetch``
-places earlier), never a wait; the order of all-gathers among themselves is unchanged, and the
-move is a pure function of the graph, so every rank issues the same schedule. A node moves only
-if all its inputs are already computed at its new place (shards are graph inputs).
+Only the copy-in (one op, or its decomposition) and the all-gather move (to right after the
+wait of the gather ``prefetch`` places earlier), never a wait; the order of all-gathers among
+themselves is unchanged, and the move is a pure function of the graph, so every rank issues the
+same schedule. A node moves only if all its inputs are already computed at its new place
+(shards are graph inputs).
 Entry point ``prefetch_all_gathers``.
 """
 from __future__ import annotations
 
 import torch.fx
 
-from passes.reshard import is_all_gather, is_copy_in, is_wait_tensor
+from passes.reshard import copy_in_nodes, is_all_gather, is_wait_tensor
 
 
 def _wait_of(all_gather: torch.fx.Node):
@@ -42,7 +43,7 @@ def prefetch_all_gathers(gm: torch.fx.GraphModule, prefetch: int) -> int:
         ag = gathers[i]
         if anchor is None or order[ag] < order[anchor]:
             continue
-        to_move = [ag.args[0], ag] if is_copy_in(ag.args[0]) else [ag]
+        to_move = [n for n in copy_in_nodes(ag) if order[n] > order[anchor]] + [ag]
         inputs = {x for node in to_move for x in node.all_input_nodes if x not in to_move}
         if any(order[x] > order[anchor] for x in inputs):
             continue

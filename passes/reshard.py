@@ -5,11 +5,15 @@ is made by tags, identically on every rank, never by the partitioner's cost mode
 
 Before (joint graph, forward part of one unit's gather)::
 
-    slot = fsdp_compile.all_gather_copy_in([primals_1, primals_2], ...)
+    slot = fsdp_compile.all_gather_copy_in_fused([primals_1, primals_2], ...)
     ag   = _c10d_functional.all_gather_into_tensor(slot, 2, group)
     buf  = _c10d_functional.wait_tensor(ag)
-    out  = fsdp_compile.all_gather_copy_out(buf, ...)
+    out  = fsdp_compile.all_gather_copy_out_fused(buf, ...)
     w    = out[0]; wv = view(w, ...)          # used by forward and (saved) by backward
+
+(On CUDA the copies arrive decomposed -- ``_to_copy``/``constant_pad_nd``/``cat`` before the
+all-gather, a ``triton_kernel_wrapper_functional`` and getitems after it -- and are found the
+same way, through the unit annotation every node traced inside the gather carries.)
 
 After: the same nodes, with ``meta["recompute"]`` set on the whole chain (copy-in, all-gather,
 wait, copy-out, its getitems and the single-user views after them)::
@@ -44,12 +48,22 @@ def is_wait_tensor(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.ops._c10d_functional.wait_tensor.default
 
 
+_COPY_IN_OPS = ("all_gather_copy_in", "all_gather_copy_in_fused")
+_COPY_OUT_OPS = ("all_gather_copy_out", "all_gather_copy_out_fused")
+
+
+def _is_fsdp_op(node: torch.fx.Node, names: tuple[str, ...]) -> bool:
+    return node.op == "call_function" and any(
+        node.target is getattr(torch.ops.fsdp_compile, name).default for name in names
+    )
+
+
 def is_copy_in(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target is torch.ops.fsdp_compile.all_gather_copy_in.default
+    return _is_fsdp_op(node, _COPY_IN_OPS)
 
 
 def is_copy_out(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target is torch.ops.fsdp_compile.all_gather_copy_out.default
+    return _is_fsdp_op(node, _COPY_OUT_OPS)
 
 
 def is_view(node: torch.fx.Node) -> bool:
@@ -64,21 +78,58 @@ def unit_of(node: torch.fx.Node) -> Optional[int]:
     return node.meta.get("custom", {}).get("fsdp_unit")
 
 
+def _is_constant(node: torch.fx.Node, memo: dict) -> bool:
+    """True if ``node`` depends on no graph input (a table or an empty buffer built in place)."""
+    if node not in memo:
+        memo[node] = node.op == "get_attr" or (
+            node.op == "call_function" and all(_is_constant(x, memo) for x in node.all_input_nodes)
+        )
+    return memo[node]
+
+
+def _belongs(node: torch.fx.Node, unit: Optional[int]) -> bool:
+    """Part of a unit's packing/unpacking: one of our copy ops, a view, or a node traced inside
+    the unit's gather (``torch.fx.traceback.annotate``), which is how decomposed copies show."""
+    return node.op == "call_function" and (
+        is_copy_in(node) or is_copy_out(node) or is_view(node) or (unit is not None and unit_of(node) == unit)
+    )
+
+
+def copy_in_nodes(all_gather: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes that pack the all-gather's input from the shards (graph inputs), in graph order:
+    one ``all_gather_copy_in_fused`` call, or its decomposition (casts, pads, a ``cat``)."""
+    unit = unit_of(all_gather)
+    found: set[torch.fx.Node] = set()
+    frontier = [all_gather.args[0]]
+    while frontier:
+        node = frontier.pop()
+        if node in found or not _belongs(node, unit):
+            continue
+        found.add(node)
+        frontier.extend(node.all_input_nodes)
+    return [n for n in all_gather.graph.nodes if n in found]
+
+
 def gather_chain(wait: torch.fx.Node) -> list[torch.fx.Node]:
     """The all-gather feeding ``wait``, its copy-in, and everything between ``wait`` and the
-    views of the full parameters (copy-out, getitems, single-user view chains)."""
+    views of the full parameters: the copy-out (one op, a ``wrap_triton`` launch, or ATen
+    slicing), its getitems and single-input view chains. A node joins only if every input it
+    has is already in the chain or is a constant, so user compute never does."""
     ag = wait.args[0]
-    chain = [ag, wait]
-    if is_copy_in(ag.args[0]):
-        chain.insert(0, ag.args[0])
+    unit = unit_of(wait) if unit_of(wait) is not None else unit_of(ag)
+    chain = copy_in_nodes(ag) + [ag, wait]
+    members, memo = set(chain), {}
     frontier = list(wait.users)
     while frontier:
         node = frontier.pop()
-        if node in chain:
+        if node in members or not _belongs(node, unit):
             continue
-        if is_copy_out(node) or is_view(node):
-            chain.append(node)
-            frontier.extend(node.users)
+        if not all(x in members or _is_constant(x, memo) for x in node.all_input_nodes):
+            continue
+        constants = [x for x in node.all_input_nodes if x not in members and x.op == "call_function"]
+        chain.extend(constants + [node])
+        members.update(constants + [node])
+        frontier.extend(node.users)
     return chain
 
 

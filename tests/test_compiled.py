@@ -53,10 +53,11 @@ def _structure(record):
 
 
 def _comes_from_gather(node: torch.fx.Node) -> bool:
-    """True if ``node`` is a gathered parameter: copy-out/wait output or a view chain of one."""
+    """True if ``node`` is a gathered parameter: copy-out/wait output, a node of a decomposed
+    copy-out (tagged by ``passes.reshard``), or a view chain of one."""
     while node.op == "call_function":
         name = str(node.target)
-        if "all_gather_copy_out" in name or "wait_tensor" in name:
+        if "all_gather_copy_out" in name or "wait_tensor" in name or "recompute" in node.meta:
             return True
         if not (getattr(node.target, "is_view", False) or getattr(node.target, "__name__", "") == "getitem"):
             return False
@@ -80,6 +81,7 @@ def _run_variant(base, rank, strategy, mp, backend, dtype):
             "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
             "unique_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
             **_structure(graphs[0]),
+            "facts": _decomposed_graph_facts(model),
         }
     return out
 
@@ -246,3 +248,50 @@ def test_bucketing_merges_all_units_into_one_collective_and_keeps_parity():
         torch.testing.assert_close(res["bucketed"], res["eager"], **TOL)
         for key, value in res["params"][0].items():
             torch.testing.assert_close(res["params"][1][key], value, **TOL)
+
+
+def decomposed_copies_run(rank: int, world: int) -> dict:
+    """Compiled training with every copy traced as ATen (``FSDP_COMPILE_TRACED_KERNELS=aten``),
+    the shape CUDA graphs have: the passes must find the gather chains without our copy ops."""
+    import os
+
+    os.environ["FSDP_COMPILE_TRACED_KERNELS"] = "aten"
+    torch.manual_seed(0)
+    base = GPT(SMALL)
+    out = {}
+    for strategy, backend in [("FULL_SHARD", "fsdp_compile"), ("SHARD_GRAD_OP", fsdp_compile.backend(inner="aot_eager"))]:
+        eager = _run_variant(base, rank, strategy, None, None, torch.float64)
+        compiled = _run_variant(base, rank, strategy, None, backend, torch.float64)
+        model_graphs = compiled.pop("graphs")
+        out[strategy] = {"eager": eager, "compiled": compiled, "graphs": model_graphs}
+    return out
+
+
+def _decomposed_graph_facts(model) -> dict:
+    record = model._fsdp_root_state.compiled_graphs[0]
+    facts = {}
+    for name in ("forward", "backward"):
+        nodes = [n for n in getattr(record, name).graph.nodes if n.op == "call_function"]
+        gathers = [i for i, n in enumerate(nodes) if "all_gather_into_tensor" in str(n.target)]
+        compute = [i for i, n in enumerate(nodes) if "recompute" not in n.meta and "mm" in str(n.target)]
+        facts[name] = {
+            "fsdp_ops": sorted({str(n.target) for n in nodes if "fsdp_compile" in str(n.target)}),
+            "gathers_before_compute": sum(i < compute[0] for i in gathers) if compute else None,
+        }
+    return facts
+
+
+def test_decomposed_copies_keep_structure_prefetch_and_parity():
+    for res in run_ranks(decomposed_copies_run, 2, timeout=900):
+        for strategy, run in res.items():
+            fwd, bwd, saves_gathered = EXPECTED[strategy]
+            g = run["graphs"]
+            units = g["units"]
+            assert g["forward"] == {k: v * units for k, v in fwd.items()}, strategy
+            assert g["backward"] == {k: v * units for k, v in bwd.items()}, strategy
+            assert (g["saved_gathered"] > 0) == saves_gathered, strategy
+            assert g["facts"]["forward"]["fsdp_ops"] == [] and g["facts"]["backward"]["fsdp_ops"] == []
+            # Before block 0's first matmul: the root's and block 0's gathers, plus block 1's,
+            # moved there by prefetch=1 (without the move it would come after that matmul).
+            assert g["facts"]["forward"]["gathers_before_compute"] == 3, g["facts"]
+            _assert_same_run(run["compiled"], run["eager"], **TOL)

@@ -9,6 +9,7 @@ a subprocess (``TRITON_INTERPRET`` must be set before Triton is imported), selec
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -171,6 +172,109 @@ def test_reduce_scatter_non_contiguous_grad(world):
     assert torch.equal(flat, ref_reduce_scatter_copy_in(grads, world, torch.bfloat16))
 
 
+# The lowerings a traced call can take (kernels/traced.py), on real tensors against the reference:
+# ATen everywhere; the wrap_triton offset-table kernel only where Triton runs (the subprocess).
+LOWERING_PATHS = [("triton", c) for c in TRITON_CASES] if IN_TRITON_SUBPROCESS else [("aten", c) for c in CASES[::3]]
+
+
+@pytest.mark.parametrize("path,case", LOWERING_PATHS, ids=[_ids(p) for p in LOWERING_PATHS])
+def test_traced_lowerings_match_reference(path, case):
+    from fsdp_compile.kernels import aten
+
+    name, world, src, dst = case
+    shapes = SHAPE_SETS[name]
+    fulls = [torch.randn(s).to(src) for s in shapes]
+    padded = list(padded_numels(shapes, world))
+    gathered = torch.cat([ref_all_gather_copy_in([ref_shard(f, world, r) for f in fulls], padded, dst) for r in range(world)])
+    total = sum(padded)
+    if path == "triton":
+        from fsdp_compile.kernels import triton_kernels
+
+        flat = triton_kernels.all_gather_copy_out_flat(gathered, shapes, world)
+        outs = [piece.view(s) for piece, s in zip(flat.split([math.prod(s) for s in shapes]), shapes)]
+        new = triton_kernels.reduce_scatter_copy_out_new(gathered[:total], src)
+    else:
+        shards = [ref_shard(f, world, world - 1) for f in fulls]
+        assert torch.equal(aten.all_gather_copy_in(shards, padded, dst), ref_all_gather_copy_in(shards, padded, dst))
+        assert torch.equal(aten.reduce_scatter_copy_in(fulls, world, dst), ref_reduce_scatter_copy_in(fulls, world, dst))
+        outs = aten.all_gather_copy_out(gathered, shapes, world)
+        assert not any(o.untyped_storage().data_ptr() == gathered.untyped_storage().data_ptr() for o in outs)
+        new = aten.reduce_scatter_copy_out_new(gathered[:total], src)
+    for o, f in zip(outs, fulls):
+        assert o.dtype == dst and torch.equal(o, f.to(dst))
+    assert new.dtype == src and torch.equal(new, gathered[:total].to(src))
+
+
+def test_cuda_trace_holds_wrap_triton_launches_and_no_opaque_copy(monkeypatch):
+    """What Inductor receives on CUDA (the ``"triton"`` lowering, traced with fake tensors, so no
+    GPU is needed and nothing is launched): copy-outs are ``triton_kernel_wrapper_functional``
+    launches, copy-ins plain ATen, no ``fsdp_compile`` op left, in the forward and in the
+    backward (the autograd formulas call the ops again). Fake *CUDA* tensors abort a CPU-only
+    build inside AOTAutograd, so the lowering is chosen by name on fake CPU tensors."""
+    from functorch.compile import aot_function, make_boxed_func
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setenv("FSDP_COMPILE_TRACED_KERNELS", "triton")
+    shapes, world = SHAPE_SETS["mixed"], 2
+    padded = list(padded_numels(shapes, world))
+    total = sum(padded)
+
+    def fn(shards, gathered, grads):
+        slot = K.all_gather_copy_in(shards, padded, torch.bfloat16)
+        full = K.all_gather_copy_out(gathered, shapes, world)
+        rs = K.reduce_scatter_copy_in(grads, world, torch.float32)
+        new = K.reduce_scatter_copy_out_new(rs[:total], torch.bfloat16)
+        return slot.sum() + sum(f.sum() for f in full) + new.float().sum()
+
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm)
+
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the kernel's offset table is a real constant
+        fulls = [torch.empty(s, requires_grad=True) for s in shapes]
+        shards = [torch.empty((chunk_rows(s[0], world),) + s[1:], requires_grad=True) for s in shapes]
+        gathered = torch.empty(world * total, requires_grad=True)
+        loss = aot_function(fn, fw_compiler=keep, bw_compiler=keep)(shards, gathered, fulls)
+    loss.backward()  # outside the mode: the backward compile deep-copies the real table constant
+    assert len(graphs) == 2
+    for gm in graphs:
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        assert not [t for t in targets if "fsdp_compile" in t], targets
+    fw_launches = [n for n in graphs[0].graph.nodes if "triton_kernel_wrapper_functional" in str(n.target)]
+    bw_launches = [n for n in graphs[1].graph.nodes if "triton_kernel_wrapper_functional" in str(n.target)]
+    assert len(fw_launches) == 2  # all-gather copy-out, reduce-scatter copy-out
+    assert len(bw_launches) == 1  # d(reduce_scatter_copy_in) is an all-gather copy-out
+    assert any("aten.cat" in str(n.target) for n in graphs[0].graph.nodes)
+
+
+def test_cpu_trace_holds_one_fused_op_per_copy():
+    from functorch.compile import aot_function
+
+    shapes, world = SHAPE_SETS["mixed"], 2
+    padded = list(padded_numels(shapes, world))
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return gm
+
+    def fn(shards, grads):
+        slot = K.all_gather_copy_in(shards, padded, torch.float32)
+        full = K.all_gather_copy_out(torch.cat([slot, slot]), shapes, world)
+        return K.reduce_scatter_copy_in([f + g for f, g in zip(full, grads)], world, torch.float32)
+
+    fulls = [torch.randn(s) for s in shapes]
+    aot_function(fn, fw_compiler=keep)([ref_shard(f, world, 0) for f in fulls], fulls)
+    targets = [str(n.target) for n in graphs[0].graph.nodes if "fsdp_compile" in str(n.target)]
+    assert targets == [
+        "fsdp_compile.all_gather_copy_in_fused.default",
+        "fsdp_compile.all_gather_copy_out_fused.default",
+        "fsdp_compile.reduce_scatter_copy_in_fused.default",
+    ]
+
+
 # ---- autograd ------------------------------------------------------------------------------------
 
 
@@ -239,7 +343,10 @@ def test_fake_shapes():
         assert K.reduce_scatter_copy_in(fulls, world, torch.float16).shape == (world * sum(padded),)
 
 
-def test_torch_compile_aot_eager_matches_eager():
+@pytest.mark.parametrize("lowering", ["fused", "aten"])
+def test_torch_compile_aot_eager_matches_eager(lowering, monkeypatch):
+    monkeypatch.setenv("FSDP_COMPILE_TRACED_KERNELS", lowering)
+    torch._dynamo.reset()
     shapes, world = SHAPE_SETS["mixed"], 3
     padded = list(padded_numels(shapes, world))
     total = sum(padded)
@@ -273,7 +380,10 @@ def test_torch_compile_aot_eager_matches_eager():
     assert all(torch.equal(a, b) for a, b in zip(eager_in[4], comp_in[4]))
 
 
-def test_torch_compile_backward():
+@pytest.mark.parametrize("lowering", ["fused", "aten"])
+def test_torch_compile_backward(lowering, monkeypatch):
+    monkeypatch.setenv("FSDP_COMPILE_TRACED_KERNELS", lowering)
+    torch._dynamo.reset()
     shapes, world = SHAPE_SETS["mixed"], 2
     total = sum(padded_numels(shapes, world))
 
@@ -301,9 +411,10 @@ def test_use_triton_switch_round_trips():
 def test_kernel_path_matches_the_process():
     from fsdp_compile.kernels import ops
 
+    from fsdp_compile.kernels import cpu
+
     assert ops._want_triton(torch.device("cpu"), 1) == IN_TRITON_SUBPROCESS
-    K.reduce_scatter_copy_in([torch.randn(3, 2)], 2, torch.bfloat16)
-    assert ("fsdp_compile.kernels.triton_kernels" in sys.modules) == IN_TRITON_SUBPROCESS
+    assert (ops._impl(torch.device("cpu"), 1 << 20) is not cpu) == IN_TRITON_SUBPROCESS
 
 
 def test_triton_path_in_subprocess():
@@ -314,7 +425,7 @@ def test_triton_path_in_subprocess():
     env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-         "not test_triton_path_in_subprocess"],
+         "not test_triton_path_in_subprocess and not cuda_trace"],
         env=env, cwd=repo, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -1,11 +1,19 @@
-"""``fsdp_compile::`` custom ops for copy-in/copy-out, with fake and autograd registrations.
+"""``fsdp_compile::`` copy-in/copy-out ops, with fake, autograd and traced implementations.
 
-Owns: op schemas, the fake (meta) implementations, autograd formulas, the CPU/Triton dispatch and
-the single switch :func:`use_triton`. Shapes and offsets come only from the arguments
-(``padded_numels``, ``full_shapes``, ``world_size``), never from data, so the ops trace under
-FakeTensorMode / torch.compile.
+Owns: op schemas, the autograd formulas, the eager CPU/Triton dispatch and the single switch
+:func:`use_triton`. Shapes and offsets come only from the arguments (``padded_numels``,
+``full_shapes``, ``world_size``), never from data, so the ops trace under FakeTensorMode /
+torch.compile.
 
-Dispatch (``_want_triton``), in order:
+The four functional ops are ``torch.library.triton_op``s: one Python body that is the eager
+kernel, the fake kernel and, under AOTAutograd, the decomposition the backend sees. The body
+branches once, on whether its tensors are real:
+
+- real tensors (eager): ``_impl`` picks ``cpu.py`` or the one-launch address-table Triton kernel;
+- traced tensors (fake / functional): ``traced.py`` returns a ``wrap_triton`` launch, plain ATen,
+  or the opaque ``*_fused`` op below (the CPU default), by device.
+
+Eager dispatch (``_want_triton``), in order:
 1. ``FSDP_COMPILE_FORCE_TRITON=1`` in the environment, or ``use_triton(True)``: Triton for every
    call (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before Triton is imported).
 2. ``use_triton(False)``: the torch path everywhere.
@@ -27,7 +35,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fsdp_compile.kernels import cpu
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import triton_op
+
+from fsdp_compile.kernels import cpu, traced
 from fsdp_compile.kernels._offsets import (
     pack_shapes,
     padded_numels as _padded_numels,
@@ -63,15 +74,27 @@ def _impl(device: torch.device, numel: int):
     return cpu
 
 
+def _traced(t: Tensor) -> bool:
+    """True for the fake / functional tensors of a trace (no data, no ``data_ptr``)."""
+    return is_fake(t)
+
+
 # all_gather_copy_in ----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fsdp_compile::all_gather_copy_in", mutates_args=())
+@triton_op("fsdp_compile::all_gather_copy_in", mutates_args=())
 def _all_gather_copy_in(shards: list[Tensor], padded_numels: list[int], dtype: torch.dtype) -> Tensor:
+    if _traced(shards[0]):
+        return traced.all_gather_copy_in(shards, padded_numels, dtype)
     return _impl(shards[0].device, sum(padded_numels)).all_gather_copy_in(shards, padded_numels, dtype)
 
 
-@_all_gather_copy_in.register_fake
+@torch.library.custom_op("fsdp_compile::all_gather_copy_in_fused", mutates_args=())
+def _all_gather_copy_in_fused(shards: list[Tensor], padded_numels: list[int], dtype: torch.dtype) -> Tensor:
+    return _impl(shards[0].device, sum(padded_numels)).all_gather_copy_in(shards, padded_numels, dtype)
+
+
+@_all_gather_copy_in_fused.register_fake
 def _(shards, padded_numels, dtype):
     return shards[0].new_empty(sum(padded_numels), dtype=dtype)
 
@@ -96,15 +119,26 @@ _all_gather_copy_in.register_autograd(_agci_backward, setup_context=_agci_setup)
 # all_gather_copy_out ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fsdp_compile::all_gather_copy_out", mutates_args=())
-def _all_gather_copy_out(gathered: Tensor, flat_shapes: list[int], ndims: list[int], world_size: int) -> list[Tensor]:
+def _all_gather_copy_out_real(gathered: Tensor, flat_shapes: list[int], ndims: list[int], world_size: int) -> list[Tensor]:
     shapes = unpack_shapes(flat_shapes, ndims)
     out = [torch.empty(s, dtype=gathered.dtype, device=gathered.device) for s in shapes]
     _impl(gathered.device, gathered.numel()).all_gather_copy_out(gathered.reshape(-1), shapes, world_size, out)
     return out
 
 
-@_all_gather_copy_out.register_fake
+@triton_op("fsdp_compile::all_gather_copy_out", mutates_args=())
+def _all_gather_copy_out(gathered: Tensor, flat_shapes: list[int], ndims: list[int], world_size: int) -> list[Tensor]:
+    if _traced(gathered):
+        return traced.all_gather_copy_out(gathered, unpack_shapes(flat_shapes, ndims), world_size)
+    return _all_gather_copy_out_real(gathered, flat_shapes, ndims, world_size)
+
+
+_all_gather_copy_out_fused = torch.library.custom_op("fsdp_compile::all_gather_copy_out_fused", mutates_args=())(
+    _all_gather_copy_out_real
+)
+
+
+@_all_gather_copy_out_fused.register_fake
 def _(gathered, flat_shapes, ndims, world_size):
     return [gathered.new_empty(s) for s in unpack_shapes(flat_shapes, ndims)]
 
@@ -146,13 +180,24 @@ def _(gathered, flat_shapes, ndims, world_size, out):
 # reduce_scatter_copy_in ------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fsdp_compile::reduce_scatter_copy_in", mutates_args=())
-def _reduce_scatter_copy_in(grads: list[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
+def _reduce_scatter_copy_in_real(grads: list[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
     numel = sum(g.numel() for g in grads)
     return _impl(grads[0].device, numel).reduce_scatter_copy_in(grads, world_size, dtype)
 
 
-@_reduce_scatter_copy_in.register_fake
+@triton_op("fsdp_compile::reduce_scatter_copy_in", mutates_args=())
+def _reduce_scatter_copy_in(grads: list[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
+    if _traced(grads[0]):
+        return traced.reduce_scatter_copy_in(grads, world_size, dtype)
+    return _reduce_scatter_copy_in_real(grads, world_size, dtype)
+
+
+_reduce_scatter_copy_in_fused = torch.library.custom_op(
+    "fsdp_compile::reduce_scatter_copy_in_fused", mutates_args=()
+)(_reduce_scatter_copy_in_real)
+
+
+@_reduce_scatter_copy_in_fused.register_fake
 def _(grads, world_size, dtype):
     total = sum(_padded_numels([g.shape for g in grads], world_size))
     return grads[0].new_empty(world_size * total, dtype=dtype)
@@ -189,14 +234,25 @@ def _(slot, flat_grad, accumulate):
     return None
 
 
-@torch.library.custom_op("fsdp_compile::reduce_scatter_copy_out_new", mutates_args=())
-def _reduce_scatter_copy_out_new(slot: Tensor, dtype: torch.dtype) -> Tensor:
+def _reduce_scatter_copy_out_new_real(slot: Tensor, dtype: torch.dtype) -> Tensor:
     out = torch.empty(slot.shape, dtype=dtype, device=slot.device)
     _impl(slot.device, slot.numel()).reduce_scatter_copy_out(slot, out, False)
     return out
 
 
-@_reduce_scatter_copy_out_new.register_fake
+@triton_op("fsdp_compile::reduce_scatter_copy_out_new", mutates_args=())
+def _reduce_scatter_copy_out_new(slot: Tensor, dtype: torch.dtype) -> Tensor:
+    if _traced(slot):
+        return traced.reduce_scatter_copy_out_new(slot, dtype)
+    return _reduce_scatter_copy_out_new_real(slot, dtype)
+
+
+_reduce_scatter_copy_out_new_fused = torch.library.custom_op(
+    "fsdp_compile::reduce_scatter_copy_out_new_fused", mutates_args=()
+)(_reduce_scatter_copy_out_new_real)
+
+
+@_reduce_scatter_copy_out_new_fused.register_fake
 def _(slot, dtype):
     return slot.new_empty(slot.shape, dtype=dtype)
 

@@ -1,0 +1,77 @@
+"""What a copy op becomes when it is traced (``torch.compile``, ``make_fx``, fake tensors).
+
+The four functional copy ops are ``torch.library.triton_op``s (``ops.py``): AOTAutograd traces
+*into* them, so the graph handed to the backend holds what this file returns, not an opaque call.
+Eager calls never come here (they run ``cpu.py`` or the address-table Triton kernel directly).
+
+Per device, ``lowering(device)`` picks (``FSDP_COMPILE_TRACED_KERNELS`` overrides it):
+
+- ``"fused"`` (CPU default): one opaque ``fsdp_compile::*_fused`` op per copy, which runs the
+  fused CPU code. Inductor's C++ for a many-input ``cat`` is the same memory pass plus compile
+  time, and the pooled output buffers (``_pool``) only exist on this path.
+- ``"triton"`` (CUDA default): copy-outs read one flat buffer, so they become one ``wrap_triton``
+  launch of ``_offset_copy_kernel`` (``triton_kernel_wrapper_functional`` in the graph, compiled
+  by Inductor with the rest). Copy-ins read a *list* of tensors: a single launch needs their
+  addresses in a table, and ``data_ptr()`` does not exist on traced tensors, so they lower to
+  ATen (``aten.py``), which Inductor turns into its own Triton kernels, fusing the cast and the
+  gradient producers.
+- ``"aten"``: everything through ``aten.py`` (any device; the tests use it on CPU to run the
+  graph passes on decomposed chains, as CUDA graphs have them).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from fsdp_compile.kernels import aten
+
+LOWERINGS = ("fused", "triton", "aten")
+
+
+def lowering(device: torch.device) -> str:
+    chosen = os.environ.get("FSDP_COMPILE_TRACED_KERNELS") or ("triton" if device.type == "cuda" else "fused")
+    if chosen not in LOWERINGS:
+        raise ValueError(f"FSDP_COMPILE_TRACED_KERNELS={chosen!r}; use one of {LOWERINGS}")
+    return chosen
+
+
+def all_gather_copy_in(shards: Sequence[Tensor], padded: Sequence[int], dtype: torch.dtype) -> Tensor:
+    if lowering(shards[0].device) == "fused":
+        return torch.ops.fsdp_compile.all_gather_copy_in_fused(list(shards), list(padded), dtype)
+    return aten.all_gather_copy_in(shards, padded, dtype)
+
+
+def all_gather_copy_out(gathered: Tensor, full_shapes: Sequence[Sequence[int]], world_size: int) -> list[Tensor]:
+    how = lowering(gathered.device)
+    if how == "fused":
+        from fsdp_compile.kernels._offsets import pack_shapes
+
+        flat, ndims = pack_shapes(full_shapes)
+        return list(torch.ops.fsdp_compile.all_gather_copy_out_fused(gathered, flat, ndims, world_size))
+    if how == "triton":
+        from fsdp_compile.kernels import triton_kernels
+
+        flat = triton_kernels.all_gather_copy_out_flat(gathered, full_shapes, world_size)
+        numels = [int(torch.Size(s).numel()) for s in full_shapes]
+        return [piece.view(tuple(s)) for piece, s in zip(flat.split(numels), full_shapes)]
+    return aten.all_gather_copy_out(gathered, full_shapes, world_size)
+
+
+def reduce_scatter_copy_in(grads: Sequence[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
+    if lowering(grads[0].device) == "fused":
+        return torch.ops.fsdp_compile.reduce_scatter_copy_in_fused(list(grads), world_size, dtype)
+    return aten.reduce_scatter_copy_in(grads, world_size, dtype)
+
+
+def reduce_scatter_copy_out_new(slot: Tensor, dtype: torch.dtype) -> Tensor:
+    how = lowering(slot.device)
+    if how == "fused":
+        return torch.ops.fsdp_compile.reduce_scatter_copy_out_new_fused(slot, dtype)
+    if how == "triton":
+        from fsdp_compile.kernels import triton_kernels
+
+        return triton_kernels.reduce_scatter_copy_out_new(slot, dtype)
+    return aten.reduce_scatter_copy_out_new(slot, dtype)
