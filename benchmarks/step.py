@@ -1,4 +1,4 @@
-"""Training-step benchmark: the README GPT on 2 gloo ranks (CPU), one run, eight configurations.
+"""Training-step benchmark: the README GPT on 2 gloo ranks (CPU), one run, eleven configurations.
 
     python benchmarks/step.py [--steps 20] [--quick] [--only NAME[,NAME]] [--json PATH]
 
@@ -17,6 +17,8 @@ Configurations (``--only`` takes these names), each trained from the same seed o
   fsdp_compile        the same, then torch.compile(model, backend="fsdp_compile")
   fsdp_compile_prefetch0   the same with fsdp_compile.backend(prefetch=0) (no all-gather prefetch)
   fsdp_compile_bucket1mb   the same with fsdp_compile.backend(bucket_bytes=1 MiB) (units bucketed)
+  fsdp_compile_aten   fsdp_compile with FSDP_COMPILE_TRACED_KERNELS=aten: Inductor generates the
+                      copy-in/copy-out code itself instead of calling the fused CPU ops
 
 Every configuration runs in its own freshly spawned pair of processes with a new gloo process
 group (``fsdp_compile.testing.spawn.run_ranks``), each rank with one intra-op thread, inductor
@@ -95,15 +97,17 @@ CONFIGS = [
     "fsdp_compile",
     "fsdp_compile_prefetch0",
     "fsdp_compile_bucket1mb",
+    "fsdp_compile_aten",
 ]
 COMPILED = {
     "ddp_compile", "fsdp2_compile", "simplefsdp_compile", "fsdp_compile",
-    "fsdp_compile_prefetch0", "fsdp_compile_bucket1mb",
+    "fsdp_compile_prefetch0", "fsdp_compile_bucket1mb", "fsdp_compile_aten",
 }
 FSDP_COMPILE_BACKENDS = {  # name -> fsdp_compile.backend(...) options
     "fsdp_compile": {},
     "fsdp_compile_prefetch0": {"prefetch": 0},
     "fsdp_compile_bucket1mb": {"bucket_bytes": 1 << 20},
+    "fsdp_compile_aten": {},
 }
 OPTIONAL = {"simplefsdp_compile"}
 PROFILED_STEPS = 5  # the last steps, run under the profiler (not timed)
@@ -170,6 +174,8 @@ def _build(name: str, rank: int, world: int):
         import fsdp_compile
 
         fsdp_compile.fully_shard(model, policy={Block})
+        if name == "fsdp_compile_aten":
+            os.environ["FSDP_COMPILE_TRACED_KERNELS"] = "aten"
         if name in FSDP_COMPILE_BACKENDS:
             model = torch.compile(model, backend=fsdp_compile.backend(**FSDP_COMPILE_BACKENDS[name]))
     else:

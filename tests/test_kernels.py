@@ -93,7 +93,13 @@ TRITON_CASES = [
 ]
 # The parent process runs the torch (CPU) path; test_triton_path_in_subprocess re-runs this file
 # with TRITON_INTERPRET=1, where the same tests take the Triton cases instead.
-PATHS = [("triton", c) for c in TRITON_CASES] if IN_TRITON_SUBPROCESS else [("torch", c) for c in CASES]
+# In the parent, "cpp" is the default CPU path (the C++ extension) and "torch" the torch-op
+# fallback (FSDP_COMPILE_CPU_EXT=0).
+PATHS = (
+    [("triton", c) for c in TRITON_CASES]
+    if IN_TRITON_SUBPROCESS
+    else [("cpp", c) for c in CASES] + [("torch", c) for c in CASES]
+)
 
 
 @pytest.fixture(autouse=True)
@@ -101,8 +107,9 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _select(path):
+def _select(path, monkeypatch):
     assert (path == "triton") == IN_TRITON_SUBPROCESS, path
+    monkeypatch.setenv("FSDP_COMPILE_CPU_EXT", "0" if path == "torch" else "1")
 
 
 def _ids(p):
@@ -111,8 +118,8 @@ def _ids(p):
 
 
 @pytest.mark.parametrize("path,case", PATHS, ids=[_ids(p) for p in PATHS])
-def test_all_gather_round_trip(path, case):
-    _select(path)
+def test_all_gather_round_trip(path, case, monkeypatch):
+    _select(path, monkeypatch)
     name, world, src, dst = case
     shapes = SHAPE_SETS[name]
     fulls = [torch.randn(s).to(src) for s in shapes]
@@ -148,8 +155,8 @@ def test_all_gather_copy_in_non_contiguous():
 
 
 @pytest.mark.parametrize("path,case", PATHS, ids=[_ids(p) for p in PATHS])
-def test_reduce_scatter_copy_in_and_out(path, case):
-    _select(path)
+def test_reduce_scatter_copy_in_and_out(path, case, monkeypatch):
+    _select(path, monkeypatch)
     name, world, src, dst = case
     shapes = SHAPE_SETS[name]
     grads = [torch.randn(s).to(src) for s in shapes]
@@ -458,3 +465,38 @@ def test_pooled_copy_in_buffers_are_reused_only_when_nothing_refers_to_them():
         assert cpu.all_gather_copy_in(other, padded, torch.float32).data_ptr() != held.data_ptr()
     finally:
         _pool.enable(previous)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_cpp_extension_with_threads_matches_reference(world):
+    """Calls above 1 MiB split their segments over torch.get_num_threads() C++ threads."""
+    from fsdp_compile.kernels import cpu, cpu_ext
+
+    assert cpu_ext.module() is not None  # built (or loaded from the cache) on this machine
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        shapes = [(1025, 64)] * 40 + [(7, 3), (0, 5), (1,), (5, 2, 3, 2)]
+        fulls = [torch.randn(s) for s in shapes]
+        padded = list(padded_numels(shapes, world))
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            shards = [ref_shard(f, world, world - 1) for f in fulls]
+            assert torch.equal(cpu.all_gather_copy_in(shards, padded, dtype), ref_all_gather_copy_in(shards, padded, dtype))
+            assert torch.equal(cpu.reduce_scatter_copy_in(fulls, world, dtype), ref_reduce_scatter_copy_in(fulls, world, dtype))
+        gathered = torch.randn(world * sum(padded))
+        outs = [torch.empty(s) for s in shapes]
+        cpu.all_gather_copy_out(gathered, shapes, world, outs)
+        for o, r in zip(outs, ref_all_gather_copy_out(gathered, shapes, world)):
+            assert torch.equal(o, r)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_cpp_extension_rejects_a_bad_layout_with_the_parameter_named():
+    from fsdp_compile.kernels import cpu_ext
+
+    ext = cpu_ext.module()
+    with pytest.raises(RuntimeError, match="shard 1 has 9 elements > padded numel 8"):
+        ext.all_gather_copy_in([torch.randn(4), torch.randn(9)], [4, 8], torch.empty(12))
+    with pytest.raises(RuntimeError, match="out has 10 elements, the layout needs 12"):
+        ext.all_gather_copy_in([torch.randn(4), torch.randn(8)], [4, 8], torch.empty(10))

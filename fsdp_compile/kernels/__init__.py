@@ -1,8 +1,10 @@
 """Fused copy-in/copy-out kernels for FSDP communication buffers.
 
-Owns the public surface of ``fsdp_compile.kernels``: four wrappers over the ``fsdp_compile::``
-custom ops (``ops.py``) and the :func:`use_triton` switch. Implementations: ``cpu.py`` (torch ops,
-CPU and tiny buckets) and ``triton_kernels.py`` (one launch per op, CUDA or ``TRITON_INTERPRET=1``).
+Owns the public surface of ``fsdp_compile.kernels``: wrappers over the ``fsdp_compile::`` ops
+(``ops.py``: ``triton_op``s, so torch.compile traces into them) and the :func:`use_triton` switch.
+Eager implementations: ``cpu.py`` (torch ops, CPU and tiny buckets) and ``triton_kernels.py`` (one
+launch per op, CUDA or ``TRITON_INTERPRET=1``). Traced calls: ``traced.py`` picks a ``wrap_triton``
+launch, the ATen decomposition (``aten.py``) or one opaque fused op, by device.
 """
 
 from fsdp_compile.kernels.ops import (

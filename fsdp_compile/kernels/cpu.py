@@ -1,30 +1,50 @@
-"""Fused copy-in/copy-out with plain torch ops (the CPU path, and the small-bucket path anywhere).
+"""Fused copy-in/copy-out on CPU tensors (and the small-bucket path on any device).
 
 Owns: the four packing/unpacking routines on real tensors. Never touches torch.distributed,
 custom-op registration (``ops.py``) or Triton (``triton_kernels.py``).
 
 "Fused" here means: one output allocation (large CPU ones reused across calls, see ``_pool``),
 every input byte read once and every output byte written once, the dtype cast folded into the
-copy, and only padding tails zeroed. No per-tensor pad/cat temporaries. Two shapes of code, chosen per call:
+copy, and only padding tails zeroed. Two implementations, chosen per call:
 
-- batched (one C++ op for all tensors, so Python overhead does not grow with the tensor count):
-  ``torch.cat(out=)`` for all-gather copy-in of contiguous shards (padding comes from views of one
-  small zero tensor), ``torch.split_with_sizes_copy(out=)`` / ``torch._chunk_cat(out=)`` for
-  copy-out / reduce-scatter copy-in when every ``dim0`` divides by the world size (no padding);
-- per-param loop otherwise: at most two strided ``copy_`` calls into views of the output (ranks
-  holding a full chunk in one 2-D copy, the last partial rank in another) plus one
+- the C++ extension (``cpu_ext``, CPU tensors, the default): one call per op whatever the tensor
+  count, segments built in C++, copied with ``torch.get_num_threads()`` threads;
+- torch ops (other devices, or without the extension): ``torch._chunk_cat(out=)`` when it fits
+  the layout (it *is* the reduce-scatter layout; with one chunk it is the unpadded all-gather
+  slot), ``torch.cat(out=)`` of the shards and views of one zero tensor for a padded slot,
+  ``torch.split_with_sizes_copy(out=)`` for copy-out when every ``dim0`` divides by the world
+  size, and otherwise a per-param loop of at most two strided ``copy_`` calls plus one
   ``_foreach_zero_`` for all padding tails.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from fsdp_compile.kernels import _pool
+from fsdp_compile.kernels import _pool, cpu_ext
 from fsdp_compile.kernels._offsets import chunk_rows, prefix_offsets, row_numel
+
+_shape_of = operator.attrgetter("shape")
+_dtype_of = operator.attrgetter("dtype")
+
+
+def _ext(device: torch.device):
+    return cpu_ext.module() if device.type == "cpu" else None
+
+
+def _chunk_cat_ok(tensors: Sequence[Tensor]) -> bool:
+    """``torch._chunk_cat`` takes these: one dtype, at least 1-D, no empty dim 0."""
+    return len(set(map(_dtype_of, tensors))) == 1 and min(map(Tensor.dim, tensors)) >= 1 and all(map(len, tensors))
+
+
+@functools.lru_cache(maxsize=64)
+def _padded_numels(shapes: tuple[torch.Size, ...], world_size: int) -> tuple[int, ...]:
+    return tuple(chunk_rows(s[0], world_size) * row_numel(s) for s in shapes)
 
 
 def _split_rows(dim0: int, world_size: int) -> tuple[int, int, int]:
@@ -36,11 +56,18 @@ def _split_rows(dim0: int, world_size: int) -> tuple[int, int, int]:
 
 def all_gather_copy_in(shards: Sequence[Tensor], padded_numels: Sequence[int], dtype: torch.dtype) -> Tensor:
     """Pack ``shards`` (cast to ``dtype``) into one zero-padded slot of ``sum(padded_numels)``."""
+    padded_numels = tuple(padded_numels)
     offs = prefix_offsets(padded_numels)
     out = _pool.empty(offs[-1], dtype, shards[0].device)
-    if len(shards) > 1 and all(s.is_contiguous() for s in shards):
-        max_pad = max(p - s.numel() for s, p in zip(shards, padded_numels))
-        zeros = torch.zeros(max_pad, dtype=dtype, device=out.device)
+    ext = _ext(out.device)
+    if ext is not None:
+        ext.all_gather_copy_in(list(shards), list(padded_numels), out)
+        return out
+    if tuple(map(Tensor.numel, shards)) == padded_numels and _chunk_cat_ok(shards):
+        torch._chunk_cat(shards, 0, 1, out=out.view(1, -1))  # no padding: flatten + cast + concat
+        return out
+    if len(shards) > 1 and all(map(Tensor.is_contiguous, shards)):
+        zeros = torch.zeros(max(p - s.numel() for s, p in zip(shards, padded_numels)), dtype=dtype, device=out.device)
         pieces = []
         for s, p in zip(shards, padded_numels):
             pieces.append(s.view(-1))
@@ -64,10 +91,15 @@ def all_gather_copy_out(
     gathered: Tensor, full_shapes: Sequence[Sequence[int]], world_size: int, out: Sequence[Tensor]
 ) -> None:
     """Unpack the rank-major ``W*T`` buffer into the preallocated full tensors ``out``."""
+    ext = _ext(gathered.device)
+    contiguous = all(map(Tensor.is_contiguous, out))
+    if ext is not None and contiguous and all(o.device.type == "cpu" for o in out):
+        ext.all_gather_copy_out(gathered, list(out), world_size)
+        return
     padded = [chunk_rows(s[0], world_size) * row_numel(s) for s in full_shapes]
     offs = prefix_offsets(padded)
     g2 = gathered.view(world_size, offs[-1])
-    if all(s[0] % world_size == 0 for s in full_shapes) and all(o.is_contiguous() for o in out):
+    if contiguous and all(s[0] % world_size == 0 for s in full_shapes):
         torch.split_with_sizes_copy(g2, padded, dim=1, out=[o.view(world_size, -1) for o in out])
         return
     for shape, off, o in zip(full_shapes, offs, out):
@@ -81,12 +113,16 @@ def all_gather_copy_out(
 
 def reduce_scatter_copy_in(grads: Sequence[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
     """Pack full gradients rank-major (``torch._chunk_cat`` layout, zero padded) into ``W*T``."""
-    padded = [chunk_rows(g.shape[0], world_size) * row_numel(g.shape) for g in grads]
+    padded = _padded_numels(tuple(map(_shape_of, grads)), world_size)
     offs = prefix_offsets(padded)
     out = _pool.empty(world_size * offs[-1], dtype, grads[0].device)
+    ext = _ext(out.device)
+    if ext is not None:
+        ext.reduce_scatter_copy_in(list(grads), world_size, out)
+        return out
     o2 = out.view(world_size, offs[-1])
-    if all(g.shape[0] and g.shape[0] % world_size == 0 and g.dtype == grads[0].dtype for g in grads):
-        torch._chunk_cat(grads, 0, world_size, out=o2)
+    if _chunk_cat_ok(grads):
+        torch._chunk_cat(grads, 0, world_size, out=o2)  # this layout, cast into out's dtype
         return out
     pads = []
     for g, off, p in zip(grads, offs, padded):

@@ -1,0 +1,193 @@
+// Fused CPU copy-in/copy-out for FSDP communication buffers: one call per op for any number of
+// tensors. Every op is a list of segments (src, dst, copy, total): copy `copy` elements (cast to
+// the destination dtype) and zero-fill up to `total`. Segments are cut into pieces of at most
+// kPiece elements and the pieces are spread over at::get_num_threads() threads, so 1000 small
+// tensors cost one call, not 1000. Layout rules: fsdp_compile/kernels/_offsets.py.
+#include <torch/extension.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kPiece = 1 << 16;        // elements per unit of parallel work
+constexpr int64_t kSerialBytes = 1 << 20;  // below this, one thread
+
+struct Segment {
+  const char* src;
+  at::ScalarType src_type;
+  char* dst;
+  int64_t copy;   // elements read from src
+  int64_t total;  // elements written to dst (copy, then zeros)
+};
+
+template <typename S, typename D>
+void cast_copy(const S* src, D* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, D>) {
+    std::memcpy(dst, src, n * sizeof(D));
+  } else {
+    for (int64_t k = 0; k < n; ++k) {
+      dst[k] = static_cast<D>(src[k]);
+    }
+  }
+}
+
+// Elements [begin, end) of one segment.
+void run_range(const Segment& s, at::ScalarType dst_type, int64_t begin, int64_t end) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst_type, "fsdp_copy_dst", [&] {
+    using D = scalar_t;
+    D* dst = reinterpret_cast<D*>(s.dst);
+    const int64_t copy_end = std::min(end, s.copy);
+    if (begin < copy_end) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.src_type, "fsdp_copy_src", [&] {
+        cast_copy(reinterpret_cast<const scalar_t*>(s.src) + begin, dst + begin, copy_end - begin);
+      });
+    }
+    const int64_t zero_begin = std::max(begin, s.copy);
+    if (zero_begin < end) {
+      std::memset(dst + zero_begin, 0, (end - zero_begin) * sizeof(D));
+    }
+  });
+}
+
+void run(const std::vector<Segment>& segments, at::ScalarType dst_type, int64_t dst_bytes) {
+  struct Piece {
+    int64_t segment, begin, end;
+  };
+  std::vector<Piece> pieces;
+  for (int64_t i = 0; i < static_cast<int64_t>(segments.size()); ++i) {
+    for (int64_t b = 0; b < segments[i].total; b += kPiece) {
+      pieces.push_back({i, b, std::min(b + kPiece, segments[i].total)});
+    }
+  }
+  const int64_t n = static_cast<int64_t>(pieces.size());
+  const int64_t threads = dst_bytes < kSerialBytes ? 1 : std::min<int64_t>(at::get_num_threads(), n);
+  auto work = [&](int64_t t) {
+    for (int64_t k = n * t / threads; k < n * (t + 1) / threads; ++k) {
+      run_range(segments[pieces[k].segment], dst_type, pieces[k].begin, pieces[k].end);
+    }
+  };
+  // Plain threads, not at::parallel_for: its OpenMP body is inlined here and would need this
+  // file built with -fopenmp (a second OpenMP runtime next to torch's).
+  std::vector<std::thread> helpers;
+  for (int64_t t = 1; t < threads; ++t) {
+    helpers.emplace_back(work, t);
+  }
+  work(0);
+  for (auto& h : helpers) {
+    h.join();
+  }
+}
+
+const char* bytes(const at::Tensor& t) {
+  return static_cast<const char*>(t.const_data_ptr());
+}
+
+std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) {
+    out.push_back(t.contiguous());
+  }
+  return out;
+}
+
+void check_out(const at::Tensor& out, int64_t numel, const char* op) {
+  TORCH_CHECK(out.is_contiguous() && out.device().is_cpu(), op, ": out must be a contiguous CPU tensor");
+  TORCH_CHECK(out.numel() == numel, op, ": out has ", out.numel(), " elements, the layout needs ", numel);
+}
+
+int64_t row_numel(const at::Tensor& t) {
+  int64_t r = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) {
+    r *= t.size(d);
+  }
+  return r;
+}
+
+}  // namespace
+
+// shards[i] (any float dtype) -> out[off_i : off_i + padded[i]], zero padded, cast to out's dtype.
+void all_gather_copy_in(const std::vector<at::Tensor>& shards_in, const std::vector<int64_t>& padded, at::Tensor out) {
+  TORCH_CHECK(shards_in.size() == padded.size(), "all_gather_copy_in: one padded numel per shard");
+  const auto shards = contiguous_all(shards_in);
+  const int64_t esz = out.element_size();
+  std::vector<Segment> segments;
+  int64_t off = 0;
+  for (size_t i = 0; i < shards.size(); ++i) {
+    TORCH_CHECK(shards[i].numel() <= padded[i], "all_gather_copy_in: shard ", i, " has ", shards[i].numel(),
+                " elements > padded numel ", padded[i]);
+    segments.push_back({bytes(shards[i]), shards[i].scalar_type(), static_cast<char*>(out.data_ptr()) + off * esz,
+                        shards[i].numel(), padded[i]});
+    off += padded[i];
+  }
+  check_out(out, off, "all_gather_copy_in");
+  run(segments, out.scalar_type(), off * esz);
+}
+
+// Rank-major gathered buffer (world * T) -> full tensors outs[i] (contiguous, gathered's dtype).
+void all_gather_copy_out(const at::Tensor& gathered_in, const std::vector<at::Tensor>& outs, int64_t world) {
+  const auto gathered = gathered_in.contiguous();
+  const int64_t esz = gathered.element_size();
+  std::vector<int64_t> offs;
+  int64_t total = 0;
+  for (const auto& o : outs) {
+    TORCH_CHECK(o.is_contiguous() && o.scalar_type() == gathered.scalar_type() && o.dim() >= 1,
+                "all_gather_copy_out: outputs must be contiguous, at least 1-D, of the gathered dtype");
+    offs.push_back(total);
+    total += (o.size(0) + world - 1) / world * row_numel(o);
+  }
+  check_out(gathered, world * total, "all_gather_copy_out");
+  std::vector<Segment> segments;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    const int64_t dim0 = outs[i].size(0), c = (dim0 + world - 1) / world, rn = row_numel(outs[i]);
+    for (int64_t r = 0; r < world; ++r) {
+      const int64_t rows = std::max<int64_t>(0, std::min((r + 1) * c, dim0) - r * c);
+      if (rows == 0) {
+        continue;
+      }
+      segments.push_back({bytes(gathered) + (r * total + offs[i]) * esz, gathered.scalar_type(),
+                          static_cast<char*>(outs[i].data_ptr()) + r * c * rn * esz, rows * rn, rows * rn});
+    }
+  }
+  run(segments, gathered.scalar_type(), world * total * esz);
+}
+
+// Full gradients -> rank-major out (world * T): chunk r of every gradient (ceil(D/W) rows, zero
+// padded) in rank r's slot, cast to out's dtype. The torch._chunk_cat layout.
+void reduce_scatter_copy_in(const std::vector<at::Tensor>& grads_in, int64_t world, at::Tensor out) {
+  const auto grads = contiguous_all(grads_in);
+  const int64_t esz = out.element_size();
+  std::vector<int64_t> offs, padded;
+  int64_t total = 0;
+  for (const auto& g : grads) {
+    TORCH_CHECK(g.dim() >= 1, "reduce_scatter_copy_in: gradients must be at least 1-D");
+    offs.push_back(total);
+    padded.push_back((g.size(0) + world - 1) / world * row_numel(g));
+    total += padded.back();
+  }
+  check_out(out, world * total, "reduce_scatter_copy_in");
+  std::vector<Segment> segments;
+  char* base = static_cast<char*>(out.data_ptr());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const int64_t dim0 = grads[i].size(0), c = (dim0 + world - 1) / world, rn = row_numel(grads[i]);
+    const int64_t gsz = grads[i].element_size();
+    for (int64_t r = 0; r < world; ++r) {
+      const int64_t rows = std::max<int64_t>(0, std::min((r + 1) * c, dim0) - r * c);
+      segments.push_back({bytes(grads[i]) + (rows ? r * c * rn * gsz : 0), grads[i].scalar_type(),
+                          base + (r * total + offs[i]) * esz, rows * rn, padded[i]});
+    }
+  }
+  run(segments, out.scalar_type(), world * total * esz);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("all_gather_copy_in", &all_gather_copy_in);
+  m.def("all_gather_copy_out", &all_gather_copy_out);
+  m.def("reduce_scatter_copy_in", &reduce_scatter_copy_in);
+}
