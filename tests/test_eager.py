@@ -152,6 +152,66 @@ def test_ddp_parity_adamw_param_groups():
         assert not torch.equal(per_rank[0][("DDP", True)][0], per_rank[1][("DDP", True)][0])
 
 
+# ---- 1b. mixed precision against a hand-written bf16 reference --------------------------------
+BF16 = fsdp_compile.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def _manual_mixed_precision(rank, world, steps):
+    """What ``MixedPrecision(param_dtype=bf16, reduce_dtype=fp32)`` means, without fsdp_compile:
+    fp32 master parameters, a bf16 working copy refreshed from them before every forward, its
+    bf16 gradients cast to fp32, summed across ranks (all_reduce) and divided by the world size."""
+    master = _seeded()
+    work = copy.deepcopy(master).to(torch.bfloat16)
+    opt = torch.optim.AdamW(_param_groups(master))
+    losses = []
+    for step in range(steps):
+        with torch.no_grad():
+            for w, m in zip(work.parameters(), master.parameters()):
+                w.copy_(m)
+        loss = work(*gpt_batch(step, rank))
+        loss.backward()
+        for w, m in zip(work.parameters(), master.parameters()):
+            grad = w.grad.float()
+            dist.all_reduce(grad)
+            m.grad = grad / world
+            w.grad = None
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return torch.stack(losses), _plain_params(master)
+
+
+def _mixed_precision_rank(rank, world, steps):
+    _init_rank()
+    out = {"reference": _manual_mixed_precision(rank, world, steps)}
+    out["fp32_first_loss"] = _seeded()(*gpt_batch(0, rank)).detach()
+    for strategy in STRATEGIES:
+        model = fully_shard(_seeded(), policy={Block}, strategy=strategy, mixed_precision=BF16)
+        opt = torch.optim.AdamW(_param_groups(model))
+        losses = []
+        for step in range(steps):
+            loss = model(*gpt_batch(step, rank))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        out[strategy] = (torch.stack(losses), _full_params(model))
+    return out
+
+
+def test_mixed_precision_matches_a_hand_written_bf16_reference():
+    for rank, out in enumerate(run_ranks(_mixed_precision_rank, WORLD, 10, timeout=240)):
+        ref_losses, ref_params = out["reference"]
+        assert ref_losses[0] != out["fp32_first_loss"]  # the reference does compute in bf16
+        for strategy in STRATEGIES:
+            losses, params = out[strategy]
+            what = f"rank {rank} {strategy} bf16"
+            assert_close(losses, ref_losses, rtol=0, atol=0, msg=lambda m: f"{what} losses: {m}")
+            assert all(p.dtype == torch.float32 for p in params.values()), what
+            for name, value in ref_params.items():
+                assert_close(params[name], value, rtol=0, atol=0, msg=lambda m: f"{what}: {name}: {m}")
+
+
 # ---- 2. empty shards on rank 1, foreach optimizers ---------------------------------------------
 class Tiny(nn.Module):
     """fc1 is split; head (a (1, 16) weight, a (1,) bias), ``scale`` (1,) and the 0-d ``temp``
