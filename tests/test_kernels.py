@@ -496,7 +496,15 @@ def test_cpp_extension_rejects_a_bad_layout_with_the_parameter_named():
     from fsdp_compile.kernels import cpu_ext
 
     ext = cpu_ext.module()
-    with pytest.raises(RuntimeError, match="shard 1 has 9 elements > padded numel 8"):
-        ext.all_gather_copy_in([torch.randn(4), torch.randn(9)], [4, 8], torch.empty(12))
-    with pytest.raises(RuntimeError, match="out has 10 elements, the layout needs 12"):
+    with pytest.raises(ValueError, match="out has 10 elements, the layout needs 12"):
         ext.all_gather_copy_in([torch.randn(4), torch.randn(8)], [4, 8], torch.empty(10))
+    # Through the public wrappers, with the extension and with the torch-op path: the same errors.
+    for ext_on in ("1", "0"):
+        os.environ["FSDP_COMPILE_CPU_EXT"] = ext_on
+        try:
+            with pytest.raises(ValueError, match="shard 1 has 9 elements > padded numel 8"):
+                K.all_gather_copy_in([torch.randn(4), torch.randn(9)], [4, 8], torch.float32)
+            with pytest.raises(ValueError, match=r"out\[1\] is .*3.*expected .*2, 2"):
+                K.all_gather_copy_out(torch.randn(6), [[2], [2, 2]], 2, out=[torch.empty(2), torch.empty(3)])
+        finally:
+            del os.environ["FSDP_COMPILE_CPU_EXT"]

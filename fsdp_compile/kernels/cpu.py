@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fsdp_compile.kernels import _pool, cpu_ext
-from fsdp_compile.kernels._offsets import chunk_rows, prefix_offsets, row_numel
+from fsdp_compile.kernels._offsets import chunk_rows, pack_shapes, prefix_offsets, row_numel, unpack_shapes
 
 _shape_of = operator.attrgetter("shape")
 _dtype_of = operator.attrgetter("dtype")
@@ -56,13 +56,13 @@ def _split_rows(dim0: int, world_size: int) -> tuple[int, int, int]:
 
 def all_gather_copy_in(shards: Sequence[Tensor], padded_numels: Sequence[int], dtype: torch.dtype) -> Tensor:
     """Pack ``shards`` (cast to ``dtype``) into one zero-padded slot of ``sum(padded_numels)``."""
-    padded_numels = tuple(padded_numels)
-    offs = prefix_offsets(padded_numels)
-    out = _pool.empty(offs[-1], dtype, shards[0].device)
+    out = _pool.empty(sum(padded_numels), dtype, shards[0].device)
     ext = _ext(out.device)
     if ext is not None:
-        ext.all_gather_copy_in(list(shards), list(padded_numels), out)
+        ext.all_gather_copy_in(shards, padded_numels, out)  # checks numel <= padded per shard
         return out
+    padded_numels = tuple(padded_numels)
+    offs = prefix_offsets(padded_numels)
     if tuple(map(Tensor.numel, shards)) == padded_numels and _chunk_cat_ok(shards):
         torch._chunk_cat(shards, 0, 1, out=out.view(1, -1))  # no padding: flatten + cast + concat
         return out
@@ -91,10 +91,11 @@ def all_gather_copy_out(
     gathered: Tensor, full_shapes: Sequence[Sequence[int]], world_size: int, out: Sequence[Tensor]
 ) -> None:
     """Unpack the rank-major ``W*T`` buffer into the preallocated full tensors ``out``."""
-    ext = _ext(gathered.device)
     contiguous = all(map(Tensor.is_contiguous, out))
+    packed = pack_shapes(full_shapes)
+    ext = _ext(gathered.device)
     if ext is not None and contiguous and all(o.device.type == "cpu" for o in out):
-        ext.all_gather_copy_out(gathered, list(out), world_size)
+        ext.all_gather_copy_out(gathered, out, world_size, *packed)
         return
     padded = [chunk_rows(s[0], world_size) * row_numel(s) for s in full_shapes]
     offs = prefix_offsets(padded)
@@ -111,15 +112,27 @@ def all_gather_copy_out(
             o[k * c :].copy_(g2[k, off : off + rem * rn].view((rem,) + rest))
 
 
+def all_gather_copy_out_new(gathered: Tensor, flat_shapes: list[int], ndims: list[int], world_size: int) -> list[Tensor]:
+    """New full tensors (shapes packed as in the op schema) unpacked from ``gathered``."""
+    ext = _ext(gathered.device)
+    if ext is not None:
+        return ext.all_gather_copy_out_new(gathered, flat_shapes, ndims, world_size)
+    shapes = unpack_shapes(flat_shapes, ndims)
+    out = [torch.empty(s, dtype=gathered.dtype, device=gathered.device) for s in shapes]
+    all_gather_copy_out(gathered.reshape(-1), shapes, world_size, out)
+    return out
+
+
 def reduce_scatter_copy_in(grads: Sequence[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
     """Pack full gradients rank-major (``torch._chunk_cat`` layout, zero padded) into ``W*T``."""
+    ext = _ext(grads[0].device)
+    if ext is not None:
+        out = _pool.empty(ext.reduce_scatter_numel(grads, world_size), dtype, grads[0].device)
+        ext.reduce_scatter_copy_in(grads, world_size, out)
+        return out
     padded = _padded_numels(tuple(map(_shape_of, grads)), world_size)
     offs = prefix_offsets(padded)
     out = _pool.empty(world_size * offs[-1], dtype, grads[0].device)
-    ext = _ext(out.device)
-    if ext is not None:
-        ext.reduce_scatter_copy_in(list(grads), world_size, out)
-        return out
     o2 = out.view(world_size, offs[-1])
     if _chunk_cat_ok(grads):
         torch._chunk_cat(grads, 0, world_size, out=o2)  # this layout, cast into out's dtype

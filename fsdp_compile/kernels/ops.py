@@ -122,9 +122,12 @@ _all_gather_copy_in.register_autograd(_agci_backward, setup_context=_agci_setup)
 
 
 def _all_gather_copy_out_real(gathered: Tensor, flat_shapes: list[int], ndims: list[int], world_size: int) -> list[Tensor]:
+    impl = _impl(gathered.device, gathered.numel())
+    if impl is cpu:
+        return cpu.all_gather_copy_out_new(gathered.reshape(-1), flat_shapes, ndims, world_size)
     shapes = unpack_shapes(flat_shapes, ndims)
     out = [torch.empty(s, dtype=gathered.dtype, device=gathered.device) for s in shapes]
-    _impl(gathered.device, gathered.numel()).all_gather_copy_out(gathered.reshape(-1), shapes, world_size, out)
+    impl.all_gather_copy_out(gathered.reshape(-1), shapes, world_size, out)
     return out
 
 
@@ -286,6 +289,15 @@ def _direct(tensors: Sequence[Tensor]) -> bool:
 _requires_grad = operator.attrgetter("requires_grad")
 
 
+def _fast(tensors: Sequence[Tensor]):
+    """The C++ extension when this eager call can go straight to it (it validates the layout
+    itself, raising ``ValueError``), else ``None``."""
+    device = tensors[0].device
+    if device.type != "cpu" or _want_triton(device, 0) or not _direct(tensors):
+        return None
+    return cpu._ext(device)
+
+
 @functools.lru_cache(maxsize=256)
 def _copy_out_layout(full_shapes: tuple[tuple[int, ...], ...], world_size: int) -> tuple[list[int], list[int], int]:
     """``(flat dims, ndims, gathered numel)`` of a layout, once per layout."""
@@ -307,6 +319,8 @@ def all_gather_copy_in(shards: list[Tensor], padded_numels: list[int], dtype: to
             f"all_gather_copy_in: got {len(shards)} shards and {len(padded_numels)} padded numels; "
             "pass one padded numel per shard (and at least one shard)"
         )
+    if _fast(shards) is not None:
+        return cpu.all_gather_copy_in(shards, padded_numels, dtype)
     padded_numels = list(map(int, padded_numels))
     if any(map(operator.gt, map(Tensor.numel, shards), padded_numels)):  # map: no per-tensor bytecode
         i = next(i for i, (s, p) in enumerate(zip(shards, padded_numels)) if s.numel() > p)
@@ -331,6 +345,10 @@ def all_gather_copy_out(
         if _direct([gathered]):
             return _all_gather_copy_out_real(gathered, flat, ndims, world_size)
         return list(torch.ops.fsdp_compile.all_gather_copy_out(gathered, flat, ndims, world_size))
+    ext = _fast([gathered, *out])
+    if ext is not None and all(map(Tensor.is_contiguous, out)):
+        ext.all_gather_copy_out(gathered, out, world_size, flat, ndims)  # checks every out's shape
+        return list(out)
     for i, (o, s) in enumerate(zip(out, full_shapes)):
         if tuple(o.shape) != tuple(s) or o.dtype != gathered.dtype:
             raise ValueError(

@@ -99,7 +99,7 @@ std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& ts) {
 
 void check_out(const at::Tensor& out, int64_t numel, const char* op) {
   TORCH_CHECK(out.is_contiguous() && out.device().is_cpu(), op, ": out must be a contiguous CPU tensor");
-  TORCH_CHECK(out.numel() == numel, op, ": out has ", out.numel(), " elements, the layout needs ", numel);
+  TORCH_CHECK_VALUE(out.numel() == numel, op, ": out has ", out.numel(), " elements, the layout needs ", numel);
 }
 
 int64_t row_numel(const at::Tensor& t) {
@@ -114,13 +114,13 @@ int64_t row_numel(const at::Tensor& t) {
 
 // shards[i] (any float dtype) -> out[off_i : off_i + padded[i]], zero padded, cast to out's dtype.
 void all_gather_copy_in(const std::vector<at::Tensor>& shards_in, const std::vector<int64_t>& padded, at::Tensor out) {
-  TORCH_CHECK(shards_in.size() == padded.size(), "all_gather_copy_in: one padded numel per shard");
+  TORCH_CHECK_VALUE(shards_in.size() == padded.size(), "all_gather_copy_in: one padded numel per shard");
   const auto shards = contiguous_all(shards_in);
   const int64_t esz = out.element_size();
   std::vector<Segment> segments;
   int64_t off = 0;
   for (size_t i = 0; i < shards.size(); ++i) {
-    TORCH_CHECK(shards[i].numel() <= padded[i], "all_gather_copy_in: shard ", i, " has ", shards[i].numel(),
+    TORCH_CHECK_VALUE(shards[i].numel() <= padded[i], "all_gather_copy_in: shard ", i, " has ", shards[i].numel(),
                 " elements > padded numel ", padded[i]);
     segments.push_back({bytes(shards[i]), shards[i].scalar_type(), static_cast<char*>(out.data_ptr()) + off * esz,
                         shards[i].numel(), padded[i]});
@@ -130,15 +130,36 @@ void all_gather_copy_in(const std::vector<at::Tensor>& shards_in, const std::vec
   run(segments, out.scalar_type(), off * esz);
 }
 
-// Rank-major gathered buffer (world * T) -> full tensors outs[i] (contiguous, gathered's dtype).
-void all_gather_copy_out(const at::Tensor& gathered_in, const std::vector<at::Tensor>& outs, int64_t world) {
+// Shapes packed as (flat dims, ndims), the custom-op schema's form.
+std::vector<std::vector<int64_t>> unpack_shapes(const std::vector<int64_t>& flat, const std::vector<int64_t>& ndims) {
+  std::vector<std::vector<int64_t>> shapes;
+  size_t pos = 0;
+  for (int64_t n : ndims) {
+    TORCH_CHECK(n >= 1 && pos + n <= flat.size(), "all_gather_copy_out: bad packed shapes");
+    shapes.emplace_back(flat.begin() + pos, flat.begin() + pos + n);
+    pos += n;
+  }
+  TORCH_CHECK(pos == flat.size(), "all_gather_copy_out: bad packed shapes");
+  return shapes;
+}
+
+// Rank-major gathered buffer (world * T) -> full tensors outs[i] (contiguous, gathered's dtype,
+// of the packed shapes).
+void all_gather_copy_out(const at::Tensor& gathered_in, const std::vector<at::Tensor>& outs, int64_t world,
+                         const std::vector<int64_t>& flat_shapes, const std::vector<int64_t>& ndims) {
   const auto gathered = gathered_in.contiguous();
+  const auto shapes = unpack_shapes(flat_shapes, ndims);
+  TORCH_CHECK_VALUE(shapes.size() == outs.size(), "all_gather_copy_out: ", outs.size(), " outputs for ", shapes.size(),
+              " shapes");
   const int64_t esz = gathered.element_size();
   std::vector<int64_t> offs;
   int64_t total = 0;
-  for (const auto& o : outs) {
-    TORCH_CHECK(o.is_contiguous() && o.scalar_type() == gathered.scalar_type() && o.dim() >= 1,
-                "all_gather_copy_out: outputs must be contiguous, at least 1-D, of the gathered dtype");
+  for (size_t i = 0; i < outs.size(); ++i) {
+    const auto& o = outs[i];
+    TORCH_CHECK_VALUE(o.sizes() == at::IntArrayRef(shapes[i]) && o.scalar_type() == gathered.scalar_type(),
+                "all_gather_copy_out: out[", i, "] is ", o.sizes(), " ", o.scalar_type(), ", expected ",
+                at::IntArrayRef(shapes[i]), " ", gathered.scalar_type());
+    TORCH_CHECK(o.is_contiguous(), "all_gather_copy_out: out[", i, "] must be contiguous");
     offs.push_back(total);
     total += (o.size(0) + world - 1) / world * row_numel(o);
   }
@@ -156,6 +177,27 @@ void all_gather_copy_out(const at::Tensor& gathered_in, const std::vector<at::Te
     }
   }
   run(segments, gathered.scalar_type(), world * total * esz);
+}
+
+// New full tensors of the packed shapes, unpacked from the gathered buffer.
+std::vector<at::Tensor> all_gather_copy_out_new(const at::Tensor& gathered, const std::vector<int64_t>& flat_shapes,
+                                                const std::vector<int64_t>& ndims, int64_t world) {
+  std::vector<at::Tensor> outs;
+  for (const auto& shape : unpack_shapes(flat_shapes, ndims)) {
+    outs.push_back(at::empty(shape, gathered.options()));
+  }
+  all_gather_copy_out(gathered, outs, world, flat_shapes, ndims);
+  return outs;
+}
+
+// Elements of the rank-major buffer for these gradients: world * sum(ceil(D_i / W) * R_i).
+int64_t reduce_scatter_numel(const std::vector<at::Tensor>& grads, int64_t world) {
+  int64_t total = 0;
+  for (const auto& g : grads) {
+    TORCH_CHECK(g.dim() >= 1, "reduce_scatter_copy_in: gradients must be at least 1-D");
+    total += (g.size(0) + world - 1) / world * row_numel(g);
+  }
+  return world * total;
 }
 
 // Full gradients -> rank-major out (world * T): chunk r of every gradient (ceil(D/W) rows, zero
@@ -189,5 +231,7 @@ void reduce_scatter_copy_in(const std::vector<at::Tensor>& grads_in, int64_t wor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("all_gather_copy_in", &all_gather_copy_in);
   m.def("all_gather_copy_out", &all_gather_copy_out);
+  m.def("all_gather_copy_out_new", &all_gather_copy_out_new);
+  m.def("reduce_scatter_numel", &reduce_scatter_numel);
   m.def("reduce_scatter_copy_in", &reduce_scatter_copy_in);
 }
