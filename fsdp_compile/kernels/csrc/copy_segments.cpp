@@ -8,7 +8,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <unistd.h>
+
+#include <condition_variable>
 #include <cstring>
+#include <exception>
+#include <functional>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -16,7 +22,83 @@
 namespace {
 
 constexpr int64_t kPiece = 1 << 16;        // elements per unit of parallel work
-constexpr int64_t kSerialBytes = 1 << 20;  // below this, one thread
+constexpr int64_t kSerialBytes = 2 << 20;  // below this, one thread (waking a helper costs ~30 us)
+
+// Persistent helper threads (thread start-up costs ~60 us per call otherwise). Not
+// at::parallel_for: its OpenMP body is inlined here and would need this file built with
+// -fopenmp, i.e. a second OpenMP runtime next to torch's. Helpers sleep on a condition variable
+// between calls (no spinning); one call at a time; a forked child builds its own pool.
+class HelperPool {
+ public:
+  static HelperPool& get() {
+    static std::mutex creation;
+    static HelperPool* pool = nullptr;
+    std::lock_guard<std::mutex> guard(creation);
+    if (pool == nullptr || pool->pid_ != getpid()) {
+      pool = new HelperPool();  // never deleted: helpers live until exit (a fork leaves the old one)
+    }
+    return *pool;
+  }
+
+  // work(0) runs here, work(1) .. work(threads - 1) on helpers; returns when all are done.
+  void run(int64_t threads, const std::function<void(int64_t)>& work) {
+    std::lock_guard<std::mutex> one_call(call_);
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (static_cast<int64_t>(helpers_.size()) < threads - 1) {
+      const int64_t id = static_cast<int64_t>(helpers_.size()) + 1;
+      helpers_.emplace_back([this, id] { loop(id); });
+      helpers_.back().detach();
+    }
+    work_ = &work;
+    active_ = threads - 1;
+    pending_ = threads - 1;
+    ++generation_;
+    lock.unlock();
+    wake_.notify_all();
+    std::exception_ptr error;
+    try {
+      work(0);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    lock.lock();
+    done_.wait(lock, [this] { return pending_ == 0; });
+    work_ = nullptr;
+    if (error) {
+      std::rethrow_exception(error);
+    }
+  }
+
+ private:
+  HelperPool() : pid_(getpid()) {}
+
+  void loop(int64_t id) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (id > active_) {
+        continue;
+      }
+      const auto* work = work_;
+      lock.unlock();
+      (*work)(id);  // cannot throw: dtypes are checked before any work starts (check_dtype)
+      lock.lock();
+      if (--pending_ == 0) {
+        done_.notify_one();
+      }
+    }
+  }
+
+  const pid_t pid_;
+  std::mutex call_, mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> helpers_;
+  const std::function<void(int64_t)>* work_ = nullptr;
+  int64_t active_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+};
 
 struct Segment {
   const char* src;
@@ -67,21 +149,22 @@ void run(const std::vector<Segment>& segments, at::ScalarType dst_type, int64_t 
   }
   const int64_t n = static_cast<int64_t>(pieces.size());
   const int64_t threads = dst_bytes < kSerialBytes ? 1 : std::min<int64_t>(at::get_num_threads(), n);
-  auto work = [&](int64_t t) {
+  const std::function<void(int64_t)> work = [&](int64_t t) {
     for (int64_t k = n * t / threads; k < n * (t + 1) / threads; ++k) {
       run_range(segments[pieces[k].segment], dst_type, pieces[k].begin, pieces[k].end);
     }
   };
-  // Plain threads, not at::parallel_for: its OpenMP body is inlined here and would need this
-  // file built with -fopenmp (a second OpenMP runtime next to torch's).
-  std::vector<std::thread> helpers;
-  for (int64_t t = 1; t < threads; ++t) {
-    helpers.emplace_back(work, t);
+  if (threads <= 1) {
+    work(0);
+  } else {
+    HelperPool::get().run(threads, work);
   }
-  work(0);
-  for (auto& h : helpers) {
-    h.join();
-  }
+}
+
+void check_dtype(const at::Tensor& t, const char* op) {
+  const auto type = t.scalar_type();
+  TORCH_CHECK_VALUE(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16, op,
+                    ": floating-point tensors only (float32/float64/float16/bfloat16), got ", type);
 }
 
 const char* bytes(const at::Tensor& t) {
@@ -117,11 +200,13 @@ void all_gather_copy_in(const std::vector<at::Tensor>& shards_in, const std::vec
   TORCH_CHECK_VALUE(shards_in.size() == padded.size(), "all_gather_copy_in: one padded numel per shard");
   const auto shards = contiguous_all(shards_in);
   const int64_t esz = out.element_size();
+  check_dtype(out, "all_gather_copy_in");
   std::vector<Segment> segments;
   int64_t off = 0;
   for (size_t i = 0; i < shards.size(); ++i) {
     TORCH_CHECK_VALUE(shards[i].numel() <= padded[i], "all_gather_copy_in: shard ", i, " has ", shards[i].numel(),
                 " elements > padded numel ", padded[i]);
+    check_dtype(shards[i], "all_gather_copy_in");
     segments.push_back({bytes(shards[i]), shards[i].scalar_type(), static_cast<char*>(out.data_ptr()) + off * esz,
                         shards[i].numel(), padded[i]});
     off += padded[i];
@@ -148,6 +233,7 @@ std::vector<std::vector<int64_t>> unpack_shapes(const std::vector<int64_t>& flat
 void all_gather_copy_out(const at::Tensor& gathered_in, const std::vector<at::Tensor>& outs, int64_t world,
                          const std::vector<int64_t>& flat_shapes, const std::vector<int64_t>& ndims) {
   const auto gathered = gathered_in.contiguous();
+  check_dtype(gathered, "all_gather_copy_out");
   const auto shapes = unpack_shapes(flat_shapes, ndims);
   TORCH_CHECK_VALUE(shapes.size() == outs.size(), "all_gather_copy_out: ", outs.size(), " outputs for ", shapes.size(),
               " shapes");
@@ -205,10 +291,12 @@ int64_t reduce_scatter_numel(const std::vector<at::Tensor>& grads, int64_t world
 void reduce_scatter_copy_in(const std::vector<at::Tensor>& grads_in, int64_t world, at::Tensor out) {
   const auto grads = contiguous_all(grads_in);
   const int64_t esz = out.element_size();
+  check_dtype(out, "reduce_scatter_copy_in");
   std::vector<int64_t> offs, padded;
   int64_t total = 0;
   for (const auto& g : grads) {
     TORCH_CHECK(g.dim() >= 1, "reduce_scatter_copy_in: gradients must be at least 1-D");
+    check_dtype(g, "reduce_scatter_copy_in");
     offs.push_back(total);
     padded.push_back((g.size(0) + world - 1) / world * row_numel(g));
     total += padded.back();
