@@ -508,3 +508,35 @@ def test_cpp_extension_rejects_a_bad_layout_with_the_parameter_named():
                 K.all_gather_copy_out(torch.randn(6), [[2], [2, 2]], 2, out=[torch.empty(2), torch.empty(3)])
         finally:
             del os.environ["FSDP_COMPILE_CPU_EXT"]
+
+
+def test_eager_calls_skip_the_dispatcher_only_when_nothing_watches():
+    """Plain eager calls go straight to the kernels; under a torch-function or dispatch mode
+    (profilers, FLOP counters, tracers) and with inputs that need grad, the op is dispatched."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fsdp_compile.kernels import ops
+
+    seen = []
+
+    class Functions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Dispatches(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    shards = [torch.randn(3, 2)]
+    assert ops._direct(shards)
+    assert not ops._direct([shards[0].requires_grad_()])
+    shards[0].requires_grad_(False)
+    for mode in (Functions, Dispatches):
+        seen.clear()
+        with mode():
+            slot = K.all_gather_copy_in(shards, [8], torch.float32)
+        assert any("all_gather_copy_in" in name for name in seen), (mode, seen)
+        assert torch.equal(slot, ref_all_gather_copy_in(shards, [8], torch.float32))

@@ -276,11 +276,13 @@ _reduce_scatter_copy_out_new.register_autograd(
 
 def _direct(tensors: Sequence[Tensor]) -> bool:
     """True when a call can skip the dispatcher and run the eager kernel itself: no compile or
-    trace in progress, no dispatch mode, real tensors, nothing for autograd to record. (Custom-op
+    trace in progress, no dispatch or torch-function mode, real tensors, nothing for autograd to
+    record. (Custom-op
     dispatch of a 1000-tensor list costs about 1 ms, as much as copying 64 MiB.)"""
     return (
         not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
         and not _traced(tensors[0])
         and not (torch.is_grad_enabled() and any(map(_requires_grad, tensors)))
     )
