@@ -13,6 +13,10 @@ branches once, on whether its tensors are real:
 - traced tensors (fake / functional): ``traced.py`` returns a ``wrap_triton`` launch, plain ATen,
   or the opaque ``*_fused`` op below (the CPU default), by device.
 
+The public wrappers call the eager kernel directly, past the dispatcher, when nothing needs the
+op (``_direct``: no compile, trace or mode active, real tensors, no grad to record); otherwise
+they call the op.
+
 Eager dispatch (``_want_triton``), in order:
 1. ``FSDP_COMPILE_FORCE_TRITON=1`` in the environment, or ``use_triton(True)``: Triton for every
    call (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before Triton is imported).
@@ -274,11 +278,13 @@ _reduce_scatter_copy_out_new.register_autograd(
 # Python wrappers (public) ----------------------------------------------------------------------
 
 
+_requires_grad = operator.attrgetter("requires_grad")
+
+
 def _direct(tensors: Sequence[Tensor]) -> bool:
     """True when a call can skip the dispatcher and run the eager kernel itself: no compile or
     trace in progress, no dispatch or torch-function mode, real tensors, nothing for autograd to
-    record. (Custom-op
-    dispatch of a 1000-tensor list costs about 1 ms, as much as copying 64 MiB.)"""
+    record. (Custom-op dispatch of a 1000-tensor list costs about 1 ms, as much as copying 64 MiB.)"""
     return (
         not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0
@@ -286,9 +292,6 @@ def _direct(tensors: Sequence[Tensor]) -> bool:
         and not _traced(tensors[0])
         and not (torch.is_grad_enabled() and any(map(_requires_grad, tensors)))
     )
-
-
-_requires_grad = operator.attrgetter("requires_grad")
 
 
 def _fast(tensors: Sequence[Tensor]):
