@@ -107,20 +107,26 @@ def _assert_same(got: dict, want: dict, what: str):
             assert_close(got[name], want[name], msg=lambda m: f"{what}: {name}: {m}")
 
 
+def _train_adamw(model, forward, rank, steps, foreach=None):
+    """``steps`` AdamW steps over the GPT's three parameter groups -> (losses, optimizer)."""
+    opt = torch.optim.AdamW(_param_groups(model), foreach=foreach)
+    losses = []
+    for step in range(steps):
+        loss = forward(*gpt_batch(step, rank))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return torch.stack(losses), opt
+
+
 # ---- 1. parity with DDP: GPT (tied head), 3 parameter groups, 10 AdamW steps ------------------
 def _parity_rank(rank, world, steps):
     _init_rank()
 
     def train(model, forward, foreach):
-        opt = torch.optim.AdamW(_param_groups(model), foreach=foreach)
-        losses = []
-        for step in range(steps):
-            loss = forward(*gpt_batch(step, rank))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.detach())
-        return torch.stack(losses), [len(g["params"]) for g in opt.param_groups]
+        losses, opt = _train_adamw(model, forward, rank, steps, foreach)
+        return losses, [len(g["params"]) for g in opt.param_groups]
 
     out = {}
     for foreach in (True, False):
@@ -187,15 +193,8 @@ def _mixed_precision_rank(rank, world, steps):
     out["fp32_first_loss"] = _seeded()(*gpt_batch(0, rank)).detach()
     for strategy in STRATEGIES:
         model = fully_shard(_seeded(), policy={Block}, strategy=strategy, mixed_precision=BF16)
-        opt = torch.optim.AdamW(_param_groups(model))
-        losses = []
-        for step in range(steps):
-            loss = model(*gpt_batch(step, rank))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.detach())
-        out[strategy] = (torch.stack(losses), _full_params(model))
+        losses, _ = _train_adamw(model, model, rank, steps)
+        out[strategy] = (losses, _full_params(model))
     return out
 
 
