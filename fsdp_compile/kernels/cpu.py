@@ -19,7 +19,6 @@ copy, and only padding tails zeroed. Two implementations, chosen per call:
 
 from __future__ import annotations
 
-import functools
 import operator
 from typing import Sequence
 
@@ -27,9 +26,9 @@ import torch
 from torch import Tensor
 
 from fsdp_compile.kernels import _pool, cpu_ext
+from fsdp_compile.kernels import _offsets
 from fsdp_compile.kernels._offsets import chunk_rows, pack_shapes, prefix_offsets, row_numel, unpack_shapes
 
-_shape_of = operator.attrgetter("shape")
 _dtype_of = operator.attrgetter("dtype")
 
 
@@ -40,11 +39,6 @@ def _ext(device: torch.device):
 def _chunk_cat_ok(tensors: Sequence[Tensor]) -> bool:
     """``torch._chunk_cat`` takes these: one dtype, at least 1-D, no empty dim 0."""
     return len(set(map(_dtype_of, tensors))) == 1 and min(map(Tensor.dim, tensors)) >= 1 and all(map(len, tensors))
-
-
-@functools.lru_cache(maxsize=64)
-def _padded_numels(shapes: tuple[torch.Size, ...], world_size: int) -> tuple[int, ...]:
-    return tuple(chunk_rows(s[0], world_size) * row_numel(s) for s in shapes)
 
 
 def _split_rows(dim0: int, world_size: int) -> tuple[int, int, int]:
@@ -97,7 +91,7 @@ def all_gather_copy_out(
     if ext is not None and contiguous and all(o.device.type == "cpu" for o in out):
         ext.all_gather_copy_out(gathered, out, world_size, *packed)
         return
-    padded = [chunk_rows(s[0], world_size) * row_numel(s) for s in full_shapes]
+    padded = list(_offsets.padded_numels(full_shapes, world_size))
     offs = prefix_offsets(padded)
     g2 = gathered.view(world_size, offs[-1])
     if contiguous and all(s[0] % world_size == 0 for s in full_shapes):
@@ -130,7 +124,7 @@ def reduce_scatter_copy_in(grads: Sequence[Tensor], world_size: int, dtype: torc
         out = _pool.empty(ext.reduce_scatter_numel(grads, world_size), dtype, grads[0].device)
         ext.reduce_scatter_copy_in(grads, world_size, out)
         return out
-    padded = _padded_numels(tuple(map(_shape_of, grads)), world_size)
+    padded = _offsets.padded_numels([g.shape for g in grads], world_size)
     offs = prefix_offsets(padded)
     out = _pool.empty(world_size * offs[-1], dtype, grads[0].device)
     o2 = out.view(world_size, offs[-1])
