@@ -190,11 +190,14 @@ def _grid(*extra) -> list[tuple]:
     return [(s, m, *e) for s in STRATEGIES for m in MODES for e in itertools.product(*extra)]
 
 
-def _backward_compare_step(loss, ref_loss, model, ddp, opt, ref_opt, rank, strategy, mode, step):
-    """Backward both, compare the loss and this rank's gradient shards with DDP's, step, zero."""
+def _backward_compare_step(loss, ref_loss, model, ddp, opt, ref_opt, rank, strategy, mode, step, before_step=None):
+    """Backward both, compare the loss and this rank's gradient shards with DDP's,
+    ``before_step()`` if given, step, zero."""
     loss.backward(), ref_loss.backward()
     _close(loss.detach(), ref_loss.detach(), mode, f"loss at step {step}")
     _check_shards(model, ddp, rank, strategy, mode, f"step {step}", grads=True)
+    if before_step is not None:
+        before_step()
     opt.step(), ref_opt.step()
     opt.zero_grad(), ref_opt.zero_grad()
 
@@ -277,17 +280,16 @@ def frozen(rank, strategy, mode):
     model, run, ddp, _ = _build(strategy, mode, freeze=_freeze_biases)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ref_opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(4):
-        x = _batch(step, rank)
-        loss, ref_loss = _loss(run(x)), _loss(ddp(x))
-        loss.backward(), ref_loss.backward()
-        _close(loss.detach(), ref_loss.detach(), mode, f"loss at step {step}")
-        _check_shards(model, ddp, rank, strategy, mode, f"step {step}", grads=True)
+
+    def biases_stay_frozen():
         for name, p in model.named_parameters():
             assert p.requires_grad == (not name.endswith("bias")), name
             assert (p.grad is None) == name.endswith("bias"), f"step {step}: {name}.grad is {p.grad}"
-        opt.step(), ref_opt.step()
-        opt.zero_grad(), ref_opt.zero_grad()
+
+    for step in range(4):
+        x = _batch(step, rank)
+        loss, ref_loss = _loss(run(x)), _loss(ddp(x))
+        _backward_compare_step(loss, ref_loss, model, ddp, opt, ref_opt, rank, strategy, mode, step, biases_stay_frozen)
     _check_full_params(model, ddp, mode, "after 4 steps")
     _assert_compiled(model, mode)
 
