@@ -10,6 +10,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <exception>
@@ -149,8 +150,10 @@ void run(const std::vector<Segment>& segments, at::ScalarType dst_type, int64_t 
   }
   const int64_t n = static_cast<int64_t>(pieces.size());
   const int64_t threads = dst_bytes < kSerialBytes ? 1 : std::min<int64_t>(at::get_num_threads(), n);
-  const std::function<void(int64_t)> work = [&](int64_t t) {
-    for (int64_t k = n * t / threads; k < n * (t + 1) / threads; ++k) {
+  // Pieces are claimed one at a time, so the caller's thread keeps copying while a helper wakes.
+  std::atomic<int64_t> next{0};
+  const std::function<void(int64_t)> work = [&](int64_t) {
+    for (int64_t k = next++; k < n; k = next++) {
       run_range(segments[pieces[k].segment], dst_type, pieces[k].begin, pieces[k].end);
     }
   };
