@@ -498,6 +498,8 @@ def test_cpp_extension_rejects_a_bad_layout_with_the_parameter_named():
     ext = cpu_ext.module()
     with pytest.raises(ValueError, match="out has 10 elements, the layout needs 12"):
         ext.all_gather_copy_in([torch.randn(4), torch.randn(8)], [4, 8], torch.empty(10))
+    with pytest.raises(ValueError, match=r"out\[1\] must be a contiguous CPU tensor"):
+        ext.all_gather_copy_out(torch.randn(6), [torch.empty(2), torch.empty(2, 2, device="meta")], 2, [2, 2, 2], [1, 2])
     # Through the public wrappers, with the extension and with the torch-op path: the same errors.
     for ext_on in ("1", "0"):
         os.environ["FSDP_COMPILE_CPU_EXT"] = ext_on

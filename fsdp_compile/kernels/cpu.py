@@ -20,7 +20,7 @@ copy, and only padding tails zeroed. Two implementations, chosen per call:
 from __future__ import annotations
 
 import operator
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -82,14 +82,18 @@ def all_gather_copy_in(shards: Sequence[Tensor], padded_numels: Sequence[int], d
 
 
 def all_gather_copy_out(
-    gathered: Tensor, full_shapes: Sequence[Sequence[int]], world_size: int, out: Sequence[Tensor]
+    gathered: Tensor,
+    full_shapes: Sequence[Sequence[int]],
+    world_size: int,
+    out: Sequence[Tensor],
+    packed: Optional[tuple[list[int], list[int]]] = None,
 ) -> None:
-    """Unpack the rank-major ``W*T`` buffer into the preallocated full tensors ``out``."""
+    """Unpack the rank-major ``W*T`` buffer into the preallocated full tensors ``out``
+    (``packed``: ``pack_shapes(full_shapes)`` if the caller has it)."""
     contiguous = all(map(Tensor.is_contiguous, out))
-    packed = pack_shapes(full_shapes)
     ext = _ext(gathered.device)
-    if ext is not None and contiguous and all(o.device.type == "cpu" for o in out):
-        ext.all_gather_copy_out(gathered, out, world_size, *packed)
+    if ext is not None and contiguous:
+        ext.all_gather_copy_out(gathered, out, world_size, *(packed or pack_shapes(full_shapes)))
         return
     padded = list(_offsets.padded_numels(full_shapes, world_size))
     offs = prefix_offsets(padded)

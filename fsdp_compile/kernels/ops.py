@@ -88,16 +88,20 @@ def _traced(t: Tensor) -> bool:
 # all_gather_copy_in ----------------------------------------------------------------------------
 
 
+def _all_gather_copy_in_real(shards: list[Tensor], padded_numels: list[int], dtype: torch.dtype) -> Tensor:
+    return _impl(shards[0].device, sum(padded_numels)).all_gather_copy_in(shards, padded_numels, dtype)
+
+
 @triton_op("fsdp_compile::all_gather_copy_in", mutates_args=())
 def _all_gather_copy_in(shards: list[Tensor], padded_numels: list[int], dtype: torch.dtype) -> Tensor:
     if _traced(shards[0]):
         return traced.all_gather_copy_in(shards, padded_numels, dtype)
-    return _impl(shards[0].device, sum(padded_numels)).all_gather_copy_in(shards, padded_numels, dtype)
+    return _all_gather_copy_in_real(shards, padded_numels, dtype)
 
 
-@torch.library.custom_op("fsdp_compile::all_gather_copy_in_fused", mutates_args=())
-def _all_gather_copy_in_fused(shards: list[Tensor], padded_numels: list[int], dtype: torch.dtype) -> Tensor:
-    return _impl(shards[0].device, sum(padded_numels)).all_gather_copy_in(shards, padded_numels, dtype)
+_all_gather_copy_in_fused = torch.library.custom_op("fsdp_compile::all_gather_copy_in_fused", mutates_args=())(
+    _all_gather_copy_in_real
+)
 
 
 @_all_gather_copy_in_fused.register_fake
@@ -294,13 +298,10 @@ def _direct(tensors: Sequence[Tensor]) -> bool:
     )
 
 
-def _fast(tensors: Sequence[Tensor]):
-    """The C++ extension when this eager call can go straight to it (it validates the layout
-    itself, raising ``ValueError``), else ``None``."""
-    device = tensors[0].device
-    if device.type != "cpu" or _want_triton(device, 0) or not _direct(tensors):
-        return None
-    return cpu._ext(device)
+def _uses_cpp(device: torch.device) -> bool:
+    """True when eager calls on ``device`` run the C++ extension, which validates the layout
+    itself (``ValueError``), so a direct call needs no Python checks first."""
+    return device.type == "cpu" and not _want_triton(device, 0) and cpu._ext(device) is not None
 
 
 @functools.lru_cache(maxsize=256)
@@ -324,14 +325,15 @@ def all_gather_copy_in(shards: list[Tensor], padded_numels: list[int], dtype: to
             f"all_gather_copy_in: got {len(shards)} shards and {len(padded_numels)} padded numels; "
             "pass one padded numel per shard (and at least one shard)"
         )
-    if _fast(shards) is not None:
+    direct = _direct(shards)
+    if direct and _uses_cpp(shards[0].device):
         return cpu.all_gather_copy_in(shards, padded_numels, dtype)
     padded_numels = list(map(int, padded_numels))
     if any(map(operator.gt, map(Tensor.numel, shards), padded_numels)):  # map: no per-tensor bytecode
         i = next(i for i, (s, p) in enumerate(zip(shards, padded_numels)) if s.numel() > p)
         raise ValueError(f"all_gather_copy_in: shard {i} has {shards[i].numel()} elements > padded numel {padded_numels[i]}")
-    if _direct(shards):
-        return _impl(shards[0].device, sum(padded_numels)).all_gather_copy_in(shards, padded_numels, dtype)
+    if direct:
+        return _all_gather_copy_in_real(shards, padded_numels, dtype)
     return torch.ops.fsdp_compile.all_gather_copy_in(list(shards), padded_numels, dtype)
 
 
@@ -350,9 +352,8 @@ def all_gather_copy_out(
         if _direct([gathered]):
             return _all_gather_copy_out_real(gathered, flat, ndims, world_size)
         return list(torch.ops.fsdp_compile.all_gather_copy_out(gathered, flat, ndims, world_size))
-    ext = _fast([gathered, *out])
-    if ext is not None and all(map(Tensor.is_contiguous, out)):
-        ext.all_gather_copy_out(gathered, out, world_size, flat, ndims)  # checks every out's shape
+    if _direct([gathered, *out]) and _uses_cpp(gathered.device) and all(map(Tensor.is_contiguous, out)):
+        cpu.all_gather_copy_out(gathered, full_shapes, world_size, out, packed=(flat, ndims))  # C++ checks each out
         return list(out)
     for i, (o, s) in enumerate(zip(out, full_shapes)):
         if tuple(o.shape) != tuple(s) or o.dtype != gathered.dtype:

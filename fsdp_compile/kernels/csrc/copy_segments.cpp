@@ -248,7 +248,8 @@ void all_gather_copy_out(const at::Tensor& gathered_in, const std::vector<at::Te
     TORCH_CHECK_VALUE(o.sizes() == at::IntArrayRef(shapes[i]) && o.scalar_type() == gathered.scalar_type(),
                 "all_gather_copy_out: out[", i, "] is ", o.sizes(), " ", o.scalar_type(), ", expected ",
                 at::IntArrayRef(shapes[i]), " ", gathered.scalar_type());
-    TORCH_CHECK(o.is_contiguous(), "all_gather_copy_out: out[", i, "] must be contiguous");
+    TORCH_CHECK_VALUE(o.is_contiguous() && o.device().is_cpu(), "all_gather_copy_out: out[", i,
+                      "] must be a contiguous CPU tensor");
     offs.push_back(total);
     total += (o.size(0) + world - 1) / world * row_numel(o);
   }
