@@ -7,8 +7,10 @@ Eager calls never come here (they run ``cpu.py`` or the address-table Triton ker
 Per device, ``lowering(device)`` picks (``FSDP_COMPILE_TRACED_KERNELS`` overrides it):
 
 - ``"fused"`` (CPU default): one opaque ``fsdp_compile::*_fused`` op per copy, which runs the
-  fused CPU code. Inductor's C++ for a many-input ``cat`` is the same memory pass plus compile
-  time, and the pooled output buffers (``_pool``) only exist on this path.
+  C++ kernels (``cpu.py``). Measured on the README GPT (``benchmarks/step.py``), letting Inductor
+  generate the copies instead (``"aten"``) gave the same step time within run-to-run noise,
+  0.3-0.75 MiB more peak memory and 11 s more compile; the pooled buffers (``_pool``) also only
+  exist on this path.
 - ``"triton"`` (CUDA default): copy-outs read one flat buffer, so they become one ``wrap_triton``
   launch of ``_offset_copy_kernel`` (``triton_kernel_wrapper_functional`` in the graph, compiled
   by Inductor with the rest). Copy-ins read a *list* of tensors: a single launch needs their
