@@ -11,9 +11,10 @@ Before (joint graph, forward part of one unit's gather)::
     out  = fsdp_compile.all_gather_copy_out_fused(buf, ...)
     w    = out[0]; wv = view(w, ...)          # used by forward and (saved) by backward
 
-(On CUDA the copies arrive decomposed -- ``_to_copy``/``constant_pad_nd``/``cat`` before the
-all-gather, a ``triton_kernel_wrapper_functional`` and getitems after it -- and are found the
-same way, through the unit annotation every node traced inside the gather carries.)
+(On CUDA each copy arrives as a ``triton_kernel_wrapper_functional`` launch, with views, a
+segment-table constant and getitems around it; with ``FSDP_COMPILE_TRACED_KERNELS=aten`` as
+``_to_copy``/``constant_pad_nd``/``cat`` and slicing. Both are found the same way, through the
+unit annotation every node traced inside the gather carries.)
 
 After: the same nodes, with ``meta["recompute"]`` set on the whole chain (copy-in, all-gather,
 wait, copy-out, its getitems and the single-user views after them)::
@@ -88,9 +89,10 @@ def _is_constant(node: torch.fx.Node, memo: dict) -> bool:
 
 
 def _belongs(node: torch.fx.Node, unit: Optional[int]) -> bool:
-    """Part of a unit's packing/unpacking: one of our copy ops, a view, or a node traced inside
-    the unit's gather (``torch.fx.traceback.annotate``), which is how decomposed copies show."""
-    return node.op == "call_function" and (
+    """Part of a unit's packing/unpacking: one of our copy ops, a view, a node traced inside the
+    unit's gather (``torch.fx.traceback.annotate``), which is how decomposed copies and
+    ``wrap_triton`` launches show, or a constant it reads (a launch's segment table)."""
+    return node.op == "get_attr" or node.op == "call_function" and (
         is_copy_in(node) or is_copy_out(node) or is_view(node) or (unit is not None and unit_of(node) == unit)
     )
 
@@ -146,6 +148,8 @@ def tag_reshard(gm: torch.fx.GraphModule, strategy_of: Callable[[Optional[int]],
             else CheckpointPolicy.MUST_SAVE
         )
         for member in chain:
+            if member.op == "get_attr":
+                continue  # a constant table: nothing to save or recompute
             member.meta["recompute"] = policy
             member.meta["ac_graph_id"] = _AC_GRAPH_ID
     return gm

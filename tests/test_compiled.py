@@ -250,20 +250,36 @@ def test_bucketing_merges_all_units_into_one_collective_and_keeps_parity():
             torch.testing.assert_close(res["params"][1][key], value, **TOL)
 
 
-def decomposed_copies_run(rank: int, world: int) -> dict:
-    """Compiled training with every copy traced as ATen (``FSDP_COMPILE_TRACED_KERNELS=aten``),
-    the shape CUDA graphs have: the passes must find the gather chains without our copy ops."""
+def traced_copies_run(rank: int, world: int, lowering: str) -> dict:
+    """Compiled training with every copy traced the way CUDA graphs hold it, without our copy
+    ops: the passes must find the gather chains from the collectives.
+
+    - ``"aten"``: every copy decomposed into ATen ops (pad, cat, slicing).
+    - ``"triton"``: every copy one ``wrap_triton`` launch of ``triton_traced``'s kernels, exactly
+      the graph CUDA gets (Triton's TTIR analysis runs for a sm_80 target); the launches then run
+      in Triton's interpreter on the CPU tensors. Inductor cannot compile a Triton launch for CPU
+      tensors, so both strategies use the ``aot_eager`` inner compiler.
+    """
+    import contextlib
     import os
 
-    os.environ["FSDP_COMPILE_TRACED_KERNELS"] = "aten"
+    from fsdp_compile.testing.triton_on_cpu import compiling_for_cuda, triton_launches_interpreted
+
+    os.environ["FSDP_COMPILE_TRACED_KERNELS"] = lowering
+    aot_eager = fsdp_compile.backend(inner="aot_eager")
+    backends = {"FULL_SHARD": "fsdp_compile" if lowering == "aten" else aot_eager, "SHARD_GRAD_OP": aot_eager}
     torch.manual_seed(0)
     base = GPT(SMALL)
     out = {}
-    for strategy, backend in [("FULL_SHARD", "fsdp_compile"), ("SHARD_GRAD_OP", fsdp_compile.backend(inner="aot_eager"))]:
-        eager = _run_variant(base, rank, strategy, None, None, torch.float64)
-        compiled = _run_variant(base, rank, strategy, None, backend, torch.float64)
-        model_graphs = compiled.pop("graphs")
-        out[strategy] = {"eager": eager, "compiled": compiled, "graphs": model_graphs}
+    with contextlib.ExitStack() as stack:
+        if lowering == "triton":
+            stack.enter_context(compiling_for_cuda())
+            stack.enter_context(triton_launches_interpreted())
+        for strategy, backend in backends.items():
+            eager = _run_variant(base, rank, strategy, None, None, torch.float64)
+            compiled = _run_variant(base, rank, strategy, None, backend, torch.float64)
+            model_graphs = compiled.pop("graphs")
+            out[strategy] = {"eager": eager, "compiled": compiled, "graphs": model_graphs}
     return out
 
 
@@ -277,12 +293,14 @@ def _decomposed_graph_facts(model) -> dict:
         facts[name] = {
             "fsdp_ops": sorted({str(n.target) for n in nodes if "fsdp_compile" in str(n.target)}),
             "gathers_before_compute": sum(i < compute[0] for i in gathers) if compute else None,
+            "launches": sum("triton_kernel_wrapper_functional" in str(n.target) for n in nodes),
         }
     return facts
 
 
-def test_decomposed_copies_keep_structure_prefetch_and_parity():
-    for res in run_ranks(decomposed_copies_run, 2, timeout=900):
+@pytest.mark.parametrize("lowering", ["aten", "triton"])
+def test_traced_copies_keep_structure_prefetch_and_parity(lowering):
+    for res in run_ranks(traced_copies_run, 2, lowering, timeout=900):
         for strategy, run in res.items():
             fwd, bwd, saves_gathered = EXPECTED[strategy]
             g = run["graphs"]
@@ -291,6 +309,10 @@ def test_decomposed_copies_keep_structure_prefetch_and_parity():
             assert g["backward"] == {k: v * units for k, v in bwd.items()}, strategy
             assert (g["saved_gathered"] > 0) == saves_gathered, strategy
             assert g["facts"]["forward"]["fsdp_ops"] == [] and g["facts"]["backward"]["fsdp_ops"] == []
+            if lowering == "triton":
+                # Per unit: copy-in and copy-out in the forward (FULL_SHARD adds the regather's
+                # copy-in/out and the gradient copy-in/out in the backward).
+                assert g["facts"]["forward"]["launches"] == 2 * units, g["facts"]
             # Before block 0's first matmul: the root's and block 0's gathers, plus block 1's,
             # moved there by prefetch=1 (without the move it would come after that matmul).
             assert g["facts"]["forward"]["gathers_before_compute"] == 3, g["facts"]

@@ -179,47 +179,72 @@ def test_reduce_scatter_non_contiguous_grad(world):
     assert torch.equal(flat, ref_reduce_scatter_copy_in(grads, world, torch.bfloat16))
 
 
-# The lowerings a traced call can take (kernels/traced.py), on real tensors against the reference:
-# ATen everywhere; the wrap_triton offset-table kernel only where Triton runs (the subprocess).
-LOWERING_PATHS = [("triton", c) for c in TRITON_CASES] if IN_TRITON_SUBPROCESS else [("aten", c) for c in CASES[::3]]
+# The lowerings a traced call can take (kernels/traced.py), called on real tensors and compared with
+# the reference: ATen, and the wrap_triton kernels of triton_traced.py. In the parent process the
+# Triton launches go through the interpreter by ``triton_launches_interpreted`` (the kernels stay
+# ``@triton.jit``, as compiled graphs hold them); in the subprocess TRITON_INTERPRET=1 does it.
+LOWERING_PATHS = [("triton", c) for c in TRITON_CASES] + ([] if IN_TRITON_SUBPROCESS else [("aten", c) for c in CASES[::3]])
 
 
 @pytest.mark.parametrize("path,case", LOWERING_PATHS, ids=[_ids(p) for p in LOWERING_PATHS])
-def test_traced_lowerings_match_reference(path, case):
-    from fsdp_compile.kernels import aten
+def test_traced_lowerings_match_reference(path, case, monkeypatch):
+    import contextlib
 
+    from fsdp_compile.kernels import traced
+    from fsdp_compile.testing.triton_on_cpu import triton_launches_interpreted
+
+    monkeypatch.setenv("FSDP_COMPILE_TRACED_KERNELS", path)
     name, world, src, dst = case
     shapes = SHAPE_SETS[name]
     fulls = [torch.randn(s).to(src) for s in shapes]
+    fulls[-1] = fulls[-1].double()  # a list of mixed dtypes: the Triton copy-ins launch per dtype
     padded = list(padded_numels(shapes, world))
     gathered = torch.cat([ref_all_gather_copy_in([ref_shard(f, world, r) for f in fulls], padded, dst) for r in range(world)])
     total = sum(padded)
-    if path == "triton":
-        from fsdp_compile.kernels import triton_kernels
-
-        flat = triton_kernels.all_gather_copy_out_flat(gathered, shapes, world)
-        outs = [piece.view(s) for piece, s in zip(flat.split([math.prod(s) for s in shapes]), shapes)]
-        new = triton_kernels.reduce_scatter_copy_out_new(gathered[:total], src)
-    else:
-        shards = [ref_shard(f, world, world - 1) for f in fulls]
-        assert torch.equal(aten.all_gather_copy_in(shards, padded, dst), ref_all_gather_copy_in(shards, padded, dst))
-        assert torch.equal(aten.reduce_scatter_copy_in(fulls, world, dst), ref_reduce_scatter_copy_in(fulls, world, dst))
-        outs = aten.all_gather_copy_out(gathered, shapes, world)
-        assert not any(o.untyped_storage().data_ptr() == gathered.untyped_storage().data_ptr() for o in outs)
-        new = aten.reduce_scatter_copy_out_new(gathered[:total], src)
+    shards = [ref_shard(f, world, world - 1) for f in fulls]
+    interpreted = path == "triton" and not IN_TRITON_SUBPROCESS
+    with triton_launches_interpreted() if interpreted else contextlib.nullcontext():
+        slot = traced.all_gather_copy_in(shards, padded, dst)
+        rs = traced.reduce_scatter_copy_in(fulls, world, dst)
+        outs = traced.all_gather_copy_out(gathered, shapes, world)
+        new = traced.reduce_scatter_copy_out_new(gathered[:total], src)
+    assert torch.equal(slot, ref_all_gather_copy_in(shards, padded, dst))
+    assert torch.equal(rs, ref_reduce_scatter_copy_in(fulls, world, dst))
+    assert not any(o.untyped_storage().data_ptr() == gathered.untyped_storage().data_ptr() for o in outs)
     for o, f in zip(outs, fulls):
         assert o.dtype == dst and torch.equal(o, f.to(dst))
     assert new.dtype == src and torch.equal(new, gathered[:total].to(src))
 
 
+def test_triton_copy_in_splits_long_source_lists_into_launches(monkeypatch):
+    """More sources than ``MAX_SOURCES`` (here 3, so 10 sources of two dtypes take 2 + 2 launches):
+    every launch writes only its own segments, so the buffer equals the reference."""
+    from fsdp_compile.kernels import triton_traced
+    from fsdp_compile.testing.triton_on_cpu import triton_launches_interpreted
+
+    monkeypatch.setattr(triton_traced, "MAX_SOURCES", 3)
+    launches = []
+    real = triton_traced.many_source_kernel
+    monkeypatch.setattr(triton_traced, "many_source_kernel", lambda n: launches.append(n) or real(n))
+    shards = [torch.randn(i % 4, 3).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(10)]
+    padded = [12] * 10
+    with triton_launches_interpreted():
+        slot = triton_traced.all_gather_copy_in(shards, padded, torch.float32)
+    assert sorted(launches) == [2, 2, 3, 3]
+    assert torch.equal(slot, ref_all_gather_copy_in(shards, padded, torch.float32))
+
+
 def test_cuda_trace_holds_wrap_triton_launches_and_no_opaque_copy(monkeypatch):
     """What Inductor receives on CUDA (the ``"triton"`` lowering, traced with fake tensors, so no
-    GPU is needed and nothing is launched): copy-outs are ``triton_kernel_wrapper_functional``
-    launches, copy-ins plain ATen, no ``fsdp_compile`` op left, in the forward and in the
-    backward (the autograd formulas call the ops again). Fake *CUDA* tensors abort a CPU-only
-    build inside AOTAutograd, so the lowering is chosen by name on fake CPU tensors."""
+    GPU is needed and nothing is launched): every copy is one ``triton_kernel_wrapper_functional``
+    launch and no ``fsdp_compile`` op is left, in the forward and in the backward (the autograd
+    formulas call the ops again). Fake *CUDA* tensors abort a CPU-only build inside
+    AOTAutograd, so the lowering is chosen by name on fake CPU tensors, with Triton compiling
+    for a CUDA target (``compiling_for_cuda``)."""
     from functorch.compile import aot_function, make_boxed_func
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fsdp_compile.testing.triton_on_cpu import compiling_for_cuda
 
     monkeypatch.setenv("FSDP_COMPILE_TRACED_KERNELS", "triton")
     shapes, world = SHAPE_SETS["mixed"], 2
@@ -239,21 +264,64 @@ def test_cuda_trace_holds_wrap_triton_launches_and_no_opaque_copy(monkeypatch):
         graphs.append(gm)
         return make_boxed_func(gm)
 
-    with FakeTensorMode(allow_non_fake_inputs=True):  # the kernel's offset table is a real constant
-        fulls = [torch.empty(s, requires_grad=True) for s in shapes]
-        shards = [torch.empty((chunk_rows(s[0], world),) + s[1:], requires_grad=True) for s in shapes]
-        gathered = torch.empty(world * total, requires_grad=True)
-        loss = aot_function(fn, fw_compiler=keep, bw_compiler=keep)(shards, gathered, fulls)
-    loss.backward()  # outside the mode: the backward compile deep-copies the real table constant
+    with compiling_for_cuda():
+        with FakeTensorMode(allow_non_fake_inputs=True):  # the kernel's offset table is a real constant
+            fulls = [torch.empty(s, requires_grad=True) for s in shapes]
+            shards = [torch.empty((chunk_rows(s[0], world),) + s[1:], requires_grad=True) for s in shapes]
+            gathered = torch.empty(world * total, requires_grad=True)
+            loss = aot_function(fn, fw_compiler=keep, bw_compiler=keep)(shards, gathered, fulls)
+        loss.backward()  # outside the mode: the backward compile deep-copies the real table constant
     assert len(graphs) == 2
     for gm in graphs:
         targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
         assert not [t for t in targets if "fsdp_compile" in t], targets
     fw_launches = [n for n in graphs[0].graph.nodes if "triton_kernel_wrapper_functional" in str(n.target)]
     bw_launches = [n for n in graphs[1].graph.nodes if "triton_kernel_wrapper_functional" in str(n.target)]
-    assert len(fw_launches) == 2  # all-gather copy-out, reduce-scatter copy-out
-    assert len(bw_launches) == 1  # d(reduce_scatter_copy_in) is an all-gather copy-out
-    assert any("aten.cat" in str(n.target) for n in graphs[0].graph.nodes)
+
+    def sources(launch):
+        return sum(name.startswith("src") for name in launch.kwargs["kwargs"])
+
+    # Forward: all-gather copy-in (6 shards), copy-out (1 flat buffer), reduce-scatter copy-in
+    # (6 grads), copy-out (1 slot). Backward: d(all_gather_copy_out) is a reduce-scatter copy-in,
+    # d(reduce_scatter_copy_in) an all-gather copy-out; the other two are slices and a cast.
+    assert [sources(n) for n in fw_launches] == [6, 1, 6, 1]
+    assert sorted(sources(n) for n in bw_launches) == [1, 6]
+    # Triton's TTIR (compiled for sm_80) shows each launch writes only its destination, so
+    # Inductor clones no source before the launch.
+    assert all(n.kwargs["tensors_to_clone"] == ["dst_ptr"] for n in fw_launches + bw_launches)
+    assert not any("aten.cat" in str(n.target) for n in graphs[0].graph.nodes)
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_every_triton_kernel_compiles_to_a_cuda_binary(capability):
+    """No GPU here, but Triton's whole CUDA pipeline runs on CPU (TTIR, TTGIR, LLVM IR, PTX, then
+    the bundled ``ptxas`` to a cubin): the eager kernel in the dtype/accumulate variants the ops
+    use, and the traced kernel family from 1 source to ``MAX_SOURCES`` (256 pointers: 2 KiB of
+    kernel arguments) into bf16 and fp32."""
+    import triton
+
+    from fsdp_compile.kernels import triton_kernels, triton_traced
+    from fsdp_compile.kernels.triton_kernels import _TL_DTYPES
+
+    from fsdp_compile.testing.triton_on_cpu import compiling_for_cuda
+
+    def cubin(kernel, signature, constexprs):
+        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        with compiling_for_cuda(capability):
+            compiled = triton.compile(source, target=triton.runtime.driver.active.get_current_target())
+        assert compiled.metadata.name == kernel.fn.__name__
+        return compiled.asm["cubin"]
+
+    steps = {"SEARCH_STEPS": 4, "BLOCK": triton_kernels.BLOCK}
+    for src, dst, accumulate in [(torch.float32, torch.bfloat16, False), (torch.bfloat16, torch.float32, True), (torch.float32, torch.float32, True)]:
+        signature = {"table_ptr": "*i64", "num_segments": "i64"} | dict.fromkeys(
+            ["SRC", "DST", "COMPUTE", "ACCUMULATE", "SEARCH_STEPS", "BLOCK"], "constexpr")
+        constexprs = {"SRC": _TL_DTYPES[src], "DST": _TL_DTYPES[dst], "COMPUTE": _TL_DTYPES[torch.float32], "ACCUMULATE": accumulate} | steps
+        assert len(cubin(triton_kernels._segment_copy_kernel, signature, constexprs)) > 0
+    for num_sources, src, dst in [(1, "fp32", "bf16"), (6, "bf16", "fp32"), (triton_traced.MAX_SOURCES, "fp32", "fp32")]:
+        signature = {f"src{i}": f"*{src}" for i in range(num_sources)} | {
+            "dst_ptr": f"*{dst}", "table_ptr": "*i64", "num_segments": "i64", "SEARCH_STEPS": "constexpr", "BLOCK": "constexpr"}
+        assert len(cubin(triton_traced.many_source_kernel(num_sources), signature, steps)) > 0
 
 
 def test_cpu_trace_holds_one_fused_op_per_copy():
@@ -432,7 +500,7 @@ def test_triton_path_in_subprocess():
     env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-         "not test_triton_path_in_subprocess and not cuda_trace"],
+         "not test_triton_path_in_subprocess and not cuda_trace and not cuda_binary"],
         env=env, cwd=repo, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

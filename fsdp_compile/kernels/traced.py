@@ -11,12 +11,11 @@ Per device, ``lowering(device)`` picks (``FSDP_COMPILE_TRACED_KERNELS`` override
   generate the copies instead (``"aten"``) gave the same step time within run-to-run noise,
   0.3-0.75 MiB more peak memory and 11 s more compile; the pooled buffers (``_pool``) also only
   exist on this path.
-- ``"triton"`` (CUDA default): copy-outs read one flat buffer, so they become one ``wrap_triton``
-  launch of ``_offset_copy_kernel`` (``triton_kernel_wrapper_functional`` in the graph, compiled
-  by Inductor with the rest). Copy-ins read a *list* of tensors: a single launch needs their
-  addresses in a table, and ``data_ptr()`` does not exist on traced tensors, so they lower to
-  ATen (``aten.py``), which Inductor turns into its own Triton kernels, fusing the cast and the
-  gradient producers.
+- ``"triton"`` (CUDA default): every copy is one ``wrap_triton`` launch
+  (``triton_traced.py``; a ``triton_kernel_wrapper_functional`` node that Inductor compiles with
+  the rest of the graph). Copy-ins read a list of tensors, which a trace cannot put in an address
+  table, so their kernel takes every source as an argument of its own (one generated kernel per
+  source count, up to 128 sources per launch).
 - ``"aten"``: everything through ``aten.py`` (any device; the tests use it on CPU to run the
   graph passes on decomposed chains, as CUDA graphs have them).
 """
@@ -41,8 +40,11 @@ def lowering(device: torch.device) -> str:
 
 
 def all_gather_copy_in(shards: Sequence[Tensor], padded: Sequence[int], dtype: torch.dtype) -> Tensor:
-    if lowering(shards[0].device) == "fused":
+    how = lowering(shards[0].device)
+    if how == "fused":
         return torch.ops.fsdp_compile.all_gather_copy_in_fused(list(shards), list(padded), dtype)
+    if how == "triton":
+        return _triton().all_gather_copy_in(shards, padded, dtype)
     return aten.all_gather_copy_in(shards, padded, dtype)
 
 
@@ -54,17 +56,18 @@ def all_gather_copy_out(gathered: Tensor, full_shapes: Sequence[Sequence[int]], 
         flat, ndims = pack_shapes(full_shapes)
         return list(torch.ops.fsdp_compile.all_gather_copy_out_fused(gathered, flat, ndims, world_size))
     if how == "triton":
-        from fsdp_compile.kernels import triton_kernels
-
-        flat = triton_kernels.all_gather_copy_out_flat(gathered, full_shapes, world_size)
+        flat = _triton().all_gather_copy_out_flat(gathered, full_shapes, world_size)
         numels = [int(torch.Size(s).numel()) for s in full_shapes]
         return [piece.view(tuple(s)) for piece, s in zip(flat.split(numels), full_shapes)]
     return aten.all_gather_copy_out(gathered, full_shapes, world_size)
 
 
 def reduce_scatter_copy_in(grads: Sequence[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
-    if lowering(grads[0].device) == "fused":
+    how = lowering(grads[0].device)
+    if how == "fused":
         return torch.ops.fsdp_compile.reduce_scatter_copy_in_fused(list(grads), world_size, dtype)
+    if how == "triton":
+        return _triton().reduce_scatter_copy_in(grads, world_size, dtype)
     return aten.reduce_scatter_copy_in(grads, world_size, dtype)
 
 
@@ -73,7 +76,12 @@ def reduce_scatter_copy_out_new(slot: Tensor, dtype: torch.dtype) -> Tensor:
     if how == "fused":
         return torch.ops.fsdp_compile.reduce_scatter_copy_out_new_fused(slot, dtype)
     if how == "triton":
-        from fsdp_compile.kernels import triton_kernels
-
-        return triton_kernels.reduce_scatter_copy_out_new(slot, dtype)
+        return _triton().reduce_scatter_copy_out_new(slot, dtype)
     return aten.reduce_scatter_copy_out_new(slot, dtype)
+
+
+def _triton():
+    """``triton_traced`` (imported on first use: Triton is optional on CPU)."""
+    from fsdp_compile.kernels import triton_traced
+
+    return triton_traced

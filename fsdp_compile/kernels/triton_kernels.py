@@ -1,24 +1,19 @@
-"""Triton copy-in/copy-out kernels: one launch per op (per source dtype) for any number of tensors.
+"""Eager Triton copy-in/copy-out kernels: one launch per op (per source dtype), any number of tensors.
 
-Owns: the ``@triton.jit`` segment-copy kernel and its four launchers. Never touches custom-op
-registration (``ops.py``) or offsets beyond ``_offsets.py``.
+Owns: the address-table kernel ``_segment_copy_kernel``, its four eager launchers, and the
+``@triton.jit`` helpers every copy kernel shares (``_cast``, ``_find_segment``, ``_copy_block``,
+``_segment_table``). The traceable kernels (``wrap_triton``) live in ``triton_traced.py``. Never
+touches custom-op registration (``ops.py``) or offsets beyond ``_offsets.py``.
 
 Design: every op is a list of *segments* ``(src address, dst address, copy_len, total_len)``: the
 kernel copies ``copy_len`` elements (casting to the destination dtype, optionally accumulating)
 and writes zeros for ``[copy_len, total_len)`` (the padding). Segments are found per program
 through a prefix-sum table of blocks per segment (binary search in the kernel), so one launch
-covers all tensors. Two kernels share that search:
-
-- ``_segment_copy_kernel`` (eager, any number of source/destination tensors): addresses are
-  ``data_ptr()`` values in an int64 table that the kernel casts with ``.to(tl.pointer_type(...))``;
-  this works on CUDA and under ``TRITON_INTERPRET=1`` (where pointers are raw host addresses).
-  ``data_ptr()`` does not exist on the fake/functional tensors of a trace, so this kernel only
-  runs on real tensors (the eager calls, and the opaque ``*_fused`` ops).
-- ``_offset_copy_kernel`` (traceable, one source and one destination tensor): the table holds
-  element offsets from the two tensor arguments, so ``wrap_triton`` can put the launch in a graph
-  (``triton_kernel_wrapper_functional``) where Inductor sees it. The ops whose input is one flat
-  buffer (all-gather copy-out into one param-major buffer, reduce-scatter copy-out) use it when
-  traced on CUDA (``kernels/traced.py``).
+covers all tensors. Addresses are ``data_ptr()`` values in an int64 table that the kernel casts
+with ``.to(tl.pointer_type(...))``; this works on CUDA and under ``TRITON_INTERPRET=1`` (where
+pointers are raw host addresses). ``data_ptr()`` does not exist on the fake/functional tensors of
+a trace, so this kernel only runs on real tensors (the eager calls, and the opaque ``*_fused``
+ops); traced calls take ``triton_traced.py``'s kernels, which receive every tensor as an argument.
 
 Rounding: fp32 -> bf16 is rounded to nearest-even by bit arithmetic in the kernel, since the
 interpreter's native cast truncates; the result then equals ``Tensor.to(torch.bfloat16)`` on every
@@ -27,7 +22,6 @@ backend. fp64 sources are rounded through fp32.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -77,20 +71,11 @@ def _find_segment(prefix_ptr, num_segments, pid, SEARCH_STEPS: tl.constexpr):
 
 
 @triton.jit
-def _offset_copy_kernel(src_ptr, dst_ptr, table_ptr, num_segments, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    """Like ``_segment_copy_kernel`` with table rows [0] src offset, [1] dst offset (elements, from
-    ``src_ptr``/``dst_ptr``), [2] copy_len, [3] total_len, [4] block prefix; casts to the
-    destination's element type; no accumulation."""
-    pid = tl.program_id(0).to(tl.int64)
-    stride = num_segments + 1
-    seg = _find_segment(table_ptr + 4 * stride, num_segments, pid, SEARCH_STEPS)
-    src = src_ptr + tl.load(table_ptr + seg)
-    dst = dst_ptr + tl.load(table_ptr + stride + seg)
-    copy_len = tl.load(table_ptr + 2 * stride + seg)
-    total_len = tl.load(table_ptr + 3 * stride + seg)
-    offs = (pid - tl.load(table_ptr + 4 * stride + seg)) * BLOCK + tl.arange(0, BLOCK)
+def _copy_block(src, dst, offs, copy_len, total_len):
+    """``dst[offs] = cast(src[offs])`` where ``offs < copy_len``; zeros where
+    ``copy_len <= offs < total_len`` (the padding)."""
     x = tl.load(src + offs, mask=offs < copy_len, other=0.0)
-    tl.store(dst + offs, _cast(x, dst_ptr.dtype.element_ty), mask=offs < total_len)
+    tl.store(dst + offs, _cast(x, dst.dtype.element_ty), mask=offs < total_len)
 
 
 @triton.jit
@@ -116,18 +101,20 @@ def _segment_copy_kernel(
     copy_len = tl.load(table_ptr + 2 * stride + seg)
     total_len = tl.load(table_ptr + 3 * stride + seg)
     offs = (pid - tl.load(prefix + seg)) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(src + offs, mask=offs < copy_len, other=0.0)
     if ACCUMULATE:
+        x = tl.load(src + offs, mask=offs < copy_len, other=0.0)
         old = tl.load(dst + offs, mask=offs < total_len, other=0.0)
         y = _cast(old.to(COMPUTE) + x.to(COMPUTE), DST)
+        tl.store(dst + offs, y, mask=offs < total_len)
     else:
-        y = _cast(x, DST)
-    tl.store(dst + offs, y, mask=offs < total_len)
+        _copy_block(src, dst, offs, copy_len, total_len)
 
 
 def _segment_table(segments, device) -> tuple[torch.Tensor, int, int]:
-    """``(table, segments, programs)``: the 5-row int64 table both kernels read."""
-    blocks = [-(-s[3] // BLOCK) for s in segments]
+    """``(table, segments, programs)``: one int64 row per segment field (the last field is
+    ``total_len``), then the block prefix, ``len(segments) + 1`` entries each. Read by
+    ``_segment_copy_kernel`` and by ``triton_traced``'s kernels."""
+    blocks = [-(-s[-1] // BLOCK) for s in segments]
     prefix = prefix_offsets(blocks)
     rows = [list(col) + [0] for col in zip(*segments)] + [list(prefix)]
     return torch.tensor(rows, dtype=torch.int64, device=device), len(segments), prefix[-1]
@@ -208,35 +195,3 @@ def reduce_scatter_copy_out(slot: Tensor, flat_grad: Tensor, accumulate: bool) -
     slot = slot.contiguous()
     n = slot.numel()
     _launch([(slot.data_ptr(), flat_grad.data_ptr(), n, n)], slot.dtype, flat_grad.dtype, slot.device, accumulate)
-
-
-def copy_segments(src: Tensor, dst: Tensor, segments: Sequence[tuple[int, int, int, int]]) -> None:
-    """``dst[d:d+total] = cast(src[s:s+copy])`` zero-padded, for ``(s, d, copy, total)`` element
-    offsets into the flat contiguous ``src``/``dst``: one ``wrap_triton`` launch, traceable."""
-    from torch.library import wrap_triton
-
-    segments = [s for s in segments if s[3] > 0]
-    if not segments:
-        return
-    table, n, programs = _segment_table(segments, src.device)
-    wrap_triton(_offset_copy_kernel)[(programs,)](
-        src, dst, table, n, SEARCH_STEPS=max(1, n.bit_length()), BLOCK=BLOCK
-    )
-
-
-def all_gather_copy_out_flat(gathered: Tensor, full_shapes: Sequence[Sequence[int]], world_size: int) -> Tensor:
-    """The rank-major ``W*T`` buffer -> every full param back to back (param-major, no padding)."""
-    shapes = tuple(tuple(int(d) for d in s) for s in full_shapes)
-    starts = prefix_offsets([math.prod(s) for s in shapes])
-    out = gathered.new_empty(starts[-1])
-    segs = [(s.slot_start, starts[s.param] + s.full_start, s.numel, s.numel) for s in rank_major_segments(shapes, world_size)]
-    copy_segments(gathered.reshape(-1), out, segs)
-    return out
-
-
-def reduce_scatter_copy_out_new(slot: Tensor, dtype: torch.dtype) -> Tensor:
-    """``slot`` cast to ``dtype`` into a new tensor, one ``wrap_triton`` launch."""
-    out = torch.empty(slot.shape, dtype=dtype, device=slot.device)
-    n = slot.numel()
-    copy_segments(slot.reshape(-1), out.view(-1), [(0, 0, n, n)])
-    return out
