@@ -8,7 +8,9 @@ written, each counted once) of each op next to:
   naive   a per-tensor loop (pad with torch.cat, then torch.cat the pieces).
 Ops that allocate their output pay page faults on a fresh allocation, like ``clone``; copy-out
 with ``out=`` and ``reduce_scatter_copy_out`` write into existing memory, like ``copy_``.
-On CUDA the same script measures the Triton path (the default there above the size threshold).
+On CUDA the same script measures the Triton path (the default there above the size threshold),
+and adds "traced" columns: the ``wrap_triton`` kernels a compiled graph launches
+(``kernels/triton_traced.py``), called eagerly.
 
     python benchmarks/copy_kernels.py [--quick] [--json out.json] [--device cuda]
 """
@@ -95,6 +97,12 @@ def run(n, total_bytes, device, iters):
     row["rs_copy_in"] = gbps(full_bytes, lambda: K.reduce_scatter_copy_in(fulls, WORLD, torch.float32))
     row["rs_copy_in naive"] = gbps(full_bytes, lambda: _naive_rs_copy_in(fulls, torch.float32))
     row["rs_copy_out acc"] = gbps(shard_bytes, lambda: K.reduce_scatter_copy_out(slot, flat_grad, True))
+    if device.type == "cuda":
+        from fsdp_compile.kernels import triton_traced as T
+
+        row["ag_copy_in traced"] = gbps(shard_bytes, lambda: T.all_gather_copy_in(shards, padded, torch.float32))
+        row["ag_copy_out traced"] = gbps(full_bytes, lambda: T.all_gather_copy_out_flat(gathered, shapes, WORLD))
+        row["rs_copy_in traced"] = gbps(full_bytes, lambda: T.reduce_scatter_copy_in(fulls, WORLD, torch.float32))
     return row
 
 

@@ -565,9 +565,12 @@ def test_cpp_extension_rejects_a_bad_layout_with_the_parameter_named():
 
     ext = cpu_ext.module()
     with pytest.raises(ValueError, match="out has 10 elements, the layout needs 12"):
-        ext.all_gather_copy_in([torch.randn(4), torch.randn(8)], [4, 8], torch.empty(10))
-    with pytest.raises(ValueError, match=r"out\[1\] must be a contiguous CPU tensor"):
-        ext.all_gather_copy_out(torch.randn(6), [torch.empty(2), torch.empty(2, 2, device="meta")], 2, [2, 2, 2], [1, 2])
+        ext.all_gather_copy_in([torch.randn(4), torch.randn(8)], [4, 8], torch.empty(10), False)
+    with pytest.raises(TypeError, match="all_gather_copy_in: item 1 is not a tensor"):
+        ext.all_gather_copy_in([torch.randn(4), [1.0]], [4, 8], torch.empty(12), False)
+    for bad_out in (torch.empty(2, 2, device="meta"), torch.empty(2, 2).t()):
+        with pytest.raises(ValueError, match=r"out\[1\] must be a contiguous CPU tensor"):
+            ext.all_gather_copy_out(torch.randn(6), [torch.empty(2), bad_out], 2, [2, 2, 2], [1, 2])
     # Through the public wrappers, with the extension and with the torch-op path: the same errors.
     for ext_on in ("1", "0"):
         os.environ["FSDP_COMPILE_CPU_EXT"] = ext_on
@@ -603,6 +606,18 @@ def test_eager_calls_skip_the_dispatcher_only_when_nothing_watches():
     shards = [torch.randn(3, 2)]
     assert ops._direct(shards)
     assert not ops._direct([shards[0].requires_grad_()])
+    # The C++ copy-ins find that out themselves: they defer (copy nothing) only under grad mode.
+    from fsdp_compile.kernels import cpu
+
+    slot = torch.full((8,), 7.0)
+    assert not cpu.cpu_ext.module().all_gather_copy_in(shards, [8], slot, True)
+    assert torch.equal(slot, torch.full((8,), 7.0))
+    assert K.all_gather_copy_in(shards, [8], torch.float32).grad_fn is not None
+    assert K.reduce_scatter_copy_in(shards, 2, torch.float32).grad_fn is not None
+    with torch.no_grad():
+        assert cpu.cpu_ext.module().all_gather_copy_in(shards, [8], slot, True)
+        assert torch.equal(slot, ref_all_gather_copy_in(shards, [8], torch.float32))
+        assert cpu.reduce_scatter_copy_in(shards, 2, torch.float32, defer_if_grad=True) is not None
     shards[0].requires_grad_(False)
     for mode in (Functions, Dispatches):
         seen.clear()

@@ -44,7 +44,7 @@ def _alias(base: torch.Tensor) -> torch.Tensor:
 
 def empty(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty(numel)``, from the pool when the size makes it worth it."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if not _enabled or device.type != "cpu" or numel * itemsize < MIN_BYTES:
         return torch.empty(numel, dtype=dtype, device=device)
     bases = _pool.setdefault((numel, dtype), [])

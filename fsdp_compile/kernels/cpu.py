@@ -48,13 +48,19 @@ def _split_rows(dim0: int, world_size: int) -> tuple[int, int, int]:
     return c, k, dim0 - k * c
 
 
-def all_gather_copy_in(shards: Sequence[Tensor], padded_numels: Sequence[int], dtype: torch.dtype) -> Tensor:
-    """Pack ``shards`` (cast to ``dtype``) into one zero-padded slot of ``sum(padded_numels)``."""
+def all_gather_copy_in(
+    shards: Sequence[Tensor], padded_numels: Sequence[int], dtype: torch.dtype, defer_if_grad: bool = False
+) -> Optional[Tensor]:
+    """Pack ``shards`` (cast to ``dtype``) into one zero-padded slot of ``sum(padded_numels)``.
+
+    ``defer_if_grad`` (C++ extension only): return ``None``, copying nothing, when autograd would
+    record the op, so the caller can go through the dispatcher; the extension finds out while
+    reading the list, which costs less than a Python loop over 1000 tensors."""
     out = _pool.empty(sum(padded_numels), dtype, shards[0].device)
     ext = _ext(out.device)
     if ext is not None:
-        ext.all_gather_copy_in(shards, padded_numels, out)  # checks numel <= padded per shard
-        return out
+        # The extension checks numel <= padded per shard.
+        return out if ext.all_gather_copy_in(shards, padded_numels, out, defer_if_grad) else None
     padded_numels = tuple(padded_numels)
     offs = prefix_offsets(padded_numels)
     if tuple(map(Tensor.numel, shards)) == padded_numels and _chunk_cat_ok(shards):
@@ -121,13 +127,15 @@ def all_gather_copy_out_new(gathered: Tensor, flat_shapes: list[int], ndims: lis
     return out
 
 
-def reduce_scatter_copy_in(grads: Sequence[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
-    """Pack full gradients rank-major (``torch._chunk_cat`` layout, zero padded) into ``W*T``."""
-    ext = _ext(grads[0].device)
+def reduce_scatter_copy_in(
+    grads: Sequence[Tensor], world_size: int, dtype: torch.dtype, defer_if_grad: bool = False
+) -> Optional[Tensor]:
+    """Pack full gradients rank-major (``torch._chunk_cat`` layout, zero padded) into ``W*T``.
+    ``defer_if_grad``: as for :func:`all_gather_copy_in`."""
+    device = grads[0].device
+    ext = _ext(device)
     if ext is not None:
-        out = _pool.empty(ext.reduce_scatter_numel(grads, world_size), dtype, grads[0].device)
-        ext.reduce_scatter_copy_in(grads, world_size, out)
-        return out
+        return ext.reduce_scatter_copy_in(grads, world_size, lambda numel: _pool.empty(numel, dtype, device), defer_if_grad)
     padded = _offsets.padded_numels([g.shape for g in grads], world_size)
     offs = prefix_offsets(padded)
     out = _pool.empty(world_size * offs[-1], dtype, grads[0].device)

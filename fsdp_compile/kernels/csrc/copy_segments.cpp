@@ -10,6 +10,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
@@ -139,22 +140,32 @@ void run_range(const Segment& s, at::ScalarType dst_type, int64_t begin, int64_t
 }
 
 void run(const std::vector<Segment>& segments, at::ScalarType dst_type, int64_t dst_bytes) {
-  struct Piece {
-    int64_t segment, begin, end;
-  };
-  std::vector<Piece> pieces;
-  for (int64_t i = 0; i < static_cast<int64_t>(segments.size()); ++i) {
-    for (int64_t b = 0; b < segments[i].total; b += kPiece) {
-      pieces.push_back({i, b, std::min(b + kPiece, segments[i].total)});
-    }
+  // Pieces are runs of kPiece elements of the segments laid end to end: a piece may cover many
+  // small segments (1000 tensors of 8K elements are 128 pieces, not 1000), and a large segment
+  // spans many pieces.
+  const int64_t num_segments = static_cast<int64_t>(segments.size());
+  std::vector<int64_t> starts(num_segments + 1, 0);
+  for (int64_t i = 0; i < num_segments; ++i) {
+    starts[i + 1] = starts[i] + segments[i].total;
   }
-  const int64_t n = static_cast<int64_t>(pieces.size());
+  const int64_t total = starts.back();
+  const int64_t n = (total + kPiece - 1) / kPiece;
   const int64_t threads = dst_bytes < kSerialBytes ? 1 : std::min<int64_t>(at::get_num_threads(), n);
   // Pieces are claimed one at a time, so the caller's thread keeps copying while a helper wakes.
+  // Only raw pointers are touched from here on: other Python threads may run meanwhile.
+  py::gil_scoped_release no_gil;
   std::atomic<int64_t> next{0};
   const std::function<void(int64_t)> work = [&](int64_t) {
     for (int64_t k = next++; k < n; k = next++) {
-      run_range(segments[pieces[k].segment], dst_type, pieces[k].begin, pieces[k].end);
+      const int64_t lo = k * kPiece, hi = std::min(lo + kPiece, total);
+      // The last segment starting at or before lo (empty segments start where the next one does).
+      int64_t i = std::upper_bound(starts.begin(), starts.end(), lo) - starts.begin() - 1;
+      for (; i < num_segments && starts[i] < hi; ++i) {
+        const int64_t begin = std::max(lo, starts[i]) - starts[i], end = std::min(hi, starts[i + 1]) - starts[i];
+        if (begin < end) {
+          run_range(segments[i], dst_type, begin, end);
+        }
+      }
     }
   };
   if (threads <= 1) {
@@ -162,6 +173,72 @@ void run(const std::vector<Segment>& segments, at::ScalarType dst_type, int64_t 
   } else {
     HelperPool::get().run(threads, work);
   }
+}
+
+// The tensors of a Python list or tuple, borrowed without reference-count traffic (the caller's
+// sequence keeps them alive for the call). Inputs get a contiguous copy, owned here, where they
+// are not contiguous; outputs must be contiguous (a copy would take the writes). Cheaper per
+// tensor than converting to std::vector<at::Tensor>, which matters at 1000 tensors.
+class TensorList {
+ public:
+  enum Role { kInputs, kOutputs };
+
+  TensorList(const py::handle& sequence, const char* op, Role role = kInputs) {
+    seq_ = py::reinterpret_steal<py::object>(PySequence_Fast(sequence.ptr(), op));
+    if (!seq_) {
+      throw py::error_already_set();
+    }
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq_.ptr());
+    PyObject** items = PySequence_Fast_ITEMS(seq_.ptr());
+    owned_.reserve(n);  // never reallocated: tensors_ points into it
+    tensors_.reserve(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      TORCH_CHECK_TYPE(THPVariable_Check(items[i]), op, ": item ", i, " is not a tensor");
+      const at::Tensor& t = THPVariable_Unpack(items[i]);
+      any_requires_grad_ = any_requires_grad_ || t.requires_grad();
+      if (t.is_contiguous()) {
+        tensors_.push_back(&t);
+      } else {
+        TORCH_CHECK_VALUE(role == kInputs, op, ": out[", i, "] must be a contiguous CPU tensor");
+        owned_.push_back(t.contiguous());
+        tensors_.push_back(&owned_.back());
+      }
+    }
+  }
+  explicit TensorList(const std::vector<at::Tensor>& tensors) {
+    for (const auto& t : tensors) {
+      tensors_.push_back(&t);
+    }
+  }
+  size_t size() const { return tensors_.size(); }
+  const at::Tensor& operator[](size_t i) const { return *tensors_[i]; }
+  // True when autograd would record an op on these tensors: the caller must go through the
+  // dispatcher (the op's autograd formula) instead of copying here.
+  bool needs_autograd() const { return any_requires_grad_ && at::GradMode::is_enabled(); }
+
+ private:
+  bool any_requires_grad_ = false;
+  py::object seq_;
+  std::vector<at::Tensor> owned_;
+  std::vector<const at::Tensor*> tensors_;
+};
+
+// A Python list or tuple of ints, read directly (pybind's generic caster costs ~25 ns per item).
+std::vector<int64_t> int_list(const py::handle& sequence, const char* op) {
+  py::object seq = py::reinterpret_steal<py::object>(PySequence_Fast(sequence.ptr(), op));
+  if (!seq) {
+    throw py::error_already_set();
+  }
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+  std::vector<int64_t> out(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    out[i] = PyLong_AsLongLong(items[i]);
+    if (out[i] == -1 && PyErr_Occurred()) {
+      throw py::error_already_set();
+    }
+  }
+  return out;
 }
 
 void check_dtype(const at::Tensor& t, const char* op) {
@@ -172,15 +249,6 @@ void check_dtype(const at::Tensor& t, const char* op) {
 
 const char* bytes(const at::Tensor& t) {
   return static_cast<const char*>(t.const_data_ptr());
-}
-
-std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) {
-    out.push_back(t.contiguous());
-  }
-  return out;
 }
 
 void check_out(const at::Tensor& out, int64_t numel, const char* op) {
@@ -199,9 +267,14 @@ int64_t row_numel(const at::Tensor& t) {
 }  // namespace
 
 // shards[i] (any float dtype) -> out[off_i : off_i + padded[i]], zero padded, cast to out's dtype.
-void all_gather_copy_in(const std::vector<at::Tensor>& shards_in, const std::vector<int64_t>& padded, at::Tensor out) {
-  TORCH_CHECK_VALUE(shards_in.size() == padded.size(), "all_gather_copy_in: one padded numel per shard");
-  const auto shards = contiguous_all(shards_in);
+// With defer_if_grad, does nothing and returns false when autograd would record the op.
+bool all_gather_copy_in(const py::handle& shards_in, const py::handle& padded_in, at::Tensor out, bool defer_if_grad) {
+  const TensorList shards(shards_in, "all_gather_copy_in");
+  if (defer_if_grad && shards.needs_autograd()) {
+    return false;
+  }
+  const std::vector<int64_t> padded = int_list(padded_in, "all_gather_copy_in");
+  TORCH_CHECK_VALUE(shards.size() == padded.size(), "all_gather_copy_in: one padded numel per shard");
   const int64_t esz = out.element_size();
   check_dtype(out, "all_gather_copy_in");
   std::vector<Segment> segments;
@@ -216,6 +289,7 @@ void all_gather_copy_in(const std::vector<at::Tensor>& shards_in, const std::vec
   }
   check_out(out, off, "all_gather_copy_in");
   run(segments, out.scalar_type(), off * esz);
+  return true;
 }
 
 // Shapes packed as (flat dims, ndims), the custom-op schema's form.
@@ -233,7 +307,7 @@ std::vector<std::vector<int64_t>> unpack_shapes(const std::vector<int64_t>& flat
 
 // Rank-major gathered buffer (world * T) -> full tensors outs[i] (contiguous, gathered's dtype,
 // of the packed shapes).
-void all_gather_copy_out(const at::Tensor& gathered_in, const std::vector<at::Tensor>& outs, int64_t world,
+void all_gather_copy_out(const at::Tensor& gathered_in, const TensorList& outs, int64_t world,
                          const std::vector<int64_t>& flat_shapes, const std::vector<int64_t>& ndims) {
   const auto gathered = gathered_in.contiguous();
   check_dtype(gathered, "all_gather_copy_out");
@@ -276,35 +350,35 @@ std::vector<at::Tensor> all_gather_copy_out_new(const at::Tensor& gathered, cons
   for (const auto& shape : unpack_shapes(flat_shapes, ndims)) {
     outs.push_back(at::empty(shape, gathered.options()));
   }
-  all_gather_copy_out(gathered, outs, world, flat_shapes, ndims);
+  all_gather_copy_out(gathered, TensorList(outs), world, flat_shapes, ndims);
   return outs;
 }
 
-// Elements of the rank-major buffer for these gradients: world * sum(ceil(D_i / W) * R_i).
-int64_t reduce_scatter_numel(const std::vector<at::Tensor>& grads, int64_t world) {
-  int64_t total = 0;
-  for (const auto& g : grads) {
-    TORCH_CHECK(g.dim() >= 1, "reduce_scatter_copy_in: gradients must be at least 1-D");
-    total += (g.size(0) + world - 1) / world * row_numel(g);
-  }
-  return world * total;
-}
-
 // Full gradients -> rank-major out (world * T): chunk r of every gradient (ceil(D/W) rows, zero
-// padded) in rank r's slot, cast to out's dtype. The torch._chunk_cat layout.
-void reduce_scatter_copy_in(const std::vector<at::Tensor>& grads_in, int64_t world, at::Tensor out) {
-  const auto grads = contiguous_all(grads_in);
-  const int64_t esz = out.element_size();
-  check_dtype(out, "reduce_scatter_copy_in");
+// padded) in rank r's slot, cast to out's dtype. The torch._chunk_cat layout. out is
+// empty(world * T), a Python callable (the caller's buffer pool). With defer_if_grad, returns
+// None without allocating when autograd would record the op.
+py::object reduce_scatter_copy_in(const py::handle& grads_in, int64_t world, const py::function& empty,
+                                  bool defer_if_grad) {
+  const TensorList grads(grads_in, "reduce_scatter_copy_in");
+  if (defer_if_grad && grads.needs_autograd()) {
+    return py::none();
+  }
   std::vector<int64_t> offs, padded;
   int64_t total = 0;
-  for (const auto& g : grads) {
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
     TORCH_CHECK(g.dim() >= 1, "reduce_scatter_copy_in: gradients must be at least 1-D");
     check_dtype(g, "reduce_scatter_copy_in");
     offs.push_back(total);
     padded.push_back((g.size(0) + world - 1) / world * row_numel(g));
     total += padded.back();
   }
+  py::object out_object = empty(world * total);
+  TORCH_CHECK_TYPE(THPVariable_Check(out_object.ptr()), "reduce_scatter_copy_in: empty() must return a tensor");
+  const at::Tensor& out = THPVariable_Unpack(out_object.ptr());
+  const int64_t esz = out.element_size();
+  check_dtype(out, "reduce_scatter_copy_in");
   check_out(out, world * total, "reduce_scatter_copy_in");
   std::vector<Segment> segments;
   char* base = static_cast<char*>(out.data_ptr());
@@ -318,12 +392,21 @@ void reduce_scatter_copy_in(const std::vector<at::Tensor>& grads_in, int64_t wor
     }
   }
   run(segments, out.scalar_type(), world * total * esz);
+  return out_object;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("all_gather_copy_in", &all_gather_copy_in);
-  m.def("all_gather_copy_out", &all_gather_copy_out);
-  m.def("all_gather_copy_out_new", &all_gather_copy_out_new);
-  m.def("reduce_scatter_numel", &reduce_scatter_numel);
+  m.def("all_gather_copy_out", [](const at::Tensor& gathered, const py::handle& outs, int64_t world,
+                                  const py::handle& flat_shapes, const py::handle& ndims) {
+    const char* op = "all_gather_copy_out";
+    all_gather_copy_out(gathered, TensorList(outs, op, TensorList::kOutputs), world, int_list(flat_shapes, op),
+                        int_list(ndims, op));
+  });
+  m.def("all_gather_copy_out_new", [](const at::Tensor& gathered, const py::handle& flat_shapes,
+                                      const py::handle& ndims, int64_t world) {
+    const char* op = "all_gather_copy_out";
+    return all_gather_copy_out_new(gathered, int_list(flat_shapes, op), int_list(ndims, op), world);
+  });
   m.def("reduce_scatter_copy_in", &reduce_scatter_copy_in);
 }
