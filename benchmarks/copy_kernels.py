@@ -117,6 +117,7 @@ def main():
         (n, mib << 20) for mib in (64, 512) for n in (10, 100, 1000)
     ]
     iters = 3 if args.quick else 7
+    run(10, 1 << 20, device, 1)  # warm-up, not reported: extension load, helper threads, allocator
     rows = []
     for n, total in sizes:
         rows.append(run(n, total, device, iters))

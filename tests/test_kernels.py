@@ -22,10 +22,21 @@ from fsdp_compile import kernels as K
 from fsdp_compile.kernels._offsets import chunk_rows, padded_numels, prefix_offsets, row_numel
 
 IN_TRITON_SUBPROCESS = os.environ.get("FSDP_COMPILE_FORCE_TRITON") == "1"
+def _random_shapes(count: int, seed: int) -> list[tuple[int, ...]]:
+    """``count`` shapes of 1 to 4 dims, each dim 0-9 (so empty params and empty shards occur)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = []
+    for _ in range(count):
+        ndim = int(torch.randint(1, 5, (), generator=gen))
+        shapes.append(tuple(int(d) for d in torch.randint(0, 10, (ndim,), generator=gen)))
+    return shapes
+
+
 SHAPE_SETS = {
     "mixed": [(7, 3), (1,), (0, 5), (5, 2, 3, 2), (16,), (2, 4)],
     "divisible": [(24, 4), (48,), (8, 2, 3)],
     "one": [(3, 5)],
+    "random": _random_shapes(12, seed=4),
 }
 
 
@@ -90,6 +101,7 @@ TRITON_CASES = [
     ("mixed", 2, torch.bfloat16, torch.float32),
     ("divisible", 4, torch.float32, torch.float16),
     ("one", 1, torch.float32, torch.float32),
+    ("random", 3, torch.float32, torch.bfloat16),
 ]
 # The parent process runs the torch (CPU) path; test_triton_path_in_subprocess re-runs this file
 # with TRITON_INTERPRET=1, where the same tests take the Triton cases instead.
