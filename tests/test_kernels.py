@@ -9,6 +9,7 @@ a subprocess (``TRITON_INTERPRET`` must be set before Triton is imported), selec
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -209,7 +210,7 @@ def test_traced_lowerings_match_reference(path, case, monkeypatch):
     name, world, src, dst = case
     shapes = SHAPE_SETS[name]
     fulls = [torch.randn(s).to(src) for s in shapes]
-    fulls[-1] = fulls[-1].double()  # a list of mixed dtypes: the Triton copy-ins launch per dtype
+    fulls[-1] = fulls[-1].double()  # a list of mixed dtypes (one Triton launch: a copy body per dtype)
     padded = list(padded_numels(shapes, world))
     gathered = torch.cat([ref_all_gather_copy_in([ref_shard(f, world, r) for f in fulls], padded, dst) for r in range(world)])
     total = sum(padded)
@@ -228,21 +229,22 @@ def test_traced_lowerings_match_reference(path, case, monkeypatch):
     assert new.dtype == src and torch.equal(new, gathered[:total].to(src))
 
 
-def test_triton_copy_in_splits_long_source_lists_into_launches(monkeypatch):
-    """More sources than ``MAX_SOURCES`` (here 3, so 10 sources of two dtypes take 2 + 2 launches):
-    every launch writes only its own segments, so the buffer equals the reference."""
+def test_triton_copy_in_launches_once_per_max_sources_whatever_the_dtypes(monkeypatch):
+    """Ten sources alternating fp32 and bf16 with ``MAX_SOURCES`` at 6: the kernel takes them
+    grouped by dtype, so two launches (five fp32 and one bf16, then four bf16), each writing only
+    its own segments, and the buffer equals the reference."""
     from fsdp_compile.kernels import triton_traced
     from fsdp_compile.testing.triton_on_cpu import triton_launches_interpreted
 
-    monkeypatch.setattr(triton_traced, "MAX_SOURCES", 3)
+    monkeypatch.setattr(triton_traced, "MAX_SOURCES", 6)
     launches = []
     real = triton_traced.many_source_kernel
-    monkeypatch.setattr(triton_traced, "many_source_kernel", lambda n: launches.append(n) or real(n))
+    monkeypatch.setattr(triton_traced, "many_source_kernel", lambda groups: launches.append(groups) or real(groups))
     shards = [torch.randn(i % 4, 3).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(10)]
     padded = [12] * 10
     with triton_launches_interpreted():
         slot = triton_traced.all_gather_copy_in(shards, padded, torch.float32)
-    assert sorted(launches) == [2, 2, 3, 3]
+    assert launches == [(5, 1), (4,)]
     assert torch.equal(slot, ref_all_gather_copy_in(shards, padded, torch.float32))
 
 
@@ -309,7 +311,7 @@ def test_every_triton_kernel_compiles_to_a_cuda_binary(capability):
     """No GPU here, but Triton's whole CUDA pipeline runs on CPU (TTIR, TTGIR, LLVM IR, PTX, then
     the bundled ``ptxas`` to a cubin): the eager kernel in the dtype/accumulate variants the ops
     use, and the traced kernel family from 1 source to ``MAX_SOURCES`` (256 pointers: 2 KiB of
-    kernel arguments) into bf16 and fp32."""
+    kernel arguments), one dtype or mixed, into bf16 and fp32."""
     import triton
 
     from fsdp_compile.kernels import triton_kernels, triton_traced
@@ -325,15 +327,17 @@ def test_every_triton_kernel_compiles_to_a_cuda_binary(capability):
         return compiled.asm["cubin"]
 
     steps = {"SEARCH_STEPS": 4, "BLOCK": triton_kernels.BLOCK}
-    for src, dst, accumulate in [(torch.float32, torch.bfloat16, False), (torch.bfloat16, torch.float32, True), (torch.float32, torch.float32, True)]:
+    for dst, compute, accumulate in [(torch.bfloat16, torch.float32, False), (torch.float32, torch.float32, True), (torch.float64, torch.float64, True)]:
         signature = {"table_ptr": "*i64", "num_segments": "i64"} | dict.fromkeys(
-            ["SRC", "DST", "COMPUTE", "ACCUMULATE", "SEARCH_STEPS", "BLOCK"], "constexpr")
-        constexprs = {"SRC": _TL_DTYPES[src], "DST": _TL_DTYPES[dst], "COMPUTE": _TL_DTYPES[torch.float32], "ACCUMULATE": accumulate} | steps
+            ["DST", "COMPUTE", "ACCUMULATE", "SEARCH_STEPS", "BLOCK"], "constexpr")
+        constexprs = {"DST": _TL_DTYPES[dst], "COMPUTE": _TL_DTYPES[compute], "ACCUMULATE": accumulate} | steps
         assert len(cubin(triton_kernels._segment_copy_kernel, signature, constexprs)) > 0
-    for num_sources, src, dst in [(1, "fp32", "bf16"), (6, "bf16", "fp32"), (triton_traced.MAX_SOURCES, "fp32", "fp32")]:
-        signature = {f"src{i}": f"*{src}" for i in range(num_sources)} | {
+    for sources, dst in [(["fp32"], "bf16"), (["bf16"] * 6, "fp32"), (["fp32"] * 3 + ["bf16"] * 2 + ["fp64"], "fp32"),
+                         (["fp32"] * triton_traced.MAX_SOURCES, "fp32")]:
+        signature = {f"src{i}": f"*{t}" for i, t in enumerate(sources)} | {
             "dst_ptr": f"*{dst}", "table_ptr": "*i64", "num_segments": "i64", "SEARCH_STEPS": "constexpr", "BLOCK": "constexpr"}
-        assert len(cubin(triton_traced.many_source_kernel(num_sources), signature, steps)) > 0
+        groups = tuple(len(list(run)) for _, run in itertools.groupby(sources))
+        assert len(cubin(triton_traced.many_source_kernel(groups), signature, steps)) > 0
 
 
 def test_cpu_trace_holds_one_fused_op_per_copy():
@@ -637,3 +641,25 @@ def test_eager_calls_skip_the_dispatcher_only_when_nothing_watches():
             slot = K.all_gather_copy_in(shards, [8], torch.float32)
         assert any("all_gather_copy_in" in name for name in seen), (mode, seen)
         assert torch.equal(slot, ref_all_gather_copy_in(shards, [8], torch.float32))
+
+
+def test_eager_triton_copies_take_one_launch_for_mixed_dtypes(monkeypatch):
+    """The address-table kernel branches on each segment's source dtype: fp32, bf16, fp16 and
+    fp64 shards (and gradients) are packed by one launch each way, equal to the reference."""
+    from fsdp_compile.kernels import triton_kernels
+    from fsdp_compile.testing.triton_on_cpu import triton_launches_interpreted
+
+    launches = []
+    real = triton_kernels._launch
+    monkeypatch.setattr(triton_kernels, "_launch", lambda *a, **k: launches.append(a[0]) or real(*a, **k))
+    shapes, world = SHAPE_SETS["mixed"], 3
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    fulls = [torch.randn(s).to(dtypes[i % 4]) for i, s in enumerate(shapes)]
+    shards = [ref_shard(f, world, 1) for f in fulls]
+    padded = list(padded_numels(shapes, world))
+    with triton_launches_interpreted():
+        slot = triton_kernels.all_gather_copy_in(shards, padded, torch.bfloat16)
+        packed = triton_kernels.reduce_scatter_copy_in(fulls, world, torch.float32)
+    assert len(launches) == 2
+    assert torch.equal(slot, ref_all_gather_copy_in(shards, padded, torch.bfloat16))
+    assert torch.equal(packed, ref_reduce_scatter_copy_in(fulls, world, torch.float32))

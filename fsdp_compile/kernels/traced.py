@@ -15,7 +15,7 @@ Per device, ``lowering(device)`` picks (``FSDP_COMPILE_TRACED_KERNELS`` override
   (``triton_traced.py``; a ``triton_kernel_wrapper_functional`` node that Inductor compiles with
   the rest of the graph). Copy-ins read a list of tensors, which a trace cannot put in an address
   table, so their kernel takes every source as an argument of its own (one generated kernel per
-  source count, up to 128 sources per launch).
+  source count and dtype mix, up to 256 sources per launch).
 - ``"aten"``: everything through ``aten.py`` (any device; the tests use it on CPU to run the
   graph passes on decomposed chains, as CUDA graphs have them).
 """

@@ -1,13 +1,14 @@
-"""Eager Triton copy-in/copy-out kernels: one launch per op (per source dtype), any number of tensors.
+"""Eager Triton copy-in/copy-out kernels: one launch per op for any number of tensors of any dtypes.
 
 Owns: the address-table kernel ``_segment_copy_kernel``, its four eager launchers, and the
 ``@triton.jit`` helpers every copy kernel shares (``_cast``, ``_find_segment``, ``_copy_block``,
 ``_segment_table``). The traceable kernels (``wrap_triton``) live in ``triton_traced.py``. Never
 touches custom-op registration (``ops.py``) or offsets beyond ``_offsets.py``.
 
-Design: every op is a list of *segments* ``(src address, dst address, copy_len, total_len)``: the
-kernel copies ``copy_len`` elements (casting to the destination dtype, optionally accumulating)
-and writes zeros for ``[copy_len, total_len)`` (the padding). Segments are found per program
+Design: every op is a list of *segments* ``(src address, src dtype, dst address, copy_len,
+total_len)``: the kernel copies ``copy_len`` elements (casting to the destination dtype,
+optionally accumulating) and writes zeros for ``[copy_len, total_len)`` (the padding); the source
+dtype is a per-segment branch, so mixed dtypes need no second launch. Segments are found per program
 through a prefix-sum table of blocks per segment (binary search in the kernel), so one launch
 covers all tensors. Addresses are ``data_ptr()`` values in an int64 table that the kernel casts
 with ``.to(tl.pointer_type(...))``; this works on CUDA and under ``TRITON_INTERPRET=1`` (where
@@ -39,6 +40,8 @@ _TL_DTYPES = {
     torch.bfloat16: tl.bfloat16,
     torch.float64: tl.float64,
 }
+# The source dtype of a segment, as ``_segment_copy_kernel`` branches on it.
+_SOURCE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 
 
 @triton.jit
@@ -79,35 +82,47 @@ def _copy_block(src, dst, offs, copy_len, total_len):
 
 
 @triton.jit
+def _copy_or_accumulate(src, dst, offs, copy_len, total_len, COMPUTE: tl.constexpr, ACCUMULATE: tl.constexpr):
+    if ACCUMULATE:
+        x = tl.load(src + offs, mask=offs < copy_len, other=0.0)
+        old = tl.load(dst + offs, mask=offs < total_len, other=0.0)
+        tl.store(dst + offs, _cast(old.to(COMPUTE) + x.to(COMPUTE), dst.dtype.element_ty), mask=offs < total_len)
+    else:
+        _copy_block(src, dst, offs, copy_len, total_len)
+
+
+@triton.jit
 def _segment_copy_kernel(
     table_ptr,
     num_segments,
-    SRC: tl.constexpr,
     DST: tl.constexpr,
     COMPUTE: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """table rows: [0] src addr, [1] dst addr, [2] copy_len, [3] total_len, [4] block prefix
-    (``num_segments + 1`` entries). Program ``pid`` serves segment ``s`` with
-    ``prefix[s] <= pid < prefix[s+1]``."""
+    """table rows: [0] src addr, [1] src dtype (``_SOURCE_CODES``), [2] dst addr, [3] copy_len,
+    [4] total_len, [5] block prefix (``num_segments + 1`` entries). Program ``pid`` serves
+    segment ``s`` with ``prefix[s] <= pid < prefix[s+1]``; the source's dtype is a per-segment
+    branch (uniform within a program), so a list of mixed dtypes is still one launch."""
     pid = tl.program_id(0).to(tl.int64)
     stride = num_segments + 1
-    prefix = table_ptr + 4 * stride
+    prefix = table_ptr + 5 * stride
     seg = _find_segment(prefix, num_segments, pid, SEARCH_STEPS)
-    src = tl.load(table_ptr + seg).to(tl.pointer_type(SRC))
-    dst = tl.load(table_ptr + stride + seg).to(tl.pointer_type(DST))
-    copy_len = tl.load(table_ptr + 2 * stride + seg)
-    total_len = tl.load(table_ptr + 3 * stride + seg)
+    address = tl.load(table_ptr + seg)
+    code = tl.load(table_ptr + stride + seg)
+    dst = tl.load(table_ptr + 2 * stride + seg).to(tl.pointer_type(DST))
+    copy_len = tl.load(table_ptr + 3 * stride + seg)
+    total_len = tl.load(table_ptr + 4 * stride + seg)
     offs = (pid - tl.load(prefix + seg)) * BLOCK + tl.arange(0, BLOCK)
-    if ACCUMULATE:
-        x = tl.load(src + offs, mask=offs < copy_len, other=0.0)
-        old = tl.load(dst + offs, mask=offs < total_len, other=0.0)
-        y = _cast(old.to(COMPUTE) + x.to(COMPUTE), DST)
-        tl.store(dst + offs, y, mask=offs < total_len)
+    if code == 0:
+        _copy_or_accumulate(address.to(tl.pointer_type(tl.float32)), dst, offs, copy_len, total_len, COMPUTE, ACCUMULATE)
+    elif code == 1:
+        _copy_or_accumulate(address.to(tl.pointer_type(tl.bfloat16)), dst, offs, copy_len, total_len, COMPUTE, ACCUMULATE)
+    elif code == 2:
+        _copy_or_accumulate(address.to(tl.pointer_type(tl.float16)), dst, offs, copy_len, total_len, COMPUTE, ACCUMULATE)
     else:
-        _copy_block(src, dst, offs, copy_len, total_len)
+        _copy_or_accumulate(address.to(tl.pointer_type(tl.float64)), dst, offs, copy_len, total_len, COMPUTE, ACCUMULATE)
 
 
 def _segment_table(segments, device) -> tuple[torch.Tensor, int, int]:
@@ -120,30 +135,27 @@ def _segment_table(segments, device) -> tuple[torch.Tensor, int, int]:
     return torch.tensor(rows, dtype=torch.int64, device=device), len(segments), prefix[-1]
 
 
-def _launch(segments: list[tuple[int, int, int, int]], src_dtype, dst_dtype, device, accumulate=False):
-    """Copy ``(src_addr, dst_addr, copy_len, total_len)`` segments in one kernel launch."""
-    segments = [s for s in segments if s[3] > 0]
+def _launch(segments: list[tuple[int, int, int, int, int]], dst_dtype, device, accumulate=False):
+    """Copy ``(src_addr, src_code, dst_addr, copy_len, total_len)`` segments in one launch."""
+    segments = [s for s in segments if s[-1] > 0]
     if not segments:
         return
     table, n, programs = _segment_table(segments, device)
-    wide = torch.float64 in (src_dtype, dst_dtype)
+    wide = dst_dtype == torch.float64 or _SOURCE_CODES[torch.float64] in {s[1] for s in segments}
     _segment_copy_kernel[(programs,)](
         table,
         n,
-        SRC=_TL_DTYPES[src_dtype],
         DST=_TL_DTYPES[dst_dtype],
         COMPUTE=tl.float64 if wide else tl.float32,
         ACCUMULATE=accumulate,
-        SEARCH_STEPS=max(1, (n).bit_length()),
+        SEARCH_STEPS=max(1, n.bit_length()),
         BLOCK=BLOCK,
     )
 
 
-def _by_dtype(segments_with_dtype):
-    groups: dict[torch.dtype, list] = {}
-    for dtype, seg in segments_with_dtype:
-        groups.setdefault(dtype, []).append(seg)
-    return groups.items()
+def _source(t: Tensor, element_offset: int = 0) -> tuple[int, int]:
+    """``(address, dtype code)`` of ``t``'s element ``element_offset``."""
+    return t.data_ptr() + element_offset * t.element_size(), _SOURCE_CODES[t.dtype]
 
 
 def all_gather_copy_in(shards: Sequence[Tensor], padded_numels: Sequence[int], dtype: torch.dtype) -> Tensor:
@@ -151,12 +163,7 @@ def all_gather_copy_in(shards: Sequence[Tensor], padded_numels: Sequence[int], d
     out = torch.empty(offs[-1], dtype=dtype, device=shards[0].device)
     shards = [s if s.is_contiguous() else s.contiguous() for s in shards]
     base, esz = out.data_ptr(), out.element_size()
-    segs = [
-        (s.dtype, (s.data_ptr(), base + off * esz, s.numel(), p))
-        for s, off, p in zip(shards, offs, padded_numels)
-    ]
-    for src_dtype, group in _by_dtype(segs):
-        _launch(group, src_dtype, dtype, out.device)
+    _launch([_source(s) + (base + off * esz, s.numel(), p) for s, off, p in zip(shards, offs, padded_numels)], dtype, out.device)
     return out
 
 
@@ -164,12 +171,12 @@ def all_gather_copy_out(
     gathered: Tensor, full_shapes: Sequence[Sequence[int]], world_size: int, out: Sequence[Tensor]
 ) -> None:
     gathered = gathered.contiguous()
-    esz, base = gathered.element_size(), gathered.data_ptr()
+    esz = gathered.element_size()
     segs = [
-        (base + s.slot_start * esz, out[s.param].data_ptr() + s.full_start * esz, s.numel, s.numel)
+        _source(gathered, s.slot_start) + (out[s.param].data_ptr() + s.full_start * esz, s.numel, s.numel)
         for s in rank_major_segments(tuple(tuple(x) for x in full_shapes), world_size)
     ]
-    _launch(segs, gathered.dtype, gathered.dtype, gathered.device)
+    _launch(segs, gathered.dtype, gathered.device)
 
 
 def reduce_scatter_copy_in(grads: Sequence[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
@@ -178,20 +185,12 @@ def reduce_scatter_copy_in(grads: Sequence[Tensor], world_size: int, dtype: torc
     total = sum(s.padded for s in layout)
     out = torch.empty(total, dtype=dtype, device=grads[0].device)
     base, esz = out.data_ptr(), out.element_size()
-    segs = [
-        (
-            grads[s.param].dtype,
-            (grads[s.param].data_ptr() + s.full_start * grads[s.param].element_size(),
-             base + s.slot_start * esz, s.numel, s.padded),
-        )
-        for s in layout
-    ]
-    for src_dtype, group in _by_dtype(segs):
-        _launch(group, src_dtype, dtype, out.device)
+    segs = [_source(grads[s.param], s.full_start) + (base + s.slot_start * esz, s.numel, s.padded) for s in layout]
+    _launch(segs, dtype, out.device)
     return out
 
 
 def reduce_scatter_copy_out(slot: Tensor, flat_grad: Tensor, accumulate: bool) -> None:
     slot = slot.contiguous()
     n = slot.numel()
-    _launch([(slot.data_ptr(), flat_grad.data_ptr(), n, n)], slot.dtype, flat_grad.dtype, slot.device, accumulate)
+    _launch([_source(slot) + (flat_grad.data_ptr(), n, n)], flat_grad.dtype, slot.device, accumulate)

@@ -6,22 +6,23 @@ never come here: ``triton_kernels.py`` copies real tensors through a table of ad
 
 Why a family: a traced (fake / functional) tensor has no ``data_ptr()``, so a list of them cannot
 go into an address table; to reach a list in one launch, each source must be a kernel argument of
-its own, and a ``@triton.jit`` function has a fixed argument list. ``many_source_kernel(3)`` is::
+its own, and a ``@triton.jit`` function has a fixed argument list. ``many_source_kernel((3,))`` is::
 
     @triton.jit
     def many_source_copy_3(src0, src1, src2, dst_ptr, table_ptr, num_segments, SEARCH_STEPS, BLOCK):
         seg = <this program's segment: binary search of the block prefix, row 5>
         which, src_off, dst_off, copy_len, total_len = <rows 0-4 at seg>
-        src = src0
-        src = tl.where(which == 1, src1, src)
-        src = tl.where(which == 2, src2, src)
-        _copy_block(src + src_off, dst_ptr + dst_off, offs, copy_len, total_len)
+        from_0 = src0
+        from_0 = tl.where(which == 1, src1, from_0)
+        from_0 = tl.where(which == 2, src2, from_0)
+        _copy_block(from_0 + src_off, dst_ptr + dst_off, offs, copy_len, total_len)
 
 ``which`` is one scalar per program, so choosing the source is ``K - 1`` scalar selects and the
 copy itself is written once. (A branch per source instead compiles in 6.6 s for 128 sources and
 71 s for 400, measured to a sm_80 cubin; the selects compile in under a second for 512.) A select
-needs one pointer type, so the sources of one launch share a dtype: mixed-dtype lists take one
-launch per dtype, as the eager kernel does.
+needs one pointer type, so sources are passed grouped by dtype and each group gets its own select
+chain and copy body behind ``if which < <end of group>``: a mixed-dtype list is still one launch
+(``many_source_kernel((3, 2))`` for three fp32 and two bf16 sources).
 
 Table rows (``num_segments + 1`` int64 entries each): [0] source index, [1] source element offset,
 [2] destination element offset, [3] copy_len, [4] total_len (positions ``[copy_len, total_len)``
@@ -38,6 +39,7 @@ the 4 KiB CUDA allows before 12.1. A longer list (a unit with more parameters) t
 from __future__ import annotations
 
 import functools
+import itertools
 import linecache
 import math
 from typing import Sequence
@@ -53,12 +55,25 @@ from fsdp_compile.kernels._offsets import prefix_offsets, rank_major_segments
 MAX_SOURCES = 256
 
 
+def _select_and_copy(group: int, first: int, count: int, indent: str) -> list[str]:
+    """Source lines: ``from_{group}`` = the ``which``-th of ``src{first}`` .. ``src{first+count-1}``
+    (one dtype), then the copy. (One name per group: Triton types a name across if/else.)"""
+    name = f"from_{group}"
+    return (
+        [f"{indent}{name} = src{first}"]
+        + [f"{indent}{name} = tl.where(which == {i}, src{i}, {name})" for i in range(first + 1, first + count)]
+        + [f"{indent}_copy_block({name} + src_off, dst, offs, copy_len, total_len)"]
+    )
+
+
 @functools.lru_cache(maxsize=None)
-def many_source_kernel(num_sources: int):
-    """The ``@triton.jit`` kernel copying table segments from ``num_sources`` same-dtype sources."""
-    if not 1 <= num_sources <= MAX_SOURCES:
-        raise ValueError(f"fsdp_compile.kernels: a launch takes 1..{MAX_SOURCES} sources, got {num_sources}")
-    name = f"many_source_copy_{num_sources}"
+def many_source_kernel(group_sizes: tuple[int, ...]):
+    """The ``@triton.jit`` kernel copying table segments from ``sum(group_sizes)`` sources, given
+    as consecutive groups of one dtype each (one copy body per group)."""
+    num_sources = sum(group_sizes)
+    if not group_sizes or min(group_sizes) < 1 or num_sources > MAX_SOURCES:
+        raise ValueError(f"fsdp_compile.kernels: a launch takes 1..{MAX_SOURCES} sources, got groups {group_sizes}")
+    name = "many_source_copy_" + "_".join(map(str, group_sizes))
     sources = ", ".join(f"src{i}" for i in range(num_sources))
     lines = [
         "@triton.jit",
@@ -72,10 +87,15 @@ def many_source_kernel(num_sources: int):
         "    copy_len = tl.load(table_ptr + 3 * stride + seg)",
         "    total_len = tl.load(table_ptr + 4 * stride + seg)",
         "    offs = (pid - tl.load(table_ptr + 5 * stride + seg)) * BLOCK + tl.arange(0, BLOCK)",
-        "    src = src0",
-        *(f"    src = tl.where(which == {i}, src{i}, src)" for i in range(1, num_sources)),
-        "    _copy_block(src + src_off, dst, offs, copy_len, total_len)",
     ]
+    if len(group_sizes) == 1:
+        lines += _select_and_copy(0, 0, num_sources, "    ")
+    else:
+        first = 0
+        for g, count in enumerate(group_sizes):
+            test = "else:" if g == len(group_sizes) - 1 else f"{'if' if g == 0 else 'elif'} which < {first + count}:"
+            lines += [f"    {test}"] + _select_and_copy(g, first, count, "        ")
+            first += count
     text = "\n".join(lines) + "\n"
     # Triton reads a kernel's source back (inspect.getsource) to compile and to cache it, so the
     # generated text is registered with linecache under a file name of its own.
@@ -95,23 +115,21 @@ def many_source_kernel(num_sources: int):
 def copy_segments(srcs: Sequence[Tensor], dst: Tensor, segments: Sequence[tuple[int, int, int, int, int]]) -> None:
     """``dst[d:d+total] = cast(srcs[i][s:s+copy])``, zero-padded to ``total``, for every
     ``(i, s, d, copy, total)`` (element offsets into the flat contiguous ``srcs[i]`` and ``dst``):
-    one ``wrap_triton`` launch per source dtype and ``MAX_SOURCES`` sources, traceable."""
+    one ``wrap_triton`` launch per ``MAX_SOURCES`` sources, traceable."""
     from torch.library import wrap_triton
 
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, src in enumerate(srcs):
-        by_dtype.setdefault(src.dtype, []).append(i)
-    for indices in by_dtype.values():
-        for first in range(0, len(indices), MAX_SOURCES):
-            group = indices[first : first + MAX_SOURCES]
-            slot = {i: k for k, i in enumerate(group)}
-            segs = [(slot[s[0]],) + tuple(s[1:]) for s in segments if s[-1] > 0 and s[0] in slot]
-            if not segs:
-                continue
-            table, n, programs = triton_kernels._segment_table(segs, dst.device)
-            wrap_triton(many_source_kernel(len(group)))[(programs,)](
-                *(srcs[i] for i in group), dst, table, n, SEARCH_STEPS=max(1, n.bit_length()), BLOCK=triton_kernels.BLOCK
-            )
+    order = sorted(range(len(srcs)), key=lambda i: str(srcs[i].dtype))  # stable: dtype groups
+    for first in range(0, len(order), MAX_SOURCES):
+        chunk = order[first : first + MAX_SOURCES]
+        position = {i: k for k, i in enumerate(chunk)}
+        segs = [(position[s[0]],) + tuple(s[1:]) for s in segments if s[-1] > 0 and s[0] in position]
+        if not segs:
+            continue
+        group_sizes = tuple(len(list(run)) for _, run in itertools.groupby(srcs[i].dtype for i in chunk))
+        table, n, programs = triton_kernels._segment_table(segs, dst.device)
+        wrap_triton(many_source_kernel(group_sizes))[(programs,)](
+            *(srcs[i] for i in chunk), dst, table, n, SEARCH_STEPS=max(1, n.bit_length()), BLOCK=triton_kernels.BLOCK
+        )
 
 
 def _flat(t: Tensor) -> Tensor:
