@@ -175,8 +175,8 @@ void run(const std::vector<Segment>& segments, at::ScalarType dst_type, int64_t 
   }
 }
 
-// The tensors of a Python list or tuple, borrowed without reference-count traffic (the caller's
-// sequence keeps them alive for the call). Inputs get a contiguous copy, owned here, where they
+// The tensors of a Python list or tuple, borrowed without at::Tensor reference-count traffic (a
+// tuple of the items, held here, keeps them alive for the call). Inputs get a contiguous copy, owned here, where they
 // are not contiguous; outputs must be contiguous (a copy would take the writes). Cheaper per
 // tensor than converting to std::vector<at::Tensor>, which matters at 1000 tensors.
 class TensorList {
@@ -184,12 +184,14 @@ class TensorList {
   enum Role { kInputs, kOutputs };
 
   TensorList(const py::handle& sequence, const char* op, Role role = kInputs) {
-    seq_ = py::reinterpret_steal<py::object>(PySequence_Fast(sequence.ptr(), op));
+    // A tuple of our own: the copy runs without the GIL, and a list the caller's other threads
+    // mutate meanwhile must not free a tensor we are reading.
+    seq_ = py::reinterpret_steal<py::object>(PySequence_Tuple(sequence.ptr()));
     if (!seq_) {
       throw py::error_already_set();
     }
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq_.ptr());
-    PyObject** items = PySequence_Fast_ITEMS(seq_.ptr());
+    const Py_ssize_t n = PyTuple_GET_SIZE(seq_.ptr());
+    PyObject** items = &PyTuple_GET_ITEM(seq_.ptr(), 0);
     owned_.reserve(n);  // never reallocated: tensors_ points into it
     tensors_.reserve(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
