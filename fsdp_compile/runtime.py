@@ -41,6 +41,10 @@ class FSDPState:
         self.in_forward = False
         self.sync_grads = True
         self.summoned: Optional[dict[int, list[torch.Tensor]]] = None
+        # Under torch.compile, between root pre- and post-forward: unit id -> its shard list, so
+        # Dynamo builds each unit's list once per trace instead of once per parameter read
+        # (which made tracing quadratic in the parameters of a unit). None otherwise.
+        self.traced_shards: Optional[dict[int, list[torch.Tensor]]] = None
         self._full_storages: dict[int, list[tuple[Unit, int, torch.Tensor]]] = {}
         self._saved_hooks: Optional[contextlib.AbstractContextManager] = None
         self.group = None  # the process group of every unit (None: no communication)
@@ -55,6 +59,8 @@ class FSDPState:
                 "summon_full_params; leave the context first"
             )
         self.in_forward = True
+        if torch.compiler.is_compiling():
+            self.traced_shards = {}  # created inside the trace; reset to None in post-forward
         if not torch.compiler.is_compiling() and torch.is_grad_enabled():
             if any(u.strategy.name == "FULL_SHARD" for u in self.units):
                 self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -69,6 +75,7 @@ class FSDPState:
                 self._saved_hooks.__exit__(None, None, None)
                 self._saved_hooks = None
         self.in_forward = False
+        self.traced_shards = None
         return output
 
     def cast_inputs(self, args, kwargs):

@@ -78,6 +78,15 @@ class Unit:
     def shards(self) -> list[torch.Tensor]:
         return [holders[0][0]._parameters[holders[0][1]] for holders in self.holders]
 
+    def traced_shards(self) -> list[torch.Tensor]:
+        """``shards()`` under torch.compile, built once per unit per traced forward."""
+        cache = self.state.traced_shards
+        if cache is None:  # a compiled region that started inside an eager root forward
+            return self.shards()
+        if self.id not in cache:
+            cache[self.id] = self.shards()
+        return cache[self.id]
+
     def full_shape(self, index: int) -> torch.Size:
         return self.orig_shapes[index]
 
@@ -147,7 +156,7 @@ class Unit:
         """What a read of parameter ``index`` returns inside the forward."""
         if torch.compiler.is_compiling():
             mode, extra = self.grad_mode()
-            return ops.param_use(self.shards(), extra, self.id, index, mode)
+            return ops.param_use(self.traced_shards(), extra, self.id, index, mode)
         return self.gather_for_forward()[index]
 
     def gather_for_forward(self) -> list[torch.Tensor]:
