@@ -1,9 +1,9 @@
 """The four copy ops written as plain ATen ops (pad, cat, view): what Inductor compiles itself.
 
 Owns: a decomposition of each op that traces under fake/functional tensors and needs nothing but
-shapes. Used by ``traced.py`` when a traced copy-in should be visible to Inductor (on CUDA, where
-a pointer list cannot be traced into one Triton launch): Inductor then generates the copy kernels
-and fuses the casts and the producers of the gradients into them.
+shapes. Used by ``traced.py`` for the ``"aten"`` lowering (``FSDP_COMPILE_TRACED_KERNELS=aten``):
+Inductor then generates the copy kernels itself and can fuse the casts and the producers of the
+gradients into them.
 
 Why padding only at the end works: a parameter's rank-major pieces are its dim-0 chunks in rank
 order, and only the trailing ranks are short, so "pad the flattened parameter to ``W*P`` and view

@@ -1,6 +1,7 @@
 """Traceable Triton copies: every copy op is one ``wrap_triton`` launch, for any number of sources.
 
-Owns: the kernel family ``many_source_copy_<K>`` (written out once per source count ``K``) and
+Owns: the kernel family ``many_source_copy_<group sizes>`` (written out once per source count
+and dtype grouping) and
 the four launchers ``traced.py`` uses for the ``"triton"`` lowering (CUDA's default). Eager calls
 never come here: ``triton_kernels.py`` copies real tensors through a table of addresses.
 
