@@ -216,18 +216,9 @@ def _state_bytes(model, opt) -> dict[str, int]:
 
 def _profile(step_fn):
     """Run ``step_fn`` under the profiler -> (peak memory growth, collective name counts)."""
-    from torch.profiler import ProfilerActivity, profile
+    from fsdp_compile.testing.memory import profile_step
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step_fn()
-    events = list(prof.profiler.kineto_results.events())
-    mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type().name == "CPU")
-    running = peak = 0
-    for _, nbytes in mem:
-        running += nbytes
-        peak = max(peak, running)
-    names = Counter(e.name() for e in events if e.name().startswith(_COLLECTIVE_PREFIXES))
-    return peak, dict(names)
+    return profile_step(step_fn, _COLLECTIVE_PREFIXES)
 
 
 def _worker(rank: int, world: int, name: str, steps: int) -> dict:

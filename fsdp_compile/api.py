@@ -18,6 +18,7 @@ import torch.nn as nn
 from . import params as _params
 from .collectives import CommSpec
 from .consistency import first_mismatch_across_ranks
+from .deferred_init import materialize_and_shard
 from .config import CPUOffload, MixedPrecision, ShardingStrategy
 from .layout import make_unit_layout
 from .runtime import FSDPState, unit_post_forward, unit_pre_forward
@@ -35,12 +36,18 @@ def fully_shard(
     mixed_precision: Optional[MixedPrecision] = None,
     cpu_offload: Optional[CPUOffload] = None,
     ignored_params: Optional[Iterable[nn.Parameter]] = None,
+    param_init_fn: Optional[Callable[[nn.Module], None]] = None,
 ) -> nn.Module:
     """Shard ``module``'s parameters across ``process_group`` in place and return ``module``.
 
     ``policy`` picks the units: ``None`` (one unit), a set of module classes (each instance is
     a unit), or a callable ``module -> bool``; the root unit keeps every other parameter. A
     parameter held by several modules belongs to the unit of their lowest common ancestor.
+
+    A model built on the ``meta`` device is materialized here, one module at a time in
+    ``module.modules()`` order (``deferred_init``): ``param_init_fn(submodule)`` when given,
+    else ``submodule.reset_parameters()``, initializes it at full size on the compute device,
+    and its parameters are sharded right after (see ``deferred_init``).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fully_shard: expected an nn.Module, got {type(module).__name__}")
@@ -58,8 +65,11 @@ def fully_shard(
     cpu_offload = _check_type("cpu_offload", cpu_offload, CPUOffload)
     group_name, world, rank, group = _resolve_group(process_group)
 
+    if param_init_fn is not None and not callable(param_init_fn):
+        raise TypeError(f"fully_shard: param_init_fn must be callable (module) -> None, got {param_init_fn!r}")
     holders = _collect_holders(module, {id(p) for p in (ignored_params or ())})
     device = _common_device(holders)
+    deferred = device is not None and device.type == "meta"
     compute_device = _compute_device(device, cpu_offload)
     unit_paths = [p for p, m in module.named_modules() if p and is_unit_module(m)]
     assignment = _assign_units(holders, unit_paths)
@@ -75,21 +85,33 @@ def fully_shard(
             continue
         unit = _build_unit(
             unit_path, modules[unit_path], members, strategy, mixed_precision,
-            group_name, world, rank, compute_device, state,
+            group_name, world, rank, compute_device, state, deferred, cpu_offload,
         )
         state.units.append(unit)
         if unit_path:
             if mixed_precision.param_dtype is not None:
                 modules[unit_path].register_forward_pre_hook(unit_pre_forward(state), with_kwargs=True)
             modules[unit_path].register_forward_hook(unit_post_forward(unit))
+    if deferred:
+        materialize_and_shard(module, state, compute_device, param_init_fn)
+    elif param_init_fn is not None:
+        raise ValueError(
+            "fully_shard: param_init_fn is for a model built on the meta device, but its "
+            f"parameters are on {device}; drop param_init_fn or build the model under "
+            "torch.device('meta')"
+        )
     state.fqn_to_param = {
         fqn: (unit, index)
         for unit in state.units
         for index, unit_holders in enumerate(unit.holders)
         for fqn in _holder_fqns(unit_holders, modules)
     }
-    module.register_forward_pre_hook(state.root_pre_forward, with_kwargs=True)
-    module.register_forward_hook(state.root_post_forward, with_kwargs=True, always_call=True)
+    scope_modules = {id(module): module}
+    scope_modules.update((id(modules[p]), modules[p]) for p in unit_paths)
+    scope_modules.update((id(m), m) for m in modules.values() if any(True for _ in _params.iter_accessors(m)))
+    for sub in scope_modules.values():  # the root, units and parameter holders
+        sub.register_forward_pre_hook(state.pre_forward, with_kwargs=True)
+        sub.register_forward_hook(state.post_forward, with_kwargs=True, always_call=True)
     module.__dict__["_fsdp_root_state"] = state
     _check_same_on_all_ranks(state, group, world)
     return module
@@ -203,6 +225,8 @@ def _common_device(holders) -> Optional[torch.device]:
 def _compute_device(device, cpu_offload: CPUOffload) -> torch.device:
     if device is None:
         return torch.device("cpu")
+    if device.type == "meta":  # deferred init: materialize where the model will run
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if cpu_offload.offload_params and device.type == "cpu" and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return device
@@ -226,7 +250,8 @@ def _assign_units(holders, unit_paths: list[str]) -> dict[int, str]:
     return assignment
 
 
-def _build_unit(path, module, members, strategy, mp, group_name, world, rank, compute_device, state):
+def _build_unit(path, module, members, strategy, mp, group_name, world, rank, compute_device, state,
+                deferred=False, cpu_offload=None):
     fqns = [_fqn(m[0][0], m[0][3]) for m in members]
     params = [m[0][2] for m in members]
     dtypes = {p.dtype for p in params}
@@ -242,7 +267,12 @@ def _build_unit(path, module, members, strategy, mp, group_name, world, rank, co
     spec = CommSpec(group_name, world, rank, replicated, mp.param_dtype, mp.reduce_dtype)
     holders = [[(m, attr) for _, m, _, attr in entries] for entries in members]
     unit = Unit(path, module, holders, layout, [p.shape for p in params], strategy, spec, compute_device, state)
-    shards = unit.shard_from(params)
+    if deferred:  # a zero buffer now; deferred_init fills it module by module
+        offload = cpu_offload is not None and cpu_offload.offload_params
+        unit.allocate_flat(params[0].dtype, torch.device("cpu") if offload else compute_device)
+        shards = params
+    else:
+        shards = unit.shard_from(params)
     for index, (entries, shard) in enumerate(zip(members, shards)):
         for _, owner, _, attr in entries:
             owner._parameters[attr] = shard

@@ -1,6 +1,8 @@
 """The ``torch.compile`` backend ``"fsdp_compile"``: graph passes wired into AOTAutograd/Inductor.
 
 Pipeline for one Dynamo graph:
+0. ``passes.hoist_markers`` (Dynamo graph): markers inside checkpointed regions move in front of
+   the region, whose body takes the full tensors as inputs.
 1. ``passes.insert_collectives`` (Dynamo graph): param-use markers -> one gather per unit.
 2. AOTAutograd traces forward + backward (the gather's backward is the reduce-scatter) into a
    joint graph; ``passes.reshard`` tags it (``functorch.config.joint_custom_pass``); the min-cut
@@ -26,6 +28,7 @@ import torch._functorch.config as functorch_config
 import torch.fx
 
 from passes.bucketing import bucket_gathers
+from passes.hoist_markers import hoist_markers
 from passes.insert_collectives import UnitGather, insert_collectives
 from passes.reorder import prefetch_all_gathers
 from passes.reshard import tag_reshard
@@ -65,6 +68,7 @@ class FSDPBackend:
         self.inner = inner
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs) -> Callable:
+        hoist_markers(gm)
         gathers = insert_collectives(gm)
         units = {g.unit_id: get_unit(g.unit_id) for g in gathers}
         record = CompiledGraphs(gathers, self.inner)

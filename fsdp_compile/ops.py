@@ -36,8 +36,9 @@ class _GatherUnit(torch.autograd.Function):
         ctx.unit_id, ctx.mode = unit_id, mode
         ctx.shard_dtypes = [s.dtype for s in shards]
         ctx.shard_devices = [s.device for s in shards]
-        if mode == SYNC_PENDING:
-            ctx.save_for_backward(extra)
+        # Kept on ctx, not saved: a saved tensor would change what activation checkpointing
+        # counts as saved between the forward and its recompute.
+        ctx.pending = extra if mode == SYNC_PENDING else None
         with torch.fx.traceback.annotate({"fsdp_unit": unit_id}):
             return tuple(unit.all_gather(list(shards)))
 
@@ -55,7 +56,7 @@ class _GatherUnit(torch.autograd.Function):
             return (None, None, None, *none_for_shards)
         if ctx.mode == NO_SYNC:
             return (None, None, unit.pack_grads(list(full_grads)), *none_for_shards)
-        pending = ctx.saved_tensors[0] if ctx.mode == SYNC_PENDING else None
+        pending, ctx.pending = ctx.pending, None
         grads = unit.reduce_grads(list(full_grads), ctx.shard_dtypes, pending)
         grads = [
             g.to(dev) if needed else None

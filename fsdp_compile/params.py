@@ -3,8 +3,9 @@ full tensor inside it" while ``module._parameters['weight']`` stays the shard.
 
 Each module of a sharded tree gets its class swapped for a cached subclass that adds
 - a property per sharded attribute name, returning ``unit.full_param(index)`` while the root is
-  in its forward (under ``torch.compile`` that is the ``param_use`` marker), the summoned full
-  tensor inside ``summon_full_params``, and the shard otherwise;
+  in its forward (under ``torch.compile`` that is the ``param_use`` marker), the full tensor
+  while activation checkpointing recomputes a forward in backward (``in_recompute``), the
+  summoned full tensor inside ``summon_full_params``, and the shard otherwise;
 - ``named_parameters`` that, in those same two situations, yields full tensors under the
   original names (module code that iterates its own parameters sees full shapes).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
 
+import torch
 import torch.nn as nn
 
 if TYPE_CHECKING:
@@ -36,9 +38,11 @@ def _make_property(name: str) -> property:
         state = unit.state
         if state.summoned is not None:
             return state.summoned[unit.id][index]
-        if not state.in_forward:
-            return param
-        return unit.full_param(index)
+        if state.in_forward:
+            return unit.full_param(index)
+        if in_recompute():
+            return unit.full_param_for_recompute(index)
+        return param
 
     def fset(self, value):
         nn.Module.__setattr__(self, name, value)
@@ -49,10 +53,19 @@ def _make_property(name: str) -> property:
     return property(fget, fset, fdel, doc=f"sharded parameter {name!r} (see fsdp_compile.params)")
 
 
+def in_recompute() -> bool:
+    """True while autograd runs a forward again inside backward: activation checkpointing's
+    recompute (reentrant or not), which runs module code under ``enable_grad`` inside a
+    backward graph task. Backward hooks run with grad disabled, so they still see shards."""
+    if torch.compiler.is_compiling():  # compiled regions recompute inside the compiled backward
+        return False
+    return torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
+
+
 def _named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
     plain = nn.Module.named_parameters(self, prefix, recurse, remove_duplicate)
     state = self.__dict__[_TREE_STATE]
-    if not (state.in_forward or state.summoned is not None):
+    if not (state.in_forward or state.summoned is not None or in_recompute()):
         yield from plain
         return
     if recurse:
@@ -64,11 +77,40 @@ def _named_parameters(self, prefix: str = "", recurse: bool = True, remove_dupli
         yield fqn, getattr(modules[owner_fqn], attr)
 
 
+def _apply(self, fn, recurse: bool = True):
+    """``nn.Module._apply`` (``.to``, ``.half``, ``.double``, ``.cuda``, ...) on a sharded tree:
+    the conversion runs as usual, then every unit's shards become views of one flat buffer of
+    the new dtype/device again (the outermost call does this once for the whole tree)."""
+    state = self.__dict__[_TREE_STATE]
+    base = type(self)._fsdp_base_class
+    if state.applying:
+        return base._apply(self, fn, recurse)
+    state.applying = True
+    try:
+        base._apply(self, fn, recurse)
+    finally:
+        state.applying = False
+    for unit in state.units:
+        unit.rebuild_flat()
+    return self
+
+
+def _to_empty(self, *, device, recurse: bool = True):
+    raise RuntimeError(
+        f"fsdp_compile: {type(self)._fsdp_base_class.__name__}.to_empty() after fully_shard would "
+        "replace this rank's shards by uninitialized memory. Build the model on the meta device "
+        "and call fully_shard(model, ..., param_init_fn=fn) (or give its modules "
+        "reset_parameters()): fully_shard materializes and shards it one module at a time"
+    )
+
+
 def _swapped_class(base: type, names: frozenset[str]) -> type:
     key = (base, names)
     if key not in _SWAPPED:
         attrs = {name: _make_property(name) for name in sorted(names)}
         attrs["named_parameters"] = _named_parameters
+        attrs["_apply"] = _apply
+        attrs["to_empty"] = _to_empty
         attrs["_fsdp_base_class"] = base
         attrs["__module__"] = base.__module__
         _SWAPPED[key] = type(f"Sharded{base.__name__}", (base,), attrs)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
+from .params import in_recompute
 from .unit import Unit
 
 
@@ -39,7 +40,9 @@ class FSDPState:
         self.units = units
         self.param_dtype = param_dtype
         self.in_forward = False
+        self.scope_owner: Optional[nn.Module] = None  # the module whose forward opened the scope
         self.sync_grads = True
+        self.applying = False  # inside nn.Module._apply of the sharded tree (see params._apply)
         self.summoned: Optional[dict[int, list[torch.Tensor]]] = None
         # Under torch.compile, between root pre- and post-forward: unit id -> its shard list, so
         # Dynamo builds each unit's list once per trace instead of once per parameter read
@@ -52,22 +55,33 @@ class FSDPState:
         self.compiled_graphs: list = []  # backend.CompiledGraphs, one per compiled Dynamo graph
 
     # ---- forward hooks -------------------------------------------------------------------
-    def root_pre_forward(self, module, args, kwargs):
+    # Registered on the root and on every module that holds a sharded parameter or is a unit:
+    # the outermost sharded module whose forward runs (the root, or a submodule called on its
+    # own such as ``model.blocks[0](x)`` or HF's ``get_input_embeddings()(ids)``) opens the
+    # forward scope, and only it closes the scope. Inner modules' hooks do nothing.
+    def pre_forward(self, module, args, kwargs):
+        if self.in_forward or in_recompute():  # a recompute reads through in_recompute instead
+            return None
         if self.summoned is not None:
             raise RuntimeError(
                 f"fsdp_compile: {type(module).__name__}.forward called inside "
                 "summon_full_params; leave the context first"
             )
         self.in_forward = True
+        self.scope_owner = module
         if torch.compiler.is_compiling():
-            self.traced_shards = {}  # created inside the trace; reset to None in post-forward
+            # Built here, before any read: a read inside a higher-order op's body (a checkpointed
+            # region) may not mutate state created outside it, so the body only looks up.
+            self.traced_shards = {unit.id: unit.shards() for unit in self.units}
         if not torch.compiler.is_compiling() and torch.is_grad_enabled():
             if any(u.strategy.name == "FULL_SHARD" for u in self.units):
                 self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
                 self._saved_hooks.__enter__()
         return self.cast_inputs(args, kwargs)
 
-    def root_post_forward(self, module, args, kwargs, output):
+    def post_forward(self, module, args, kwargs, output):
+        if self.scope_owner is not module:
+            return output
         if not torch.compiler.is_compiling():
             for unit in self.units:
                 unit.reshard()
@@ -75,6 +89,7 @@ class FSDPState:
                 self._saved_hooks.__exit__(None, None, None)
                 self._saved_hooks = None
         self.in_forward = False
+        self.scope_owner = None
         self.traced_shards = None
         return output
 

@@ -54,6 +54,7 @@ class Unit:
         self.pending: Optional[torch.Tensor] = None  # packed gradients held back by no_sync
         self._full: Optional[list[torch.Tensor]] = None
         self._bw_full: Optional[list[torch.Tensor]] = None
+        self._recompute_full: Optional[list[torch.Tensor]] = None
 
     def __repr__(self) -> str:
         return f"Unit({self.name or '<root>'!r}, {len(self.layout.params)} params, {self.strategy.name})"
@@ -79,13 +80,10 @@ class Unit:
         return [holders[0][0]._parameters[holders[0][1]] for holders in self.holders]
 
     def traced_shards(self) -> list[torch.Tensor]:
-        """``shards()`` under torch.compile, built once per unit per traced forward."""
+        """``shards()`` under torch.compile, built once per unit per traced forward (by the
+        root's pre-forward; a compiled region that started inside an eager forward builds its own)."""
         cache = self.state.traced_shards
-        if cache is None:  # a compiled region that started inside an eager root forward
-            return self.shards()
-        if self.id not in cache:
-            cache[self.id] = self.shards()
-        return cache[self.id]
+        return self.shards() if cache is None else cache[self.id]
 
     def full_shape(self, index: int) -> torch.Size:
         return self.orig_shapes[index]
@@ -161,20 +159,22 @@ class Unit:
 
     def gather_for_forward(self) -> list[torch.Tensor]:
         if self._full is None:
-            shards = self.shards()
-            self.check_shards(shards)
-            if torch.is_grad_enabled() and any(s.requires_grad for s in shards):
-                mode, extra = self.grad_mode()
-                fulls = list(ops.gather_unit(self.id, mode, extra, *shards))
-                if mode == ops.SYNC_PENDING:
-                    self.pending = None  # consumed: the graph holds it until backward
-                if self.strategy == ShardingStrategy.FULL_SHARD:
-                    self.state.register_full(self, fulls)
-            else:
-                with torch.no_grad():
-                    fulls = self.all_gather(shards)
-            self._full = fulls
+            self._full = self._gather(register=self.strategy == ShardingStrategy.FULL_SHARD)
         return self._full
+
+    def _gather(self, register: bool) -> list[torch.Tensor]:
+        shards = self.shards()
+        self.check_shards(shards)
+        if not (torch.is_grad_enabled() and any(s.requires_grad for s in shards)):
+            with torch.no_grad():
+                return self.all_gather(shards)
+        mode, extra = self.grad_mode()
+        fulls = list(ops.gather_unit(self.id, mode, extra, *shards))
+        if mode == ops.SYNC_PENDING:
+            self.pending = None  # consumed: the graph holds it until backward
+        if register:
+            self.state.register_full(self, fulls)
+        return fulls
 
     def reshard(self) -> None:
         if self._full is not None:
@@ -187,8 +187,21 @@ class Unit:
                 self._bw_full = self.all_gather(self.shards())
         return self._bw_full
 
+    def full_param_for_recompute(self, index: int) -> torch.Tensor:
+        """What a read returns while activation checkpointing recomputes a forward in backward.
+
+        The unit is gathered once per recompute (every read of it until its gradients are
+        reduced shares the result), through the same autograd gather as the forward: a
+        non-reentrant recompute must save exactly what the forward saved, and a reentrant one
+        back-propagates through this gather (its backward reduces the gradients)."""
+        if self._recompute_full is None:
+            self._recompute_full = self._gather(register=False)
+            torch.autograd.Variable._execution_engine.queue_callback(self.after_backward_use)
+        return self._recompute_full[index]
+
     def after_backward_use(self) -> None:
         self._bw_full = None
+        self._recompute_full = None
 
     @classmethod
     def bucket(cls, units: list["Unit"]) -> "Unit":
@@ -226,17 +239,55 @@ class Unit:
         ``fully_shard`` (and not stepped yet) steps the shards; a gradient already on a full
         parameter is dropped."""
         first = full_params[0]
-        flat = torch.zeros(self.layout.local_numel, dtype=first.dtype, device=first.device)
-        shards = []
-        for index, (param, full) in enumerate(zip(self.layout.params, full_params)):
-            rows = self.local_rows(index, full.detach())
-            view = flat.narrow(0, param.offset, rows.numel()).view(rows.shape)
-            view.copy_(rows)
-            full.grad = None
-            full.data = view
-            shards.append(full)
-        self.local_flat = flat
-        return shards
+        self.allocate_flat(first.dtype, first.device)
+        for index, full in enumerate(full_params):
+            self.install_shard(index, full)
+        return list(full_params)
+
+    def allocate_flat(self, dtype: torch.dtype, device: torch.device) -> None:
+        """A zero local flat buffer (padding included) that ``install_shard`` fills."""
+        self.local_flat = torch.zeros(self.layout.local_numel, dtype=dtype, device=device)
+
+    def install_shard(self, index: int, full: nn.Parameter) -> None:
+        """Copy this rank's rows of ``full`` into slot ``index`` of the local flat buffer and
+        make ``full`` (the same object) a view of that slot: from here on it is the shard."""
+        rows = self.local_rows(index, full.detach())
+        view = self.local_flat.narrow(0, self.layout.params[index].offset, rows.numel()).view(rows.shape)
+        view.copy_(rows)
+        full.grad = None
+        full.data = view
+
+    def rebuild_flat(self) -> bool:
+        """After ``model.to(dtype/device)`` (``nn.Module._apply``) replaced the shards' data:
+        make them views of one new flat buffer again. Returns False when nothing changed."""
+        shards = self.shards()
+        flat = self.local_flat
+        if all(s.device == flat.device and s.dtype == flat.dtype and _views_into(s, flat) for s in shards):
+            return False
+        kinds = {(s.dtype, s.device) for s in shards}
+        if len(kinds) > 1:
+            raise RuntimeError(
+                f"fsdp_compile: after .to()/.half()/.cuda() the parameters of unit "
+                f"{self.name or '<root>'!r} have different dtypes/devices {sorted(map(str, kinds))}; "
+                "convert the whole sharded model (its root), not part of a unit"
+            )
+        dtype, device = kinds.pop()
+        self.allocate_flat(dtype, device)
+        with torch.no_grad():
+            for index, shard in enumerate(shards):
+                grad = shard.grad
+                view = self.local_flat.narrow(0, self.layout.params[index].offset, shard.numel()).view(shard.shape)
+                view.copy_(shard.detach())
+                shard.data = view
+                shard.grad = grad
+        self.accumulator = None  # rebuilt in the new dtype by the next no_sync
+        if self.pending is not None:
+            self.pending = self.pending.to(device=device)
+        return True
+
+
+def _views_into(tensor: torch.Tensor, flat: torch.Tensor) -> bool:
+    return tensor.numel() == 0 or tensor.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
 
 
 def _with_param_dtype(spec: collectives.CommSpec, dtype: torch.dtype) -> collectives.CommSpec:

@@ -7,7 +7,6 @@ the assertions run here in the parent.
 """
 from __future__ import annotations
 
-import collections
 import copy
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fsdp_compile
+from fsdp_compile.testing.graphs import graph_structure
 from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch, param_groups
 from fsdp_compile.testing.spawn import run_ranks
 
@@ -39,32 +39,6 @@ def _train(model, forward, rank, steps=STEPS):
     return losses
 
 
-def _structure(record):
-    def count(name):
-        return dict(collections.Counter(c.kind for c in record.schedules.get(name, [])))
-
-    outputs = next(n for n in record.forward.graph.nodes if n.op == "output").args[0]
-    saved = [o for o in outputs if isinstance(o, torch.fx.Node)]
-    return {
-        "forward": count("forward"),
-        "backward": count("backward"),
-        "saved_gathered": sum(_comes_from_gather(o) for o in saved),
-    }
-
-
-def _comes_from_gather(node: torch.fx.Node) -> bool:
-    """True if ``node`` is a gathered parameter: copy-out/wait output, a node of a decomposed
-    copy-out (tagged by ``passes.reshard``), or a view chain of one."""
-    while node.op == "call_function":
-        name = str(node.target)
-        if "all_gather_copy_out" in name or "wait_tensor" in name or "recompute" in node.meta:
-            return True
-        if not (getattr(node.target, "is_view", False) or getattr(node.target, "__name__", "") == "getitem"):
-            return False
-        node = node.args[0]
-    return False
-
-
 def _run_variant(base, rank, strategy, mp, backend, dtype):
     model = fsdp_compile.fully_shard(
         copy.deepcopy(base).to(dtype), policy={Block}, strategy=strategy, mixed_precision=mp
@@ -80,7 +54,7 @@ def _run_variant(base, rank, strategy, mp, backend, dtype):
             "units": len(model._fsdp_root_state.units),
             "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
             "unique_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
-            **_structure(graphs[0]),
+            **graph_structure(graphs[0]),
             "facts": _decomposed_graph_facts(model),
         }
     return out

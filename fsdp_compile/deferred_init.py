@@ -1,0 +1,151 @@
+"""Deferred (meta-device) initialization: materialize a model built under ``torch.device("meta")``
+and shard it, one module at a time.
+
+``fully_shard`` builds every unit's layout from the meta shapes and a zero local flat buffer.
+Then, for each module in ``root.modules()`` order that holds meta parameters or buffers:
+
+1. its meta parameters become full-size tensors on the compute device (new ``nn.Parameter``
+   objects registered under every name that held the meta one; the meta object's attributes are
+   kept), its meta buffers too;
+2. ``param_init_fn(module)`` runs, else ``module.reset_parameters()`` (FSDP1's rule);
+3. every parameter whose last holder (in that order) is this module is sharded: its rows go
+   into the unit's flat buffer and the parameter becomes the view of its shard.
+
+So at most one module's full parameters exist at a time (a parameter held by several modules,
+e.g. tied embeddings, lives until its last holder is initialized, and keeps the value its first
+holder's init gave it, as tying after construction does; later holders' inits still run, so
+the random draws stay in construction order). With the same seed on every
+rank, the random draws happen in the same order as when the model is built on the CPU by
+modules whose ``__init__`` calls ``reset_parameters()``, so the shards equal that model's rows.
+
+Invariant: nothing stays uninitialized without an error. A parameter or buffer that no init
+wrote (its version counter did not move) raises, naming it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+
+def _is_meta(t: Optional[torch.Tensor]) -> bool:
+    return t is not None and t.device.type == "meta"
+
+
+def materialize_and_shard(
+    root: nn.Module, state, device: torch.device, param_init_fn: Optional[Callable[[nn.Module], None]]
+) -> None:
+    modules = list(dict.fromkeys(root.modules()))  # dedupe shared modules, keep first position
+    names = {id(m): name for name, m in root.named_modules(remove_duplicate=False)}
+    where = {}  # id(param) -> (unit, index), for the sharded parameters
+    for unit in state.units:
+        for index, holders in enumerate(unit.holders):
+            for owner, attr in holders:
+                where[id(owner._parameters[attr])] = (unit, index)
+    last_holder = {}
+    for position, sub in enumerate(modules):
+        for param in sub._parameters.values():
+            if param is not None:
+                last_holder[id(param)] = position
+
+    replaced: dict[int, nn.Parameter] = {}  # id(meta param) -> its materialized parameter
+    pending: dict[int, tuple] = {}  # id(meta param) -> (param, version after materializing, fqn)
+    for position, sub in enumerate(modules):
+        prefix = names[id(sub)]
+        fresh = _materialize_module(sub, device, replaced, pending, where, prefix)
+        if not fresh:
+            continue
+        buffers = {
+            n: (b, b._version) for n, b in sub._buffers.items() if b is not None and id(b) in fresh
+        }
+        own = {attr: p for attr, p in sub._parameters.items() if p is not None and id(p) in fresh}
+        # A shared parameter keeps its first holder's init (as tying after construction does);
+        # later holders' inits still run, so the random draws stay in construction order.
+        kept = {attr: p.detach().clone() for attr, p in own.items() if pending[id(p)][1] != p._version}
+        with torch.no_grad():
+            if param_init_fn is not None:
+                param_init_fn(sub)
+            elif hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+            for attr, param in own.items():  # an init that assigned a new Parameter: take its values
+                now = sub._parameters.get(attr)
+                if now is not None and now is not param:
+                    param.copy_(now.detach().to(param.device, param.dtype))
+                    sub._parameters[attr] = param
+            for attr, value in kept.items():
+                own[attr].copy_(value)
+        for name, (buf, version) in buffers.items():
+            if sub._buffers.get(name) is buf and buf._version == version:
+                raise RuntimeError(
+                    f"fully_shard: buffer {_fqn(prefix, name)!r} was on the meta device and no "
+                    f"initializer wrote it ({_init_name(param_init_fn)} on {type(sub).__name__}); "
+                    "compute it in param_init_fn (e.g. HF models: param_init_fn=model._init_weights)"
+                )
+        _shard_finished(position, sub, last_holder, pending, where)
+    leftover = [entry[2] for entry in pending.values()]
+    if leftover:  # only possible for parameters whose holders vanished during init
+        raise RuntimeError(f"fully_shard: parameters {leftover} were materialized but never sharded")
+
+
+def _materialize_module(sub, device, replaced, pending, where, prefix) -> set[int]:
+    """Replace ``sub``'s own meta parameters and buffers by empty full-size tensors on
+    ``device``; returns the ids of the new tensors (empty if ``sub`` had nothing on meta)."""
+    fresh = set()
+    for attr, param in list(sub._parameters.items()):
+        if param is None:
+            continue
+        if id(param) in pending:  # shared, materialized (and initialized) by an earlier holder
+            fresh.add(id(param))
+            continue
+        if not _is_meta(param):
+            continue
+        if id(param) not in where:
+            raise RuntimeError(
+                f"fully_shard: parameter {_fqn(prefix, attr)!r} is on the meta device but is not "
+                "sharded (ignored_params); materialize it before fully_shard"
+            )
+        full = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=param.requires_grad)
+        full.__dict__.update(param.__dict__)
+        replaced[id(param)] = full
+        where[id(full)] = where[id(param)]
+        unit, index = where[id(param)]
+        for owner, owner_attr in unit.holders[index]:
+            owner._parameters[owner_attr] = full
+        pending[id(full)] = (full, full._version, _fqn(prefix, attr), id(param))
+        fresh.add(id(full))
+    for name, buf in list(sub._buffers.items()):
+        if _is_meta(buf):
+            new = torch.empty(buf.shape, dtype=buf.dtype, device=device)
+            sub._buffers[name] = new
+            fresh.add(id(new))
+    return fresh
+
+
+def _shard_finished(position, sub, last_holder, pending, where) -> None:
+    """Shard every materialized parameter of ``sub`` whose last holder is ``sub`` (at ``position``)."""
+    for attr, param in list(sub._parameters.items()):
+        if param is None or id(param) not in pending:
+            continue
+        full, version, fqn, meta_id = pending[id(param)]
+        if last_holder.get(meta_id, -1) > position:
+            continue  # another module holds it too and comes later
+        del pending[id(param)]
+        if full._version == version:
+            raise RuntimeError(
+                f"fully_shard: parameter {fqn!r} was on the meta device and no initializer wrote "
+                f"it ({type(sub).__name__} has no reset_parameters() and no param_init_fn was "
+                "given, or it left this parameter alone); pass fully_shard(..., param_init_fn=fn) "
+                "that initializes it"
+            )
+        unit, index = where[id(full)]
+        with torch.no_grad():
+            unit.install_shard(index, full)
+
+
+def _init_name(param_init_fn) -> str:
+    return "reset_parameters()" if param_init_fn is None else f"param_init_fn {getattr(param_init_fn, '__name__', param_init_fn)!r}"
+
+
+def _fqn(prefix: str, attr: str) -> str:
+    return f"{prefix}.{attr}" if prefix else attr

@@ -1,0 +1,40 @@
+"""What a compiled graph pair does, as plain data the tests assert on: the collectives of the
+forward and backward graphs and how many gathered parameters the forward saves for backward."""
+from __future__ import annotations
+
+import collections
+
+import torch
+import torch.fx
+
+
+def graph_structure(record) -> dict:
+    """``record``: a ``CompiledGraphs`` (``explain``'s source) -> collective counts per graph and
+    ``saved_gathered``, the forward's outputs (saved for backward) that are gathered parameters."""
+
+    def count(name):
+        return dict(collections.Counter(c.kind for c in record.schedules.get(name, [])))
+
+    outputs = next(n for n in record.forward.graph.nodes if n.op == "output").args[0]
+    saved = [o for o in outputs if isinstance(o, torch.fx.Node)]
+    return {
+        "forward": count("forward"),
+        "backward": count("backward"),
+        "saved_gathered": sum(comes_from_gather(o) for o in saved),
+    }
+
+
+def comes_from_gather(node: torch.fx.Node) -> bool:
+    """True if ``node`` is a gathered parameter: copy-out/wait output, a node of a decomposed
+    copy-out (tagged by ``passes.reshard``, not by a user's checkpoint region), or a view chain
+    of one."""
+    from passes.reshard import _AC_GRAPH_ID
+
+    while node.op == "call_function":
+        name = str(node.target)
+        if "all_gather_copy_out" in name or "wait_tensor" in name or node.meta.get("ac_graph_id") == _AC_GRAPH_ID:
+            return True
+        if not (getattr(node.target, "is_view", False) or getattr(node.target, "__name__", "") == "getitem"):
+            return False
+        node = node.args[0]
+    return False
