@@ -1,0 +1,43 @@
+"""The Llama example runs as users launch it: under torchrun, and as a plain script that spawns
+its own ranks (issue 11). Each run is a real subprocess with a timeout."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from fsdp_compile.testing.spawn import free_port
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_llama.py"
+
+
+def _run(cmd: list[str]) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
+    assert done.returncode == 0, f"{cmd} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def _check(out: str, steps: int, mode: str) -> None:
+    assert f"2 ranks on cpu (gloo), FULL_SHARD, {mode}" in out, out
+    lines = re.findall(r"^step +(\d+) +loss ([\d.]+) +\d+ tokens/s +memory/rank (\d+)MiB (\d+)MiB$", out, re.M)
+    assert [int(s) for s, *_ in lines] == list(range(steps)), out
+    assert f"done: {steps} steps" in out
+
+
+def test_torchrun_form_trains_compiled(tmp_path):
+    torchrun = shutil.which("torchrun")
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    out = _run([*launcher, "--nproc-per-node", "2", "--master-port", str(free_port()), str(EXAMPLE),
+                "--steps", "2", "--checkpoint-dir", str(tmp_path / "ckpt")])
+    _check(out, 2, "compiled (inductor)")
+    assert (tmp_path / "ckpt" / ".metadata").exists()
+
+
+def test_plain_python_form_spawns_two_ranks():
+    out = _run([sys.executable, str(EXAMPLE), "--steps", "3", "--eager", "--activation-checkpointing"])
+    _check(out, 3, "eager")
+    assert "activation checkpointing" in out
