@@ -19,6 +19,7 @@ from . import params as _params
 from .collectives import CommSpec
 from .consistency import first_mismatch_across_ranks
 from .deferred_init import materialize_and_shard
+from .state_dict import install_optimizer_hooks
 from .config import CPUOffload, MixedPrecision, ShardingStrategy
 from .layout import make_unit_layout
 from .runtime import FSDPState, unit_post_forward, unit_pre_forward
@@ -113,6 +114,7 @@ def fully_shard(
         sub.register_forward_pre_hook(state.pre_forward, with_kwargs=True)
         sub.register_forward_hook(state.post_forward, with_kwargs=True, always_call=True)
     module.__dict__["_fsdp_root_state"] = state
+    install_optimizer_hooks()
     _check_same_on_all_ranks(state, group, world)
     return module
 

@@ -11,7 +11,8 @@ Each module of a sharded tree gets its class swapped for a cached subclass that 
 
 Why not ``nn.utils.parametrize``: it moves the tensor to ``module.parametrizations.weight.original``,
 which changes ``state_dict`` / ``named_parameters`` names; we want the original FQNs untouched.
-State dicts read ``_parameters`` directly, so they always see shards.
+State dicts read ``_parameters``, so they see shards; ``_save_to_state_dict`` /
+``_load_from_state_dict`` present each as a ``DTensor`` of the full shape (``state_dict.py``).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn as nn
+
+from . import state_dict as _state_dict
 
 if TYPE_CHECKING:
     from .unit import Unit
@@ -95,6 +98,19 @@ def _apply(self, fn, recurse: bool = True):
     return self
 
 
+def _save_to_state_dict(self, destination, prefix, keep_vars):
+    type(self)._fsdp_base_class._save_to_state_dict(self, destination, prefix, keep_vars)
+    _state_dict.save_sharded(self, list(iter_accessors(self)), destination, prefix, keep_vars)
+
+
+def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    taken = _state_dict.take_sharded(list(iter_accessors(self)), state_dict, prefix)
+    type(self)._fsdp_base_class._load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    )
+    _state_dict.load_sharded(self, taken, prefix, missing_keys, error_msgs)
+
+
 def _to_empty(self, *, device, recurse: bool = True):
     raise RuntimeError(
         f"fsdp_compile: {type(self)._fsdp_base_class.__name__}.to_empty() after fully_shard would "
@@ -111,6 +127,8 @@ def _swapped_class(base: type, names: frozenset[str]) -> type:
         attrs["named_parameters"] = _named_parameters
         attrs["_apply"] = _apply
         attrs["to_empty"] = _to_empty
+        attrs["_save_to_state_dict"] = _save_to_state_dict
+        attrs["_load_from_state_dict"] = _load_from_state_dict
         attrs["_fsdp_base_class"] = base
         attrs["__module__"] = base.__module__
         _SWAPPED[key] = type(f"Sharded{base.__name__}", (base,), attrs)

@@ -31,3 +31,8 @@ def get_unit(unit_id: int) -> "Unit":
             f"fsdp_compile: unit {unit_id} no longer exists (its module was deleted); "
             "a compiled graph outlived the model it was compiled for"
         ) from None
+
+
+def live_units() -> list["Unit"]:
+    """Every unit whose model is alive (bucket units included; see ``Unit.is_bucket``)."""
+    return list(_UNITS.values())

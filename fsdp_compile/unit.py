@@ -55,6 +55,7 @@ class Unit:
         self._full: Optional[list[torch.Tensor]] = None
         self._bw_full: Optional[list[torch.Tensor]] = None
         self._recompute_full: Optional[list[torch.Tensor]] = None
+        self.is_bucket = False  # a merge of other units' gathers (passes/bucketing.py)
 
     def __repr__(self) -> str:
         return f"Unit({self.name or '<root>'!r}, {len(self.layout.params)} params, {self.strategy.name})"
@@ -221,6 +222,7 @@ class Unit:
             first.compute_device, first.state,
         )
         merged.local_flat = first.local_flat  # dtype and device only
+        merged.is_bucket = True
         return merged
 
     # ---- sharding ------------------------------------------------------------------------

@@ -1,0 +1,236 @@
+"""Sharded state dicts: what ``model.state_dict()`` and ``optimizer.state_dict()`` hold for a
+sharded parameter, and how ``load_state_dict`` takes it back.
+
+Invariant: a state dict never holds a local shard under a full name as if it were the whole
+tensor. Each sharded parameter (and each optimizer state tensor shaped like its shard, e.g.
+AdamW's ``exp_avg``) appears as a ``DTensor`` with ``Shard(0)`` placement on a 1-D
+``DeviceMesh`` over the unit's process group; its local tensor is this rank's shard itself (no
+copy) and its global shape the original one. Our row split (``ceil(D / world)`` rows per rank,
+trailing ranks short or empty) is ``torch.chunk``'s, which is DTensor's, so uneven and empty
+shards are described exactly. Hence ``torch.distributed.checkpoint`` saves, loads (into the
+shards, in place) and reshards them like FSDP2's, and ``torch.distributed.checkpoint.state_dict``
+(``get_state_dict``/``set_state_dict``, full or sharded) works unchanged.
+
+Exceptions, still exact: NO_SHARD units and world size 1 hold whole tensors, which appear as
+plain tensors (the same on every rank, as DDP's); a 0-d parameter is held by rank 0 only, so its
+entry is a plain 0-d tensor broadcast from rank 0 (``state_dict()`` is then a collective, as it
+is under DCP anyway).
+
+Loading accepts, per sharded parameter: such a DTensor (any mesh size: a different layout is
+gathered first), or a plain tensor of the full shape (this rank's rows are taken). Anything
+else -- in particular a tensor of the shard's shape where that differs from the full shape --
+is a size-mismatch error naming the key.
+
+Optimizers: we do not construct them, so a global optimizer step pre-hook (the first ``step``,
+which ``get/set_optimizer_state_dict`` also run) gives every optimizer that holds our shards a
+``state_dict`` post-hook (shard-shaped state -> DTensor) and a ``load_state_dict`` pre-hook (the
+reverse), and converts any DTensor state already loaded.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .registry import live_units
+
+
+# ---- one value --------------------------------------------------------------------------------
+def _is_sharded(unit) -> bool:
+    return unit.spec.communicates and not unit.spec.replicated
+
+
+def _mesh(unit, device: torch.device):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    state = unit.state
+    key = device.type
+    cache = state.__dict__.setdefault("device_meshes", {})
+    if key not in cache:
+        cache[key] = DeviceMesh.from_group(state.group, device_type=key)
+    return cache[key]
+
+
+def to_state_value(unit, index: int, local: torch.Tensor) -> torch.Tensor:
+    """This rank's ``local`` tensor (shard-shaped) of parameter ``index`` of ``unit`` -> what a
+    state dict holds for it (see the module docstring)."""
+    if not _is_sharded(unit):
+        return local
+    full_shape = torch.Size(unit.orig_shapes[index])
+    if len(full_shape) == 0:
+        value = local.reshape(-1)[:1].clone() if local.numel() else local.new_empty(1)
+        dist.broadcast(value, src=dist.get_global_rank(unit.state.group, 0), group=unit.state.group)
+        return value.reshape(())
+    from torch.distributed.tensor import DTensor, Shard
+
+    stride = tuple(math.prod(full_shape[i + 1:]) for i in range(len(full_shape)))
+    return DTensor.from_local(
+        local, _mesh(unit, local.device), [Shard(0)], run_check=False, shape=full_shape, stride=stride
+    )
+
+
+def from_state_value(unit, index: int, value, key: str) -> torch.Tensor:
+    """A state-dict value for parameter ``index`` of ``unit`` -> this rank's rows of it, in the
+    shard's shape. Raises ``ValueError`` (naming ``key``) when it cannot be the parameter."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    full_shape = tuple(unit.orig_shapes[index])
+    shard_shape = tuple(unit.layout.shard_shapes(unit.spec.rank)[index])
+    if isinstance(value, DTensor):
+        if tuple(value.shape) != full_shape:
+            raise ValueError(_mismatch(key, value.shape, full_shape, "global shape"))
+        if (
+            _is_sharded(unit)
+            and value.placements == (Shard(0),)
+            and value.device_mesh.size() == unit.spec.world_size
+            and tuple(value.to_local().shape) == shard_shape
+            and value.device_mesh.get_group() is unit.state.group
+        ):
+            return value.to_local()
+        value = value.full_tensor()
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{key}: expected a tensor, got {type(value).__name__}")
+    if tuple(value.shape) != full_shape:
+        hint = ""
+        if tuple(value.shape) == shard_shape:
+            hint = (" (it has this rank's shard shape: a local shard saved as if it were the whole "
+                    "tensor; save sharded state dicts as DTensors, e.g. with model.state_dict())")
+        raise ValueError(_mismatch(key, value.shape, full_shape, "shape") + hint)
+    return unit.local_rows(index, value).reshape(shard_shape)
+
+
+def _mismatch(key, got, want, what) -> str:
+    return (f"size mismatch for {key}: copying a param with {what} {tuple(got)} from checkpoint, "
+            f"the shape in current model is {tuple(want)} (sharded by fsdp_compile)")
+
+
+# ---- modules (called by the accessor classes of params.py) -----------------------------------
+def save_sharded(module, accessors, destination, prefix: str, keep_vars: bool) -> None:
+    for attr, unit, index in accessors:
+        key = prefix + attr
+        if key in destination:
+            param = module._parameters[attr]
+            destination[key] = to_state_value(unit, index, param if keep_vars else param.detach())
+
+
+def take_sharded(accessors, state_dict, prefix: str) -> dict:
+    """Remove our keys from ``state_dict`` before ``nn.Module`` compares shapes (it would compare
+    full shapes with shards); returns them for ``load_sharded``."""
+    return {attr: (unit, index, state_dict.pop(prefix + attr))
+            for attr, unit, index in accessors if prefix + attr in state_dict}
+
+
+def load_sharded(module, taken: dict, prefix: str, missing_keys: list, error_msgs: list) -> None:
+    for attr, (unit, index, value) in taken.items():
+        key = prefix + attr
+        if key in missing_keys:
+            missing_keys.remove(key)
+        try:
+            rows = from_state_value(unit, index, value, key)
+        except ValueError as e:
+            error_msgs.append(str(e))
+            continue
+        param = module._parameters[attr]
+        if param.numel() and rows.data_ptr() != param.data_ptr():
+            with torch.no_grad():
+                param.copy_(rows)
+
+
+# ---- optimizers --------------------------------------------------------------------------------
+_HOOKED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+_GLOBAL_HOOK = None
+
+
+def install_optimizer_hooks() -> None:
+    """Once per process: the global step pre-hook that hooks optimizers holding our shards."""
+    global _GLOBAL_HOOK
+    if _GLOBAL_HOOK is None:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        _GLOBAL_HOOK = register_optimizer_step_pre_hook(_on_step)
+
+
+def _shard_positions() -> dict[int, tuple]:
+    """id(shard parameter) -> (unit, index), over every live (non-bucket) unit."""
+    return {
+        id(shard): (unit, index)
+        for unit in live_units() if not unit.is_bucket
+        for index, shard in enumerate(unit.shards())
+    }
+
+
+def _indexed_params(optimizer) -> list:
+    seen, params = set(), []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+def _on_step(optimizer, args, kwargs) -> None:
+    if optimizer in _HOOKED:
+        return
+    positions = _shard_positions()
+    if not any(id(p) in positions for p in _indexed_params(optimizer)):
+        return
+    _HOOKED.add(optimizer)
+    optimizer.register_state_dict_post_hook(_optimizer_state_dict_post)
+    optimizer.register_load_state_dict_pre_hook(_optimizer_load_pre)
+    for p, state in list(optimizer.state.items()):  # DTensors loaded before this first step
+        if id(p) in positions:
+            optimizer.state[p] = _local_state(positions[id(p)], state, "optimizer state")
+
+
+def _is_shard_state(value, param) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == param.shape
+
+
+def _optimizer_state_dict_post(optimizer, state_dict):
+    positions = _shard_positions()
+    params = _indexed_params(optimizer)
+    state = dict(state_dict["state"])  # the per-parameter dicts are the optimizer's own: copy
+    for i, per_param in state.items():
+        param = params[i]
+        if id(param) not in positions:
+            continue
+        unit, index = positions[id(param)]
+        state[i] = {
+            k: to_state_value(unit, index, v) if _is_shard_state(v, param) else v
+            for k, v in per_param.items()
+        }
+    return {**state_dict, "state": state}
+
+
+def _local_state(position, per_param: dict, where: str) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    unit, index = position
+    full_shape = tuple(unit.orig_shapes[index])
+    out = {}
+    for k, v in per_param.items():
+        if isinstance(v, DTensor) or (
+            isinstance(v, torch.Tensor) and _is_sharded(unit) and tuple(v.shape) == full_shape and v.dim() > 0
+        ) or (isinstance(v, torch.Tensor) and _is_sharded(unit) and not full_shape and v.dim() == 0 and k != "step"):
+            v = from_state_value(unit, index, v, f"{where} {unit.layout.params[index].fqn}.{k}")
+        out[k] = v
+    return out
+
+
+def _optimizer_load_pre(optimizer, state_dict) -> Optional[dict]:
+    positions = _shard_positions()
+    # As Optimizer.load_state_dict pairs them: saved ids (ints, or FQNs from
+    # torch.distributed.checkpoint.state_dict) with the current groups' parameters, in order.
+    saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    param_of = dict(zip(saved_ids, params))
+    state = dict(state_dict["state"])
+    for key, per_param in state.items():
+        param = param_of.get(key)
+        if param is not None and id(param) in positions:
+            state[key] = _local_state(positions[id(param)], per_param, "optimizer state")
+    return {**state_dict, "state": state}
