@@ -7,7 +7,14 @@ from .api import fully_shard, no_sync, sharded
 from .compiler import backend
 from .explain import explain
 from .config import CPUOffload, MixedPrecision, ShardingStrategy
-from .full_params import clip_grad_norm_, full_state_dict, load_full_state_dict, summon_full_params
+from .full_params import (
+    clip_grad_norm_,
+    full_optim_state_dict,
+    full_state_dict,
+    load_full_optim_state_dict,
+    load_full_state_dict,
+    summon_full_params,
+)
 
 __all__ = [
     "CPUOffload",
@@ -16,8 +23,10 @@ __all__ = [
     "ShardingStrategy",
     "clip_grad_norm_",
     "explain",
+    "full_optim_state_dict",
     "full_state_dict",
     "fully_shard",
+    "load_full_optim_state_dict",
     "load_full_state_dict",
     "no_sync",
     "sharded",

@@ -33,8 +33,9 @@ def explain(model: nn.Module) -> str:
             f"of {_fmt_bytes(full * elem)} full, gather {str(unit.gather_dtype).replace('torch.', '')}, "
             f"reduce {str(unit.reduce_dtype).replace('torch.', '')}"
         )
-        for param in unit.layout.params:
-            lines.append(f"    {param.fqn} {tuple(param.full_shape)} -> {param.chunk_rows} rows/rank")
+        for param, shape in zip(unit.layout.params, unit.orig_shapes):
+            held = "whole on every rank" if len(shape) == 0 else f"{param.chunk_rows} rows/rank"
+            lines.append(f"    {param.fqn} {tuple(shape)} -> {held}")
     if not state.compiled_graphs:
         lines.append("no compiled graphs yet (run a compiled forward/backward first)")
     backend = dist.get_backend(state.group) if state.group is not None else "none (world size 1)"

@@ -1,5 +1,5 @@
 """Full (unsharded) views of a sharded model outside the training step: ``summon_full_params``,
-``full_state_dict`` and ``load_full_state_dict``.
+``full_state_dict`` / ``load_full_state_dict`` and their optimizer counterparts.
 
 Full parameters are gathered in the shards' own dtype (never the mixed-precision one). Writing
 back copies this rank's dim-0 rows of each full parameter into its shard, in place, so
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .api import root_state
@@ -68,16 +69,49 @@ def summon_full_params(module: nn.Module, writeback: bool = True, with_grads: bo
                     _write_back(unit, summoned[unit.id])
 
 
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` with every sharded parameter replaced by its full tensor (on
-    every rank), under the original names."""
-    state = root_state(module)
-    result = module.state_dict()
-    with summon_full_params(module, writeback=False):
-        for fqn, (unit, index) in state.fqn_to_param.items():
-            if fqn in result:
-                result[fqn] = state.summoned[unit.id][index].detach().clone()
+def full_state_dict(module: nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every sharded parameter replaced by its full tensor, under
+    the original names. Gathered one parameter at a time, so at most one full parameter beyond
+    the result exists at once. With ``rank0_only`` every tensor is moved to the CPU and only
+    rank 0 keeps them (other ranks return ``{}``), so a big model's full state is not
+    materialized on every rank. A collective: every rank must call it."""
+    from torch.distributed.tensor import DTensor
+
+    root_state(module)
+    keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
+    result = {}
+    for key, value in module.state_dict().items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        elif key in root_state(module).fqn_to_param:
+            value = value.clone()  # a whole (NO_SHARD / world 1) shard: a copy, not an alias
+        if keep:
+            result[key] = value.cpu() if rank0_only else value
     return result
+
+
+def full_optim_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer, rank0_only: bool = False) -> dict:
+    """The optimizer's state dict with full (unsharded) state tensors, keyed by parameter FQN
+    (``torch.distributed.checkpoint.state_dict``'s format). ``rank0_only``: on the CPU, on
+    rank 0 only (other ranks return ``{}``). A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    root_state(module)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
+    return get_optimizer_state_dict(module, optimizer, options=options)
+
+
+def load_full_optim_state_dict(
+    module: nn.Module, optimizer: torch.optim.Optimizer, optim_state_dict: dict, rank0_only: bool = False
+) -> None:
+    """Load a full optimizer state dict (as from ``full_optim_state_dict``) into the optimizer
+    of a sharded model: each rank keeps its shard's rows. ``rank0_only``: only rank 0 passes
+    the state (others pass ``{}``), and it is broadcast."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    root_state(module)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=rank0_only)
+    set_optimizer_state_dict(module, optimizer, optim_state_dict, options=options)
 
 
 def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
@@ -113,11 +147,11 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0) 
     sharded, replicated = [], []
     in_units = set()
     for unit in state.units:
-        target = replicated if (unit.spec.replicated or not unit.spec.communicates) else sharded
-        for shard in unit.shards():
+        whole = unit.spec.replicated or not unit.spec.communicates
+        for shard, shape in zip(unit.shards(), unit.orig_shapes):
             in_units.add(id(shard))
-            if shard.grad is not None:
-                target.append(shard.grad)
+            if shard.grad is not None:  # a 0-d parameter is held whole by every rank (layout.py)
+                (replicated if whole or len(shape) == 0 else sharded).append(shard.grad)
     replicated += [p.grad for p in module.parameters() if id(p) not in in_units and p.grad is not None]
     grads = sharded + replicated
     device = grads[0].device if grads else torch.device("cpu")

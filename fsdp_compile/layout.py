@@ -8,6 +8,10 @@ Invariants (see ARCHITECTURE.md, "Vocabulary"):
   the shard's own elements), at ``offset`` = sum of the previous parameters' ``P``.
 - The all-gather buffer and the reduce-scatter input are ``world`` such slots, rank-major.
 - With ``replicated=True`` (NO_SHARD) every rank holds the whole parameter: ``c = D``.
+- A 0-d parameter is laid out as ``(world,)``: every rank holds the scalar (one element), so
+  its gather takes any slot and its gradient, written into every slot, reduce-scatters to the
+  rank average on every rank. Every rank knowing the value keeps state dicts free of
+  collectives. (World size 1 and NO_SHARD: ``(1,)``.)
 """
 from __future__ import annotations
 
@@ -102,7 +106,7 @@ def make_unit_layout(
         raise ValueError(f"{len(fqns)} names but {len(shapes)} shapes")
     params, offset = [], 0
     for fqn, shape in zip(fqns, shapes):
-        shape = tuple(int(s) for s in shape) or (1,)
+        shape = tuple(int(s) for s in shape) or ((1,) if replicated else (world_size,))
         rows = shape[0] if replicated else chunk_rows(shape[0], world_size)
         param = ParamLayout(fqn, shape, rows, offset)
         params.append(param)

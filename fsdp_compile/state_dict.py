@@ -11,10 +11,9 @@ shards are described exactly. Hence ``torch.distributed.checkpoint`` saves, load
 shards, in place) and reshards them like FSDP2's, and ``torch.distributed.checkpoint.state_dict``
 (``get_state_dict``/``set_state_dict``, full or sharded) works unchanged.
 
-Exceptions, still exact: NO_SHARD units and world size 1 hold whole tensors, which appear as
-plain tensors (the same on every rank, as DDP's); a 0-d parameter is held by rank 0 only, so its
-entry is a plain 0-d tensor broadcast from rank 0 (``state_dict()`` is then a collective, as it
-is under DCP anyway).
+Exceptions, still exact: NO_SHARD units, world size 1 and 0-d parameters are held whole by
+every rank (layout.py), so they appear as plain tensors, the same on every rank, as DDP's. No
+state dict call communicates (torch's helpers call them on some ranks only).
 
 Loading accepts, per sharded parameter: such a DTensor (any mesh size: a different layout is
 gathered first), or a plain tensor of the full shape (this rank's rows are taken). Anything
@@ -33,7 +32,6 @@ import weakref
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from .registry import live_units
 
@@ -57,19 +55,25 @@ def _mesh(unit, device: torch.device):
 def to_state_value(unit, index: int, local: torch.Tensor) -> torch.Tensor:
     """This rank's ``local`` tensor (shard-shaped) of parameter ``index`` of ``unit`` -> what a
     state dict holds for it (see the module docstring)."""
-    if not _is_sharded(unit):
-        return local
     full_shape = torch.Size(unit.orig_shapes[index])
-    if len(full_shape) == 0:
-        value = local.reshape(-1)[:1].clone() if local.numel() else local.new_empty(1)
-        dist.broadcast(value, src=dist.get_global_rank(unit.state.group, 0), group=unit.state.group)
-        return value.reshape(())
+    if not _is_sharded(unit) or len(full_shape) == 0:  # held whole (a 0-d one as (1,): layout.py)
+        return local if local.shape == full_shape else local.view(full_shape)
     from torch.distributed.tensor import DTensor, Shard
 
     stride = tuple(math.prod(full_shape[i + 1:]) for i in range(len(full_shape)))
-    return DTensor.from_local(
-        local, _mesh(unit, local.device), [Shard(0)], run_check=False, shape=full_shape, stride=stride
+    mesh = _mesh(unit, local.device)
+    if local.requires_grad:  # keep_vars=True: differentiable, built as usual
+        return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=full_shape, stride=stride)
+    # A DTensor's wrapper copies its local tensor's storage offset, and DCP's async staging
+    # (StateDictStager) takes a wrapper with a nonzero data_ptr for a plain tensor, failing
+    # ("invalid python storage"). Our shards are views at offsets into the flat buffer: build
+    # the wrapper from an offset-0 view of the same storage, then hold the shard itself.
+    dtensor = DTensor.from_local(
+        local.as_strided(local.shape, local.stride(), 0), mesh, [Shard(0)], run_check=False,
+        shape=full_shape, stride=stride,
     )
+    dtensor._local_tensor = local
+    return dtensor
 
 
 def from_state_value(unit, index: int, value, key: str) -> torch.Tensor:
@@ -206,16 +210,25 @@ def _optimizer_state_dict_post(optimizer, state_dict):
     return {**state_dict, "state": state}
 
 
-def _local_state(position, per_param: dict, where: str) -> dict:
+def _local_state(position, per_param: dict, where: str, current: Optional[dict] = None) -> dict:
+    """A loaded per-parameter optimizer state -> this rank's. A value is per-element state (to
+    be cut to this rank's rows) if it is a DTensor, or a plain tensor of the parameter's full
+    shape where that differs from the shard's -- except a 0-d value whose current counterpart
+    is 0-d too (Adam's ``step``; without a current state, the key ``step``)."""
     from torch.distributed.tensor import DTensor
 
     unit, index = position
     full_shape = tuple(unit.orig_shapes[index])
+    shard_shape = tuple(unit.layout.shard_shapes(unit.spec.rank)[index])
     out = {}
     for k, v in per_param.items():
-        if isinstance(v, DTensor) or (
-            isinstance(v, torch.Tensor) and _is_sharded(unit) and tuple(v.shape) == full_shape and v.dim() > 0
-        ) or (isinstance(v, torch.Tensor) and _is_sharded(unit) and not full_shape and v.dim() == 0 and k != "step"):
+        per_element = isinstance(v, DTensor) or (
+            isinstance(v, torch.Tensor) and tuple(v.shape) == full_shape and full_shape != shard_shape
+        )
+        if per_element and not full_shape and not isinstance(v, DTensor):
+            now = (current or {}).get(k)
+            per_element = now.dim() > 0 if isinstance(now, torch.Tensor) else k != "step"
+        if per_element:
             v = from_state_value(unit, index, v, f"{where} {unit.layout.params[index].fqn}.{k}")
         out[k] = v
     return out
@@ -232,5 +245,5 @@ def _optimizer_load_pre(optimizer, state_dict) -> Optional[dict]:
     for key, per_param in state.items():
         param = param_of.get(key)
         if param is not None and id(param) in positions:
-            state[key] = _local_state(positions[id(param)], per_param, "optimizer state")
+            state[key] = _local_state(positions[id(param)], per_param, "optimizer state", optimizer.state.get(param))
     return {**state_dict, "state": state}

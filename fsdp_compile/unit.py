@@ -106,7 +106,7 @@ class Unit:
         spec = self.spec if dtype is None else _with_param_dtype(self.spec, dtype)
         shards = [s.to(self.compute_device) if s.device != self.compute_device else s for s in shards]
         fulls = collectives.all_gather_unit(shards, self.layout, spec)
-        return [f.view(shape) if f.shape != shape else f for f, shape in zip(fulls, self.orig_shapes)]
+        return [_as_full(f, shape) for f, shape in zip(fulls, self.orig_shapes)]
 
     def pack_grads(self, full_grads: list[Optional[torch.Tensor]]) -> torch.Tensor:
         return collectives.pack_unit_grads(self._flat_grads(full_grads), self.layout, self.spec)
@@ -122,8 +122,9 @@ class Unit:
         )
 
     def _flat_grads(self, full_grads):
+        # A 0-d parameter's gradient goes into every rank's slot (see layout.py).
         return [
-            None if g is None else g.reshape(p.full_shape)
+            None if g is None else g.reshape(-1).expand(p.full_shape) if g.dim() == 0 else g.reshape(p.full_shape)
             for g, p in zip(full_grads, self.layout.params)
         ]
 
@@ -232,6 +233,8 @@ class Unit:
         param = self.layout.params[index]
         rank = self.spec.rank if self.spec.communicates and not self.spec.replicated else 0
         start, stop = param.shard_row_range(rank)
+        if full.dim() == 0:  # every rank holds the scalar (layout.py)
+            return full.reshape(1)
         return full.reshape(param.full_shape)[start:stop]
 
     def shard_from(self, full_params: list[nn.Parameter]) -> list[nn.Parameter]:
@@ -286,6 +289,13 @@ class Unit:
         if self.pending is not None:
             self.pending = self.pending.to(device=device)
         return True
+
+
+def _as_full(gathered: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A gathered parameter in its original shape (a 0-d one is any of its identical slots)."""
+    if len(shape) == 0:
+        return gathered.reshape(-1)[0]
+    return gathered.view(shape) if gathered.shape != shape else gathered
 
 
 def _views_into(tensor: torch.Tensor, flat: torch.Tensor) -> bool:

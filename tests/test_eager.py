@@ -66,7 +66,9 @@ def _ddp_rows(ddp_module: nn.Module, what: str, rank: int, world: int, replicate
         if t is None:
             out[n] = None
         else:
-            t = t.reshape(-1) if t.ndim == 0 else t
+            if t.ndim == 0:  # a 0-d parameter is held whole by every rank
+                out[n] = t.reshape(1).clone()
+                continue
             out[n] = t.clone() if replicated else _rows(t, rank, world).clone()
     return out
 
@@ -213,9 +215,9 @@ def test_mixed_precision_matches_a_hand_written_bf16_reference():
 
 # ---- 2. empty shards on rank 1, foreach optimizers ---------------------------------------------
 class Tiny(nn.Module):
-    """fc1 is split; head (a (1, 16) weight, a (1,) bias), ``scale`` (1,) and the 0-d ``temp``
-    (laid out as (1,)) are empty on rank 1. Under ``policy={nn.Linear}`` the ``head`` unit and
-    the root unit (scale, temp) hold nothing but padding on rank 1."""
+    """fc1 is split; head (a (1, 16) weight, a (1,) bias) and ``scale`` (1,) are empty on rank
+    1; the 0-d ``temp`` is held whole (one element) by every rank. Under ``policy={nn.Linear}``
+    the ``head`` unit holds nothing but padding on rank 1."""
 
     def __init__(self):
         super().__init__()
@@ -282,7 +284,7 @@ def test_empty_shards_foreach_optimizers():
             if strategy == "NO_SHARD":
                 assert shapes == full, what
             else:
-                assert temp_shape == (1 - rank,), what
+                assert temp_shape == (1,), what
                 assert shapes == {
                     "fc1.weight": (8, 8), "fc1.bias": (8,),
                     "head.weight": (1 - rank, 16), "head.bias": (1 - rank,), "scale": (1 - rank,),

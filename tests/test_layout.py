@@ -16,8 +16,7 @@ import torch
 from fsdp_compile.layout import ParamLayout, chunk_rows, make_unit_layout
 
 WORLDS = range(1, 9)
-SHAPES = [
-    (),  # 0-d: laid out as (1,)
+SHAPES = [  # 0-d parameters have a layout of their own (test_zero_dim_param_...)
     (0,),
     (0, 5),
     (1,),
@@ -101,14 +100,21 @@ def test_param_shards_rebuild_full(shape, world):
     assert [p.shard_numel(r) > 0 for r in range(world)] == [r < nonempty for r in range(world)]
 
 
-def test_zero_dim_param_is_laid_out_as_one_row():
-    layout = make_unit_layout(["scale"], [()], 2)
+@pytest.mark.parametrize("world", WORLDS)
+def test_zero_dim_param_is_held_whole_by_every_rank(world):
+    """A 0-d parameter is laid out as ``(world,)``: one element per rank, the scalar itself
+    on every rank (so its gradient, written into every slot, reduces to the average)."""
+    layout = make_unit_layout(["scale"], [()], world)
     (p,) = layout.params
-    assert p.full_shape == (1,)
+    assert p.full_shape == (world,)
     assert p.chunk_rows == 1 and p.padded_numel == 1
-    assert layout.shard_shapes(0) == [(1,)]
-    assert layout.shard_shapes(1) == [(0,)]
-    assert layout.local_numel == 1 and layout.gathered_numel == 2
+    assert [layout.shard_shapes(r) for r in range(world)] == [[(1,)]] * world
+    assert layout.local_numel == 1 and layout.gathered_numel == world
+
+
+def test_zero_dim_param_without_sharding_is_one_element():
+    for layout in (make_unit_layout(["t"], [()], 1), make_unit_layout(["t"], [()], 4, replicated=True)):
+        assert layout.params[0].full_shape == (1,) and layout.shard_shapes(0) == [(1,)]
 
 
 def test_empty_shards_on_trailing_ranks():
