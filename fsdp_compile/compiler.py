@@ -11,7 +11,8 @@ Pipeline for one Dynamo graph:
    AOTAutograd; ``passes.reorder`` moves each all-gather ``prefetch`` gathers earlier in the
    partitioned forward and backward graphs so that it overlaps compute.
 4. ``passes.schedule_check`` records the collective schedule of each graph; the first call of
-   each compiled graph compares its fingerprint across ranks (a clear error instead of a hang).
+   each compiled graph compares the forward's and the backward's fingerprints across ranks (a
+   clear error instead of a hang).
 5. The inner compiler (Inductor, or ``aot_eager`` for debugging) compiles both graphs.
 
 No pass reads or writes state per step: the only per-call work is clearing a unit's pending
@@ -49,6 +50,7 @@ class CompiledGraphs:
     forward: Optional[torch.fx.GraphModule] = None
     backward: Optional[torch.fx.GraphModule] = None
     schedules: dict[str, list[Collective]] = field(default_factory=dict)
+    joint_schedule: Optional[list[Collective]] = None  # forward then backward, before partitioning
     buckets: list[list[int]] = field(default_factory=list)  # unit ids merged per gather
     bucket_units: list = field(default_factory=list)  # keeps bucket Units alive (weak registry)
 
@@ -96,6 +98,9 @@ class FSDPBackend:
         def joint_pass(joint: torch.fx.GraphModule, *args) -> torch.fx.GraphModule:
             tag_reshard(joint, strategy_of)
             joint.recompile()
+            # Known before the first call (the backward is compiled lazily, at its first call):
+            # the backward's collectives, in the joint graph after the forward's.
+            record.joint_schedule = collective_schedule(joint)
             return joint
 
         def on_graph(graph: torch.fx.GraphModule, is_backward: bool) -> None:
@@ -140,8 +145,9 @@ def _compile_inner(inner: str, gm, example_inputs, on_graph) -> Callable:
 
 
 def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -> Callable:
-    """Per call: on the first, check the schedule across ranks; after each, drop pending
-    ``no_sync`` gradients the graph has consumed (it holds them until its backward)."""
+    """Per call: on the first, check the forward's and the backward's collective schedules
+    across ranks; after each, drop pending ``no_sync`` gradients the graph has consumed (it
+    holds them until its backward)."""
     consumed = [units[g.unit_id] for g in record.gathers if g.mode == ops.SYNC_PENDING]
     checked = False
 
@@ -149,7 +155,12 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
     def run(*args):
         nonlocal checked
         if not checked and group is not None:
+            # The joint graph holds the backward's collectives too: a rank whose backward
+            # differs (e.g. it froze a unit) fails here, before the backward could hang on a
+            # collective the others never issue.
             verify_schedule_across_ranks(record.schedules.get("forward", []), group, "forward")
+            if record.joint_schedule is not None:
+                verify_schedule_across_ranks(record.joint_schedule, group, "forward+backward (joint)")
             checked = True
         out = compiled(*args)
         for unit in consumed:

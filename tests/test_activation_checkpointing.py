@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 import fsdp_compile
 from fsdp_compile import collectives, fully_shard
 from fsdp_compile.testing.graphs import graph_structure
+from fsdp_compile.testing.loop import train_steps
 from fsdp_compile.testing.memory import profile_step
 from fsdp_compile.testing.spawn import run_ranks
 
@@ -93,14 +94,7 @@ def batch(step: int, rank: int) -> torch.Tensor:
 
 def _train(model, forward, rank):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for step in range(STEPS):
-        loss = forward(batch(step, rank))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train_steps(forward, opt, lambda step: batch(step, rank), STEPS)
 
 
 def _full_params(model):

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_map_only
 
 import fsdp_compile
 from fsdp_compile import fully_shard
+from fsdp_compile.testing.loop import train_steps
 from fsdp_compile.testing.spawn import run_ranks
 
 STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
@@ -71,14 +72,7 @@ def ids_for(step: int, rank: int) -> torch.Tensor:
 
 
 def train(forward, opt, rank, steps, start=0) -> list[float]:
-    losses = []
-    for step in range(start, start + steps):
-        loss = forward(ids_for(step, rank))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train_steps(forward, opt, lambda step: ids_for(step, rank), steps, start)
 
 
 def _sharded(strategy="FULL_SHARD"):

@@ -336,3 +336,23 @@ def test_graph_breaks_inside_units_keep_the_eager_numbers():
     for res in run_ranks(graph_break_run, 2, timeout=600):
         assert res["graphs"] >= 3  # the pieces between the breaks
         _assert_same_run(res["compiled"], res["eager"], **TOL)
+
+
+def frozen_on_one_rank(rank: int, world: int) -> str:
+    """Rank 1 freezes block 0 after fully_shard: the forward graphs are the same, the backward
+    graphs are not (rank 1 does not reduce block 0's gradients)."""
+    torch.manual_seed(0)
+    model = fsdp_compile.fully_shard(GPT(SMALL), policy={Block})
+    if rank == 1:
+        model.blocks[0].requires_grad_(False)
+    compiled = torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager"), fullgraph=True)
+    try:
+        compiled(*gpt_batch(0, rank, SMALL)).backward()
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ranks_with_different_backward_graphs_fail_before_the_backward_runs():
+    for message in run_ranks(frozen_on_one_rank, 2, timeout=180):
+        assert "compiled forward+backward (joint) graph" in message and "reduce_scatter_tensor" in message, message

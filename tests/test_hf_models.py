@@ -4,7 +4,8 @@ configs (no network): a Llama decoder (GQA, rotary buffers, tied embeddings) and
 
 - eager, compiled ``aot_eager`` and compiled Inductor (``fullgraph=True``), float64, against DDP
   on a copy (losses and final parameters; 0 graph breaks, 0 recompiles after step 1);
-- ``gradient_checkpointing_enable()``, eager and Inductor, against DDP with the same checkpointing;
+- ``gradient_checkpointing_enable()`` (eager, Inductor) and ``apply_activation_checkpointing``
+  (eager, ``aot_eager``), against DDP with checkpointing;
 - bf16 mixed precision: eager against DDP in float32 (bf16 rounding tolerance), compiled against
   eager (tight);
 - ``generate()`` (greedy) and ``get_input_embeddings()(ids)`` against the unsharded model;
@@ -19,6 +20,7 @@ import traceback
 
 import pytest
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.testing import assert_close
 
@@ -26,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 import fsdp_compile  # noqa: E402
 from fsdp_compile import MixedPrecision, fully_shard  # noqa: E402
+from fsdp_compile.testing.loop import train_steps  # noqa: E402
 from fsdp_compile.testing.spawn import run_ranks  # noqa: E402
 
 STEPS = 3
@@ -65,18 +68,12 @@ def train(model, forward, rank, check_recompiles=False, sgd=False) -> list[float
     # bf16 runs use SGD: AdamW turns bf16 rounding noise in near-zero gradients into lr-sized
     # parameter steps, which would hide what the comparison is for.
     opt = torch.optim.SGD(model.parameters(), lr=0.5) if sgd else torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for step in range(STEPS):
+
+    def inputs(step):
         ids = ids_for(step, rank)
-        loss = forward(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-        if check_recompiles and step == 0:
-            torch._dynamo.config.error_on_recompile = True
-    torch._dynamo.config.error_on_recompile = False
-    return losses
+        return {"input_ids": ids, "labels": ids, "use_cache": False}
+
+    return train_steps(forward, opt, inputs, STEPS, no_recompiles_after_first=check_recompiles)
 
 
 def _full(model) -> dict:
@@ -101,10 +98,12 @@ def family_cases(rank: int, world: int, family: str) -> dict:
             ref.module.gradient_checkpointing_enable()
         return {"losses": train(ref, ref, rank, sgd=sgd), "params": {n: p.detach().clone() for n, p in ref.module.named_parameters()}}
 
-    def sharded_run(dtype, backend=None, checkpointing=False, mp=None):
+    def sharded_run(dtype, backend=None, checkpointing=False, mp=None, wrapper=False):
         model = copy.deepcopy(base).to(dtype)
         if checkpointing:
             model.gradient_checkpointing_enable()
+        if wrapper:  # torch's own recipe, applied before fully_shard (issue 11's first failure)
+            apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, layer_cls))
         fully_shard(model, policy={layer_cls}, mixed_precision=mp)
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
@@ -126,6 +125,8 @@ def family_cases(rank: int, world: int, family: str) -> dict:
     case("inductor", lambda: sharded_run(torch.float64, "fsdp_compile"))
     case("eager_gc", lambda: sharded_run(torch.float64, checkpointing=True))
     case("inductor_gc", lambda: sharded_run(torch.float64, "fsdp_compile", checkpointing=True))
+    case("eager_wrapper", lambda: sharded_run(torch.float64, wrapper=True))
+    case("aot_eager_wrapper", lambda: sharded_run(torch.float64, aot_eager, wrapper=True))
     case("eager_bf16", lambda: sharded_run(torch.float32, mp=BF16))
     case("aot_eager_bf16", lambda: sharded_run(torch.float32, aot_eager, mp=BF16))
     case("generate", lambda: generate_case(base, layer_cls))
@@ -203,12 +204,17 @@ def test_trains_like_ddp(family, mode, tol):
             assert got["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("mode,tol", [("eager_gc", {}), ("inductor_gc", INDUCTOR_TOL)])
+@pytest.mark.parametrize("mode,tol", [
+    ("eager_gc", {}), ("inductor_gc", INDUCTOR_TOL), ("eager_wrapper", {}), ("aot_eager_wrapper", {}),
+])
 def test_gradient_checkpointing_trains_like_ddp_with_checkpointing(family, mode, tol):
+    """HF's gradient_checkpointing_enable() and torch's apply_activation_checkpointing
+    (checkpoint_wrapper around each decoder layer), against DDP with HF's checkpointing."""
     _, results = family
     for got, ddp in _get(results, mode):
         assert_close(got["losses"], ddp["fp64_gc"]["losses"], **tol)
-        _assert_params(got["params"], ddp["fp64_gc"]["params"], **tol)
+        params = {k.replace("._checkpoint_wrapped_module", ""): v for k, v in got["params"].items()}
+        _assert_params(params, ddp["fp64_gc"]["params"], **tol)
         if mode != "eager_gc":
             assert got["graph_breaks"] == 0
 

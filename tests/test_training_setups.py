@@ -19,6 +19,7 @@ from torch.testing import assert_close
 
 import fsdp_compile
 from fsdp_compile import fully_shard
+from fsdp_compile.testing.loop import train_steps
 from fsdp_compile.testing.memory import profile_step
 from fsdp_compile.testing.spawn import run_ranks
 
@@ -95,15 +96,8 @@ def meta_equals_cpu(rank, world):
             meta = TiedNet()
         fully_shard(meta, policy={Block}, strategy=strategy)
         states = [_state(meta), _state(cpu)]
-        losses = []
         for model in (meta, cpu):
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-            for step in range(2):
-                loss = model(_ids(step, rank))
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-            losses.append(loss.item())
+            train_steps(model, torch.optim.AdamW(model.parameters(), lr=1e-2), lambda step: _ids(step, rank), 2)
         out[strategy] = {
             "initial": states,
             "tied": meta.head.weight is meta.emb.weight,
@@ -206,15 +200,10 @@ def to_dtype(rank, world):
     plain = TiedNet()
     model = fully_shard(copy.deepcopy(plain), policy={Block}).to(torch.float64)
     ref = DDP(copy.deepcopy(plain).to(torch.float64))
-    losses = {"sharded": [], "ddp": []}
-    for name, m, fwd in (("sharded", model, model), ("ddp", ref, ref)):
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-        for step in range(3):
-            loss = fwd(_ids(step, rank))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses[name].append(loss.item())
+    losses = {
+        name: train_steps(m, torch.optim.AdamW(m.parameters(), lr=1e-2), lambda step: _ids(step, rank), 3)
+        for name, m in (("sharded", model), ("ddp", ref))
+    }
     half = fully_shard(copy.deepcopy(plain), policy={Block}).to(torch.bfloat16)
     return {
         "losses": losses,
