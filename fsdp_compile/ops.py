@@ -19,6 +19,7 @@ AOTAutograd traces both directions into the forward and backward graphs.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -75,8 +76,28 @@ def param_use(
     shards: list[torch.Tensor], extra: Optional[torch.Tensor], unit: int, index: int, mode: int
 ) -> torch.Tensor:
     """Full tensor of parameter ``index`` of ``unit`` (a marker for the graph passes)."""
+    _warn_surviving_marker(unit)
     with torch.no_grad():
         return get_unit(unit).all_gather(shards)[index].clone()
+
+
+_WARNED_UNITS: set[int] = set()
+
+
+def _warn_surviving_marker(unit_id: int) -> None:
+    """A marker runs only if no pass replaced it: the graph was compiled by another backend, or
+    the read sits inside a higher-order op the passes cannot open. Correct, but one gather
+    (and one reduction) per read: say so once per unit."""
+    if unit_id in _WARNED_UNITS:
+        return
+    _WARNED_UNITS.add(unit_id)
+    warnings.warn(
+        f"fsdp_compile: parameters of unit {get_unit(unit_id).name or '<root>'!r} are gathered one "
+        "read at a time in a compiled graph (a graph compiled with a backend other than "
+        "'fsdp_compile', or a read inside a higher-order op other than activation checkpointing); "
+        "compile with backend='fsdp_compile' for one gather per unit",
+        stacklevel=2,
+    )
 
 
 @param_use.register_fake

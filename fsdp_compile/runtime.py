@@ -121,6 +121,8 @@ class FSDPState:
     def _pack(self, tensor: torch.Tensor):
         if tensor.numel() == 0 or tensor.layout != torch.strided or tensor.is_sparse:
             return tensor
+        if type(tensor) not in (torch.Tensor, nn.Parameter):
+            return tensor  # a wrapper subclass (DTensor, a user's async collective result): not ours
         offset = tensor.storage_offset()
         for unit, index, full in self._full_storages.get(tensor.untyped_storage().data_ptr(), ()):
             start = full.storage_offset()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from passes.reshard import copy_in_nodes, is_all_gather, is_wait_tensor
+from passes.reshard import copy_in_nodes, is_all_gather, is_wait_tensor, unit_of
 
 
 def _wait_of(all_gather: torch.fx.Node):
@@ -36,7 +36,7 @@ def prefetch_all_gathers(gm: torch.fx.GraphModule, prefetch: int) -> int:
     if prefetch <= 0:
         return 0
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    gathers = [n for n in gm.graph.nodes if is_all_gather(n)]
+    gathers = [n for n in gm.graph.nodes if is_all_gather(n) and unit_of(n) is not None]  # ours only
     moved = 0
     for i in range(prefetch, len(gathers)):
         anchor = _wait_of(gathers[i - prefetch])

@@ -136,12 +136,17 @@ def gather_chain(wait: torch.fx.Node) -> list[torch.fx.Node]:
 
 
 def tag_reshard(gm: torch.fx.GraphModule, strategy_of: Callable[[Optional[int]], ShardingStrategy]) -> torch.fx.GraphModule:
-    """Tag every unit gather in joint graph ``gm``; ``strategy_of(unit_id)`` gives its strategy."""
+    """Tag every unit gather in joint graph ``gm`` (an all-gather traced inside ``gather_unit``,
+    which carries the unit annotation; other all-gathers are left alone); ``strategy_of(unit_id)``
+    gives its strategy."""
     for node in list(gm.graph.nodes):
         if not (is_wait_tensor(node) and is_all_gather(node.args[0])):
             continue
+        unit = unit_of(node) if unit_of(node) is not None else unit_of(node.args[0])
+        if unit is None:
+            continue  # not traced inside one of our gathers: a user's own collective
         chain = gather_chain(node)
-        strategy = strategy_of(unit_of(node) if unit_of(node) is not None else unit_of(chain[0]))
+        strategy = strategy_of(unit)
         policy = (
             CheckpointPolicy.MUST_RECOMPUTE
             if strategy == ShardingStrategy.FULL_SHARD

@@ -356,3 +356,52 @@ def frozen_on_one_rank(rank: int, world: int) -> str:
 def test_ranks_with_different_backward_graphs_fail_before_the_backward_runs():
     for message in run_ranks(frozen_on_one_rank, 2, timeout=180):
         assert "compiled forward+backward (joint) graph" in message and "reduce_scatter_tensor" in message, message
+
+
+class GathersActivations(torch.nn.Module):
+    """A user's own all-gather (of activations) next to the units' gathers."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        from torch.distributed import _functional_collectives as funcol
+
+        h = funcol.all_gather_tensor(self.fc(x), 0, torch.distributed.group.WORLD)
+        return h.square().mean()
+
+
+def foreign_collectives_and_backends(rank: int, world: int) -> dict:
+    import warnings
+
+    from passes.reshard import _AC_GRAPH_ID
+
+    out = {}
+    torch.manual_seed(0)
+    base = GathersActivations()
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(rank))
+    eager = fsdp_compile.fully_shard(copy.deepcopy(base), policy={torch.nn.Linear})
+    model = fsdp_compile.fully_shard(copy.deepcopy(base), policy={torch.nn.Linear})
+    compiled = torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager", prefetch=2), fullgraph=True)
+    out["losses"] = (compiled(x).item(), eager(x).item())
+    record = model._fsdp_root_state.compiled_graphs[0]
+    gathers = [n for n in record.forward.graph.nodes if str(n.target) == "_c10d_functional.all_gather_into_tensor.default"]
+    out["ours_tagged"] = [n.meta.get("ac_graph_id") == _AC_GRAPH_ID for n in gathers]
+    # Another backend: the markers survive and run one gather per read, with one warning.
+    other = fsdp_compile.fully_shard(copy.deepcopy(base), policy={torch.nn.Linear})
+    plain = torch.compile(other, backend="aot_eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["other_backend"] = (plain(x).item(), plain(x).item())
+    out["warnings"] = [str(w.message) for w in caught if "fsdp_compile" in str(w.message)]
+    return out
+
+
+def test_passes_leave_a_users_collectives_alone_and_other_backends_warn_once():
+    for got in run_ranks(foreign_collectives_and_backends, 2, timeout=300):
+        torch.testing.assert_close(got["losses"][0], got["losses"][1], **TOL)
+        # The unit's gather is tagged (FULL_SHARD: recomputed); the user's all-gather is not.
+        assert sorted(got["ours_tagged"]) == [False, True], got["ours_tagged"]
+        torch.testing.assert_close(got["other_backend"][0], got["losses"][1], **TOL)
+        assert len(got["warnings"]) == 1 and "backend='fsdp_compile'" in got["warnings"][0]
