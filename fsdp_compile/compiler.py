@@ -28,12 +28,12 @@ import torch
 import torch._functorch.config as functorch_config
 import torch.fx
 
-from passes.bucketing import bucket_gathers
-from passes.hoist_markers import hoist_markers
-from passes.insert_collectives import UnitGather, insert_collectives
-from passes.reorder import prefetch_all_gathers
-from passes.reshard import tag_reshard
-from passes.schedule_check import Collective, collective_schedule, verify_schedule_across_ranks
+from fsdp_compile.passes.bucketing import bucket_gathers
+from fsdp_compile.passes.hoist_markers import hoist_markers
+from fsdp_compile.passes.insert_collectives import UnitGather, insert_collectives
+from fsdp_compile.passes.reorder import prefetch_all_gathers
+from fsdp_compile.passes.reshard import tag_reshard
+from fsdp_compile.passes.schedule_check import Collective, collective_schedule, verify_schedule_across_ranks
 
 from . import ops
 from .config import ShardingStrategy

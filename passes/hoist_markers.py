@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from passes.insert_collectives import is_param_use
+from fsdp_compile.passes.insert_collectives import is_param_use
 
 _LIFTABLE = ("tag_activation_checkpoint", "wrap")
 

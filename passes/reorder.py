@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from passes.reshard import copy_in_nodes, is_all_gather, is_wait_tensor, unit_of
+from fsdp_compile.passes.reshard import copy_in_nodes, is_all_gather, is_wait_tensor, unit_of
 
 
 def _wait_of(all_gather: torch.fx.Node):

@@ -175,7 +175,7 @@ def decorator_and_explain_run(rank: int, world: int) -> dict:
         "plain_names": [n for n, _ in ddp.module.named_parameters()],
         "explain": fsdp_compile.explain(compiled),
     }
-    from passes.schedule_check import Collective, verify_schedule_across_ranks
+    from fsdp_compile.passes.schedule_check import Collective, verify_schedule_across_ranks
 
     mine = [Collective("all_gather_into_tensor", 64 * (rank + 1), "float32")]
     try:
@@ -375,7 +375,7 @@ class GathersActivations(torch.nn.Module):
 def foreign_collectives_and_backends(rank: int, world: int) -> dict:
     import warnings
 
-    from passes.reshard import _AC_GRAPH_ID
+    from fsdp_compile.passes.reshard import _AC_GRAPH_ID
 
     out = {}
     torch.manual_seed(0)

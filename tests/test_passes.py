@@ -6,7 +6,11 @@ No process group: units are built with world size 1 (``fully_shard`` without
 from __future__ import annotations
 
 import operator
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 import torch.fx
 import torch.nn as nn
@@ -16,9 +20,9 @@ from torch.utils.checkpoint import CheckpointPolicy
 import fsdp_compile
 from fsdp_compile import ops
 from fsdp_compile.config import ShardingStrategy
-from passes.insert_collectives import insert_collectives
-from passes.reshard import tag_reshard
-from passes.schedule_check import collective_schedule
+from fsdp_compile.passes.insert_collectives import insert_collectives
+from fsdp_compile.passes.reshard import tag_reshard
+from fsdp_compile.passes.schedule_check import collective_schedule
 
 c10d = torch.ops._c10d_functional
 fc = torch.ops.fsdp_compile
@@ -88,6 +92,8 @@ def _gather_chain_graph(with_cast: bool = False):
     t = graph.call_function(torch.ops.aten.t.default, (full,))
     mm = graph.call_function(torch.ops.aten.mm.default, (x, t))
     graph.output(mm)
+    for node in (copy_in, ag, wait, copy_out):  # as traced inside gather_unit (its annotation)
+        node.meta["custom"] = {"fsdp_unit": 0}
     gm = torch.fx.GraphModule(nn.Module(), graph)
     return gm, {"copy_in": copy_in, "ag": ag, "wait": wait, "copy_out": copy_out, "full": full, "t": t, "mm": mm}
 
@@ -114,6 +120,21 @@ def test_reshard_reads_each_gathers_unit_from_node_annotations():
     seen = []
     tag_reshard(gm, lambda unit: seen.append(unit) or ShardingStrategy.FULL_SHARD)
     assert seen == [7]
+
+
+def test_reshard_and_prefetch_leave_unannotated_all_gathers_alone():
+    """An all-gather not traced inside one of our gathers is a user's: neither tagged nor moved."""
+    from fsdp_compile.passes.reorder import prefetch_all_gathers
+
+    gm, nodes = _gather_chain_graph()
+    for node in gm.graph.nodes:
+        node.meta.pop("custom", None)
+    tag_reshard(gm, lambda unit: ShardingStrategy.FULL_SHARD)
+    assert not any("recompute" in n.meta for n in gm.graph.nodes)
+    gm, n = _two_gathers_graph()
+    for node in gm.graph.nodes:
+        node.meta.pop("custom", None)
+    assert prefetch_all_gathers(gm, 1) == 0
 
 
 def test_schedule_lists_collectives_in_program_order_with_bytes():
@@ -143,13 +164,15 @@ def _two_gathers_graph():
         inputs = (wait,) if previous is None else (wait, previous)
         compute = graph.call_function(torch.ops.aten.add.Tensor if previous is not None else torch.ops.aten.relu.default, inputs)
         previous = compute
+        for node in (copy_in, ag, wait):  # as traced inside gather_unit (its annotation)
+            node.meta["custom"] = {"fsdp_unit": len(names)}
         names.update({f"copy_in_{tag}": copy_in, f"ag_{tag}": ag, f"wait_{tag}": wait, f"compute_{tag}": compute})
     graph.output(previous)
     return torch.fx.GraphModule(nn.Module(), graph), names
 
 
 def test_prefetch_issues_next_all_gather_before_previous_compute():
-    from passes.reorder import prefetch_all_gathers
+    from fsdp_compile.passes.reorder import prefetch_all_gathers
 
     gm, n = _two_gathers_graph()
     order_before = [node.name for node in gm.graph.nodes]
@@ -173,7 +196,7 @@ def _two_units():
 
 
 def test_bucketing_merges_adjacent_gathers_into_one():
-    from passes.bucketing import bucket_gathers
+    from fsdp_compile.passes.bucketing import bucket_gathers
     from fsdp_compile.unit import Unit
 
     model, units, (w0, b0, w1, b1) = _two_units()
@@ -203,3 +226,13 @@ def test_bucketing_merges_adjacent_gathers_into_one():
     expected = F.linear(F.linear(x_val, w0, b0), w1, b1)
     params = [p for p in model.parameters()]
     torch.testing.assert_close(gm(*params, x_val), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parent.parent / "passes").glob("*.py") if p.stem != "__init__"))
+def test_each_pass_imports_first_in_a_fresh_interpreter(name, tmp_path):
+    """``passes/`` installs as ``fsdp_compile.passes`` (no generic top-level ``passes`` module),
+    and any pass can be the first thing a program imports (no partial-initialization cycle)."""
+    code = f"import fsdp_compile.passes.{name} as m; print(m.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"fsdp_compile.passes.{name}"

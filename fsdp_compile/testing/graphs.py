@@ -28,7 +28,7 @@ def comes_from_gather(node: torch.fx.Node) -> bool:
     """True if ``node`` is a gathered parameter: copy-out/wait output, a node of a decomposed
     copy-out (tagged by ``passes.reshard``, not by a user's checkpoint region), or a view chain
     of one."""
-    from passes.reshard import _AC_GRAPH_ID
+    from fsdp_compile.passes.reshard import _AC_GRAPH_ID
 
     while node.op == "call_function":
         name = str(node.target)
