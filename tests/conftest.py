@@ -1,0 +1,65 @@
+"""Session checks: no test may leave a process, a listening port or a process group behind."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """Live descendants of ``pid`` (from /proc), as (pid, command line)."""
+    found, frontier = [], [pid]
+    if not os.path.isdir("/proc"):
+        return found
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                stats[int(entry)] = (int(fields[1]), fields[0])  # ppid, state
+            except OSError:
+                continue
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, state) in stats.items():
+            if ppid == parent and state != "Z":
+                try:
+                    with open(f"/proc/{child}/cmdline", "rb") as f:
+                        cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                except OSError:
+                    continue
+                found.append((child, cmd))
+                frontier.append(child)
+    return found
+
+
+def _leftovers() -> list[str]:
+    problems = []
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        problems.append("the test process still has a default process group")
+    # Compile workers and torch's own helper processes are not ours to judge: only Python
+    # processes started by multiprocessing (our ranks) or by a test's subprocess.
+    for pid, cmd in _children(os.getpid()):
+        if "resource_tracker" in cmd:  # multiprocessing's own helper, lives as long as pytest
+            continue
+        if "multiprocessing" in cmd or "torchrun" in cmd or "train_" in cmd:
+            problems.append(f"process {pid} still runs: {cmd[:160]}")
+    return problems
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    deadline = time.monotonic() + 10  # ranks that just reported may still be exiting
+    problems = _leftovers()
+    while problems and time.monotonic() < deadline:
+        time.sleep(0.5)
+        problems = _leftovers()
+    if problems:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        for line in ["tests left these behind:", *problems]:
+            (reporter.write_line if reporter else print)(line)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
