@@ -53,6 +53,7 @@ class FSDPState:
         self.group = None  # the process group of every unit (None: no communication)
         self.fqn_to_param: dict = {}  # every registered name -> (unit, index)
         self.compiled_graphs: list = []  # backend.CompiledGraphs, one per compiled Dynamo graph
+        self.device_meshes: dict = {}  # device type -> 1-D DeviceMesh over ``group`` (state dicts)
 
     # ---- forward hooks -------------------------------------------------------------------
     # Registered on the root and on every module that holds a sharded parameter or is a unit:

@@ -44,12 +44,10 @@ def _is_sharded(unit) -> bool:
 def _mesh(unit, device: torch.device):
     from torch.distributed.device_mesh import DeviceMesh
 
-    state = unit.state
-    key = device.type
-    cache = state.__dict__.setdefault("device_meshes", {})
-    if key not in cache:
-        cache[key] = DeviceMesh.from_group(state.group, device_type=key)
-    return cache[key]
+    meshes = unit.state.device_meshes
+    if device.type not in meshes:
+        meshes[device.type] = DeviceMesh.from_group(unit.state.group, device_type=device.type)
+    return meshes[device.type]
 
 
 def to_state_value(unit, index: int, local: torch.Tensor) -> torch.Tensor:
