@@ -6,6 +6,7 @@
 from .api import fully_shard, no_sync, sharded
 from .compiler import backend
 from .explain import explain
+from .failures import CollectiveError
 from .config import CPUOffload, MixedPrecision, ShardingStrategy
 from .full_params import (
     clip_grad_norm_,
@@ -18,6 +19,7 @@ from .full_params import (
 
 __all__ = [
     "CPUOffload",
+    "CollectiveError",
     "backend",
     "MixedPrecision",
     "ShardingStrategy",

@@ -37,6 +37,7 @@ from fsdp_compile.passes.schedule_check import Collective, collective_schedule, 
 
 from . import ops
 from .config import ShardingStrategy
+from .failures import naming_collective_failures
 from .registry import get_unit
 from .unit import Unit
 
@@ -158,11 +159,13 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
             # The joint graph holds the backward's collectives too: a rank whose backward
             # differs (e.g. it froze a unit) fails here, before the backward could hang on a
             # collective the others never issue.
-            verify_schedule_across_ranks(record.schedules.get("forward", []), group, "forward")
-            if record.joint_schedule is not None:
-                verify_schedule_across_ranks(record.joint_schedule, group, "forward+backward (joint)")
+            with naming_collective_failures("the cross-rank check of the compiled graphs"):
+                verify_schedule_across_ranks(record.schedules.get("forward", []), group, "forward")
+                if record.joint_schedule is not None:
+                    verify_schedule_across_ranks(record.joint_schedule, group, "forward+backward (joint)")
             checked = True
-        out = compiled(*args)
+        with naming_collective_failures("a compiled forward graph"):
+            out = compiled(*args)
         for unit in consumed:
             unit.pending = None
         return out

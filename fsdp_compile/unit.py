@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from . import collectives, ops
 from .config import ShardingStrategy
+from .failures import naming_collective_failures
 from .layout import UnitLayout, make_unit_layout
 from .registry import register_unit
 
@@ -105,7 +106,8 @@ class Unit:
     def all_gather(self, shards: list[torch.Tensor], dtype: Optional[torch.dtype] = None) -> list[torch.Tensor]:
         spec = self.spec if dtype is None else _with_param_dtype(self.spec, dtype)
         shards = [s.to(self.compute_device) if s.device != self.compute_device else s for s in shards]
-        fulls = collectives.all_gather_unit(shards, self.layout, spec)
+        with naming_collective_failures(f"the all-gather of unit {self.name or '<root>'!r}"):
+            fulls = collectives.all_gather_unit(shards, self.layout, spec)
         return [_as_full(f, shape) for f, shape in zip(fulls, self.orig_shapes)]
 
     def pack_grads(self, full_grads: list[Optional[torch.Tensor]]) -> torch.Tensor:
@@ -117,9 +119,10 @@ class Unit:
         shard_dtypes: list[torch.dtype],
         pending: Optional[torch.Tensor],
     ) -> list[torch.Tensor]:
-        return collectives.reduce_unit_grads(
-            self._flat_grads(full_grads), self.layout, self.spec, shard_dtypes, pending
-        )
+        with naming_collective_failures(f"the gradient reduction of unit {self.name or '<root>'!r}"):
+            return collectives.reduce_unit_grads(
+                self._flat_grads(full_grads), self.layout, self.spec, shard_dtypes, pending
+            )
 
     def _flat_grads(self, full_grads):
         # A 0-d parameter's gradient goes into every rank's slot (see layout.py).

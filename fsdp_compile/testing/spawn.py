@@ -13,11 +13,19 @@ import queue as queue_module
 import socket
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+@dataclass(frozen=True)
+class RankExited:
+    """What ``run_ranks`` reports for a rank in ``may_exit`` that died without a result."""
+
+    exit_code: int
 
 
 def free_port() -> int:
@@ -45,10 +53,14 @@ def _entry(rank, world, port, timeout, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world: int = 2, *args, timeout: float = 300.0) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any], world: int = 2, *args, timeout: float = 300.0, may_exit: frozenset = frozenset()
+) -> list[Any]:
     """``[fn(rank, world, *args) for rank]`` on ``world`` spawned gloo ranks. ``fn`` must be
     importable (module level). Raises ``RuntimeError`` with the failing rank's traceback, or
-    ``TimeoutError`` when a rank has not finished after ``timeout`` seconds."""
+    ``TimeoutError`` when a rank has not finished after ``timeout`` seconds. A rank in
+    ``may_exit`` (a fault test's victim) may die without a result: its entry is then
+    ``RankExited(exit_code)``."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -65,6 +77,9 @@ def run_ranks(fn: Callable[..., Any], world: int = 2, *args, timeout: float = 30
             try:
                 rank, ok, value = queue.get(timeout=1.0)
             except queue_module.Empty:
+                for r in may_exit:
+                    if r not in results and procs[r].exitcode is not None:
+                        results[r] = RankExited(procs[r].exitcode)
                 dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
                 if dead:  # died before reporting (e.g. could not unpickle ``fn``)
                     raise RuntimeError(
