@@ -142,13 +142,17 @@ def load_sharded(module, taken: dict, prefix: str, missing_keys: list, error_msg
 
 
 # ---- optimizers --------------------------------------------------------------------------------
-_HOOKED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+_HOOKED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()  # hold our shards: hooked
+_EXAMINED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
+_SHARDINGS = [0]  # fully_shard calls so far (install_optimizer_hooks counts them)
 _GLOBAL_HOOK = None
 
 
 def install_optimizer_hooks() -> None:
-    """Once per process: the global step pre-hook that hooks optimizers holding our shards."""
+    """Called by every fully_shard: once per process, the global step pre-hook that hooks
+    optimizers holding our shards."""
     global _GLOBAL_HOOK
+    _SHARDINGS[0] += 1
     if _GLOBAL_HOOK is None:
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -177,6 +181,12 @@ def _indexed_params(optimizer) -> list:
 def _on_step(optimizer, args, kwargs) -> None:
     if optimizer in _HOOKED:
         return
+    # An optimizer holding none of our shards is looked at again only when something changed
+    # (a fully_shard since, or a new parameter group): two integer comparisons per step.
+    seen = (_SHARDINGS[0], len(optimizer.param_groups))
+    if _EXAMINED.get(optimizer) == seen:
+        return
+    _EXAMINED[optimizer] = seen
     positions = _shard_positions()
     if not any(id(p) in positions for p in _indexed_params(optimizer)):
         return
