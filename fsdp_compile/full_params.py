@@ -77,13 +77,13 @@ def full_state_dict(module: nn.Module, rank0_only: bool = False) -> dict[str, to
     materialized on every rank. A collective: every rank must call it."""
     from torch.distributed.tensor import DTensor
 
-    root_state(module)
+    sharded = root_state(module).fqn_to_param
     keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
     result = {}
     for key, value in module.state_dict().items():
         if isinstance(value, DTensor):
             value = value.full_tensor()
-        elif key in root_state(module).fqn_to_param:
+        elif key in sharded:
             value = value.clone()  # a whole (NO_SHARD / world 1) shard: a copy, not an alias
         if keep:
             result[key] = value.cpu() if rank0_only else value

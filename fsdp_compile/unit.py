@@ -12,6 +12,7 @@ demand in backward (``regather_for_backward``) and freed by their reduce (``afte
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -260,10 +261,14 @@ class Unit:
         """Copy this rank's rows of ``full`` into slot ``index`` of the local flat buffer and
         make ``full`` (the same object) a view of that slot: from here on it is the shard."""
         rows = self.local_rows(index, full.detach())
-        view = self.local_flat.narrow(0, self.layout.params[index].offset, rows.numel()).view(rows.shape)
+        view = self._slot(index, rows.shape)
         view.copy_(rows)
         full.grad = None
         full.data = view
+
+    def _slot(self, index: int, shape: torch.Size) -> torch.Tensor:
+        """The view of parameter ``index``'s shard (of ``shape``) in the local flat buffer."""
+        return self.local_flat.narrow(0, self.layout.params[index].offset, math.prod(shape)).view(shape)
 
     def rebuild_flat(self) -> bool:
         """After ``model.to(dtype/device)`` (``nn.Module._apply``) replaced the shards' data:
@@ -284,7 +289,7 @@ class Unit:
         with torch.no_grad():
             for index, shard in enumerate(shards):
                 grad = shard.grad
-                view = self.local_flat.narrow(0, self.layout.params[index].offset, shard.numel()).view(shard.shape)
+                view = self._slot(index, shard.shape)
                 view.copy_(shard.detach())
                 shard.data = view
                 shard.grad = grad
