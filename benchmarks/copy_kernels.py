@@ -6,8 +6,7 @@ written, each counted once) of each op next to:
   copy_   ``dst.copy_(src)`` of the same bytes into a preallocated tensor (the memory bound), and
   clone   ``src.clone()`` (allocation + copy, the bound for ops that return a fresh buffer), and
   naive   a per-tensor loop (pad with torch.cat, then torch.cat the pieces).
-Ops that allocate their output pay page faults on a fresh allocation, like ``clone``; copy-out
-with ``out=`` and ``reduce_scatter_copy_out`` write into existing memory, like ``copy_``.
+Every op allocates its output, so it pays page faults on a fresh allocation, like ``clone``.
 On CUDA the same script measures the Triton path (the default there above the size threshold),
 and adds "traced" columns: the ``wrap_triton`` kernels a compiled graph launches
 (``kernels/triton_traced.py``), called eagerly.
@@ -75,9 +74,6 @@ def run(n, total_bytes, device, iters):
     full_bytes = sum(f.numel() for f in fulls) * 4
     shard_bytes = full_bytes // WORLD
     gathered = torch.randn(WORLD * sum(padded), device=device)
-    outs = [torch.empty(s, device=device) for s in shapes]
-    slot = gathered[: sum(padded)]
-    flat_grad = torch.zeros(sum(padded), device=device)
     src_full, dst_full = torch.randn(full_bytes // 4, device=device), torch.empty(full_bytes // 4, device=device)
     src_half, dst_half = src_full[: shard_bytes // 4], dst_full[: shard_bytes // 4]
 
@@ -92,11 +88,9 @@ def run(n, total_bytes, device, iters):
     row["ag_copy_in"] = gbps(shard_bytes, lambda: K.all_gather_copy_in(shards, padded, torch.float32))
     row["ag_copy_in naive"] = gbps(shard_bytes, lambda: _naive_ag_copy_in(shards, padded, torch.float32))
     row["ag_copy_out"] = gbps(full_bytes, lambda: K.all_gather_copy_out(gathered, shapes, WORLD))
-    row["ag_copy_out out="] = gbps(full_bytes, lambda: K.all_gather_copy_out(gathered, shapes, WORLD, out=outs))
     row["ag_copy_out naive"] = gbps(full_bytes, lambda: _naive_ag_copy_out(gathered, shapes))
     row["rs_copy_in"] = gbps(full_bytes, lambda: K.reduce_scatter_copy_in(fulls, WORLD, torch.float32))
     row["rs_copy_in naive"] = gbps(full_bytes, lambda: _naive_rs_copy_in(fulls, torch.float32))
-    row["rs_copy_out acc"] = gbps(shard_bytes, lambda: K.reduce_scatter_copy_out(slot, flat_grad, True))
     if device.type == "cuda":
         from fsdp_compile.kernels import triton_traced as T
 
@@ -116,7 +110,7 @@ def main():
     sizes = [(10, 1 << 20), (100, 4 << 20)] if args.quick else [
         (n, mib << 20) for mib in (64, 512) for n in (10, 100, 1000)
     ]
-    run(10, 1 << 20, device, 1)  # warm-up, not reported: extension load, helper threads, allocator
+    run(10, 1 << 20, device, 1)  # warm-up, not reported: first calls, allocator
     rows = []
     for n, total in sizes:
         # 64 MiB copies take ~1 ms and their median over 7 runs still moved by +-10% run to run

@@ -1,6 +1,16 @@
-"""Training-step benchmark: the README GPT on 2 gloo ranks (CPU), one run, eleven configurations.
+"""Training-step benchmark: a GPT on 2 gloo ranks (CPU), one run, eleven configurations.
 
-    python benchmarks/step.py [--steps 20] [--quick] [--only NAME[,NAME]] [--json PATH]
+    python benchmarks/step.py [--model readme|8x512] [--rounds R] [--steps 20] [--quick]
+                              [--only NAME[,NAME]] [--json PATH]
+
+Models (``--model``): ``readme`` is the README GPT (``GPTConfig()``: 8 blocks x d 64, tied head,
+0.4 M parameters, where the 27 collectives per step dominate); ``8x512`` is ``GPT_8X512`` (8 blocks
+x d 512, ffn 2048, vocab 8192, seq 128, untied head, 33.7 M parameters). Batch 4 for both.
+
+Rounds (``--rounds R``): the configurations run interleaved, A B C A B C ..., each round in new
+processes, so a slow spell of a shared machine hits every system. Per system the table gives the
+median step over every round's timed steps, and the ratio of its median step to DDP+compile's in
+the same round: median over rounds, with the min-max spread.
 
 Configurations (``--only`` takes these names), each trained from the same seed on the same data
 (``gpt_batch(step, rank)``, different per rank) with ``AdamW(lr=1e-3)``:
@@ -17,8 +27,8 @@ Configurations (``--only`` takes these names), each trained from the same seed o
   fsdp_compile        the same, then torch.compile(model, backend="fsdp_compile")
   fsdp_compile_prefetch0   the same with fsdp_compile.backend(prefetch=0) (no all-gather prefetch)
   fsdp_compile_bucket1mb   the same with fsdp_compile.backend(bucket_bytes=1 MiB) (units bucketed)
-  fsdp_compile_aten   fsdp_compile with FSDP_COMPILE_TRACED_KERNELS=aten: Inductor generates the
-                      copy-in/copy-out code itself instead of calling the fused CPU ops
+  fsdp_compile_aten   fsdp_compile with fsdp_compile.backend(copies="aten"): Inductor generates the
+                      copy-in/copy-out code itself instead of calling one opaque op per copy
 
 Every configuration runs in its own freshly spawned pair of processes with a new gloo process
 group (``fsdp_compile.testing.spawn.run_ranks``), each rank with one intra-op thread, inductor
@@ -59,6 +69,23 @@ shared machine). The profiled steps measure:
   fsdp_compile's shards are views of a flat buffer, which is then counted once, padding
   included). Max over ranks.
 
+* ``steady_bytes`` -- bytes of every live ``malloc`` block in the rank's process just before a
+  profiled step (glibc ``mallinfo2``: what the process holds between steps, whoever allocated it:
+  parameters, gradients, optimizer state, buffers a system keeps, Python, gloo). Max over ranks,
+  median over profiled steps. ``total_bytes`` = steady + step peak growth: the step's high-water
+  mark. The same process baseline (torch, Python) is in every system's figure.
+* ``phases_ms`` -- where a step's wall time goes: ``forward``, ``backward`` and ``optimizer`` are
+  timed around ``model(...)``, ``loss.backward()`` and ``opt.step()`` on the timed steps (median);
+  ``collective`` and ``copy`` come from the profiled steps: the wall time of the step thread's
+  outermost profiler events that issue or wait on a collective (``c10d::*``,
+  ``_c10d_functional::*``, ``gloo:*``, ``*wait*``), and that pack/unpack communication buffers
+  (``fsdp_compile::*`` copy ops, FSDP2's ``fsdp::*``/``FSDP::*copy*`` ops, ``*chunk_cat*``,
+  ``split_with_sizes_copy``); ``compute`` is forward + backward minus both. Copies that Inductor
+  generates inside a compiled graph have no profiler event of their own: they count as compute.
+
+A plot (``<json stem>.png``: median step and total high-water per system) is written next to the
+JSON when matplotlib is installed (``pip install -e '.[bench]'``).
+
 Also: ``final_loss`` (mean of the ranks' losses at the last step) and ``max_loss_diff_vs_ddp``
 (largest difference from the ``ddp`` loss at any step, when ddp ran) to show that every
 configuration trains the same model; and for compiled configurations the Dynamo counters
@@ -68,7 +95,7 @@ inside a loop, or a generator frame); the table shows ``resumed+frame-skipped/gr
 captured``, the JSON a few break reasons).
 
 SimpleFSDP notes: ``data_parallel`` replaces each module's parameter separately, which unties the
-GPT's tied embedding/head weight; the benchmark re-ties them (``lm_head._parameters["weight"] =
+README GPT's tied embedding/head weight; the benchmark re-ties them (``lm_head._parameters["weight"] =
 tok_emb._parameters["weight"]``). Its gradients are reduced as a SUM (``Partial("sum")``), so the
 loss is divided by the world size before ``backward()`` to get DDP's average.
 """
@@ -85,6 +112,7 @@ import time
 import traceback
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 CONFIGS = [
     "ddp",
@@ -107,9 +135,11 @@ FSDP_COMPILE_BACKENDS = {  # name -> fsdp_compile.backend(...) options
     "fsdp_compile": {},
     "fsdp_compile_prefetch0": {"prefetch": 0},
     "fsdp_compile_bucket1mb": {"bucket_bytes": 1 << 20},
-    "fsdp_compile_aten": {},
+    "fsdp_compile_aten": {"copies": "aten"},
 }
 OPTIONAL = {"simplefsdp_compile"}
+MODELS = ("readme", "8x512")  # GPTConfig() and GPT_8X512
+BREAKDOWN = ("ddp_compile", "fsdp2", "fsdp_compile", "fsdp_compile_aten")  # the systems whose step is broken into phases
 PROFILED_STEPS = 5  # the last steps, run under the profiler (not timed)
 LR = 1e-3
 SEED = 0
@@ -121,7 +151,13 @@ class SkipConfig(Exception):
 
 
 # ---- building each configuration (runs on every rank) --------------------------------------
-def _build(name: str, rank: int, world: int):
+def _config(model_name: str):
+    from fsdp_compile.testing.gpt import GPT_8X512, GPTConfig
+
+    return {"readme": GPTConfig(), "8x512": GPT_8X512}[model_name]
+
+
+def _build(name: str, rank: int, world: int, cfg):
     """-> (model to call, loss scale for backward). Called after the process group exists."""
     import torch
     import torch.distributed as dist
@@ -129,7 +165,7 @@ def _build(name: str, rank: int, world: int):
     from fsdp_compile.testing.gpt import GPT, Block
 
     torch.manual_seed(SEED)
-    model = GPT()
+    model = GPT(cfg)
     scale = 1.0
     if name in ("ddp", "ddp_compile"):
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -166,16 +202,14 @@ def _build(name: str, rank: int, world: int):
 
         mesh = init_device_mesh("cpu", (world,))
         model = data_parallel(model, mesh, mode="fully_shard")
-        # data_parallel distributes tok_emb.weight and lm_head.weight separately: re-tie them
-        model.lm_head._parameters["weight"] = model.tok_emb._parameters["weight"]
+        if cfg.tied:  # data_parallel distributes tok_emb.weight and lm_head.weight separately: re-tie them
+            model.lm_head._parameters["weight"] = model.tok_emb._parameters["weight"]
         scale = 1.0 / world  # gradients are reduced with Partial("sum"), DDP averages
         model = torch.compile(model)
     elif name == "fsdp_compile_eager" or name in FSDP_COMPILE_BACKENDS:
         import fsdp_compile
 
         fsdp_compile.fully_shard(model, policy={Block})
-        if name == "fsdp_compile_aten":
-            os.environ["FSDP_COMPILE_TRACED_KERNELS"] = "aten"
         if name in FSDP_COMPILE_BACKENDS:
             model = torch.compile(model, backend=fsdp_compile.backend(**FSDP_COMPILE_BACKENDS[name]))
     else:
@@ -214,20 +248,61 @@ def _state_bytes(model, opt) -> dict[str, int]:
     return out
 
 
-def _profile(step_fn):
-    """Run ``step_fn`` under the profiler -> (peak memory growth, collective name counts)."""
+_COMM_MARKS = ("c10d::", "_c10d_functional::", "c10d_functional::", "gloo:", "nccl:")
+_COPY_MARKS = ("fsdp_compile::", "fsdp::", "FSDP::all_gather_copy", "FSDP::post_backward_reduce_copy")
+_COPY_WORDS = ("chunk_cat", "split_with_sizes_copy", "copy_in", "copy_out")
+STEP_RANGE = "bench_step"
+
+
+def _category(name: str):
+    if name.startswith(_COMM_MARKS) or "wait" in name.lower():
+        return "collective"
+    if name.startswith(_COPY_MARKS) or any(w in name for w in _COPY_WORDS):
+        return "copy"
+    return None
+
+
+def _phase_ms(prof) -> dict[str, float]:
+    """Wall ms of the step thread's outermost collective and copy events (see the docstring)."""
+    events = prof.events()
+    step = next((e for e in events if e.name == STEP_RANGE), None)
+    out = {"collective": 0.0, "copy": 0.0}
+    if step is None:
+        return out
+    for e in events:
+        if e.thread != step.thread:
+            continue
+        kind = _category(e.name)
+        if kind is None:
+            continue
+        parent, nested = e.cpu_parent, False
+        while parent is not None:
+            if _category(parent.name) is not None:
+                nested = True
+                break
+            parent = parent.cpu_parent
+        if not nested:
+            out[kind] += (e.time_range.end - e.time_range.start) / 1e3
+    return out
+
+
+def _profile(step_fn, phases: list):
+    """Run ``step_fn`` under the profiler -> (peak memory growth, collective name counts);
+    appends the step's collective/copy ms to ``phases``."""
     from fsdp_compile.testing.memory import profile_step
 
-    return profile_step(step_fn, _COLLECTIVE_PREFIXES)
+    return profile_step(step_fn, _COLLECTIVE_PREFIXES, on_profile=lambda prof: phases.append(_phase_ms(prof)))
 
 
-def _worker(rank: int, world: int, name: str, steps: int) -> dict:
+def _worker(rank: int, world: int, name: str, steps: int, model_name: str) -> dict:
     import torch
     import torch._dynamo
     import torch._inductor.config as inductor_config
     import torch.distributed as dist
+    from torch.profiler import record_function
 
     from fsdp_compile.testing.gpt import gpt_batch
+    from fsdp_compile.testing.memory import bytes_in_use
 
     torch.set_num_threads(1)  # see the module docstring: OMP_NUM_THREADS comes too late here
     cache_dir = tempfile.mkdtemp(prefix=f"step_bench_{name}_r{rank}_")
@@ -236,28 +311,36 @@ def _worker(rank: int, world: int, name: str, steps: int) -> dict:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
 
-    model, scale = _build(name, rank, world)
+    cfg = _config(model_name)
+    model, scale = _build(name, rank, world, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    losses, times, cpu_times = [], [], []
+    losses, times, cpu_times, timers = [], [], [], []
 
     state = {}
 
     def step(i, measure_state=False):
-        idx, tgt = gpt_batch(i, rank)
-        loss = model(idx, tgt)
-        (loss * scale if scale != 1.0 else loss).backward()
-        opt.step()
+        idx, tgt = gpt_batch(i, rank, cfg)
+        with record_function(STEP_RANGE):
+            t0 = time.perf_counter()
+            loss = model(idx, tgt)
+            t1 = time.perf_counter()
+            (loss * scale if scale != 1.0 else loss).backward()
+            t2 = time.perf_counter()
+            opt.step()
+            t3 = time.perf_counter()
+        timers.append({"forward": (t1 - t0) * 1e3, "backward": (t2 - t1) * 1e3, "optimizer": (t3 - t2) * 1e3})
         if measure_state:  # no tensor is allocated here: safe inside the profiled step
             state.update(_state_bytes(model, opt))
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
 
-    peaks, colls = [], []
+    peaks, colls, steady, phases = [], [], [], []
     n_profiled = min(PROFILED_STEPS, steps - 2)
     for i in range(steps):
         dist.barrier()
         if i >= steps - n_profiled:
-            peak, coll = _profile(lambda: step(i, measure_state=i == steps - 1))
+            steady.append(bytes_in_use())
+            peak, coll = _profile(lambda: step(i, measure_state=i == steps - 1), phases)
             peaks.append(peak)
             colls.append(coll)
             continue
@@ -281,12 +364,14 @@ def _worker(rank: int, world: int, name: str, steps: int) -> dict:
         "calls_captured": int(counters.get("stats", {}).get("calls_captured", 0)),
         "frames": dict(counters.get("frames", {})),
     }
-    return {"losses": losses, "times": times, "cpu_times": cpu_times, "peaks": peaks, "collectives": colls, "state": state, "dynamo": dynamo}
+    timed = timers[1 : steps - n_profiled]  # the timed steps (not the first, not the profiled ones)
+    return {"losses": losses, "times": times, "cpu_times": cpu_times, "peaks": peaks, "collectives": colls,
+            "state": state, "dynamo": dynamo, "steady": steady, "phases": phases, "timers": timed}
 
 
-def _worker_entry(rank: int, world: int, name: str, steps: int) -> dict:
+def _worker_entry(rank: int, world: int, name: str, steps: int, model_name: str) -> dict:
     try:
-        return _worker(rank, world, name, steps)
+        return _worker(rank, world, name, steps, model_name)
     except SkipConfig as e:
         return {"skipped": str(e)}
     finally:
@@ -311,6 +396,15 @@ def _summarize(name: str, ranks: list[dict], steps: int) -> dict:
         if k.startswith("c10d::"):
             kinds[_kind(k)] += v
     mean_losses = [sum(ls) / len(ls) for ls in zip(*(r["losses"] for r in ranks))]
+    steady = [max(s) for s in zip(*(r["steady"] for r in ranks))] if ranks[0]["steady"][0] is not None else []
+    steady_bytes = int(statistics.median(steady)) if steady else None
+    peak_bytes = int(statistics.median(peaks))
+    phases = {k: statistics.median(max(r["timers"][j][k] for r in ranks) for j in range(len(ranks[0]["timers"])))
+              for k in ("forward", "backward", "optimizer")} if ranks[0]["timers"] else {}
+    for k in ("collective", "copy"):
+        phases[k] = statistics.median(max(r["phases"][j][k] for r in ranks) for j in range(len(ranks[0]["phases"])))
+    if "forward" in phases:
+        phases["compute"] = phases["forward"] + phases["backward"] - phases["collective"] - phases["copy"]
     return {
         "name": name,
         "status": "ok",
@@ -322,7 +416,10 @@ def _summarize(name: str, ranks: list[dict], steps: int) -> dict:
         "step_ms": [round(t * 1e3, 2) for t in per_step],
         "median_cpu_ms": statistics.median(cpu_step) * 1e3 if cpu_step else float("nan"),
         "cpu_ms": [round(t * 1e3, 2) for t in cpu_step],
-        "peak_step_mem_bytes": int(statistics.median(peaks)),
+        "peak_step_mem_bytes": peak_bytes,
+        "steady_bytes": steady_bytes,
+        "total_bytes": None if steady_bytes is None else steady_bytes + peak_bytes,
+        "phases_ms": phases,
         "peak_step_mem_bytes_each": peaks,
         "collectives_same_every_profiled_step": same,
         "state_bytes": {k: max(r["state"][k] for r in ranks) for k in ranks[0]["state"]},
@@ -349,8 +446,15 @@ def _mib(b) -> str:
     return f"{b / 2**20:.2f}"
 
 
+def _fmt_table(head: list[str], rows: list[list]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    fmt = lambda row: "| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
 def _table(results: list[dict]) -> str:
-    head = ["config", "status", "first step s", "median ms", "min ms", "cpu ms", "peak step MiB (min-max)", "p+g+opt MiB",
+    head = ["config", "status", "first step s", "median ms", "vs ddp_compile (min-max)", "cpu ms",
+            "peak step MiB (min-max)", "steady MiB", "total MiB", "p+g+opt MiB",
             "coll/step", "breaks/graphs/ops", "final loss", "|dloss| vs ddp"]
     rows = []
     for r in results:
@@ -359,11 +463,15 @@ def _table(results: list[dict]) -> str:
             continue
         kinds = " + ".join(f"{v} {k}" for k, v in r["collectives_by_kind"].items() if k != "barrier")
         dyn = r["dynamo"]
+        ratio = r.get("ratio_vs_ddp_compile")
         rows.append([
-            r["name"], "ok", f"{r['first_step_s']:.2f}", f"{r['median_step_ms']:.1f}", f"{r['min_step_ms']:.1f}",
+            r["name"], "ok", f"{r['first_step_s']:.2f}", f"{r['median_step_ms']:.1f}",
+            "-" if ratio is None else f"{ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f})",
             f"{r['median_cpu_ms']:.1f}",
             f"{_mib(r['peak_step_mem_bytes'])} ({_mib(min(r['peak_step_mem_bytes_each']))}-"
             f"{_mib(max(r['peak_step_mem_bytes_each']))})",
+            "-" if r["steady_bytes"] is None else _mib(r["steady_bytes"]),
+            "-" if r["total_bytes"] is None else _mib(r["total_bytes"]),
             _mib(r["state_bytes"]["total"]),
             f"{r['collectives_per_step']} = {kinds}",
             (f"{dyn['graph_breaks_resumed']}+{dyn['graph_breaks_frame_skipped']}/{dyn['unique_graphs']}"
@@ -371,13 +479,106 @@ def _table(results: list[dict]) -> str:
             f"{r['final_loss']:.5f}",
             "-" if r.get("max_loss_diff_vs_ddp") is None else f"{r['max_loss_diff_vs_ddp']:.1e}",
         ])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    fmt = lambda row: "| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+    return _fmt_table(head, rows)
+
+
+PHASES = ("forward", "backward", "optimizer", "compute", "collective", "copy")
+
+
+def _phase_table(results: list[dict]) -> str:
+    rows = [[r["name"], *(f"{r['phases_ms'].get(k, float('nan')):.1f}" for k in PHASES)]
+            for r in results if r["status"] == "ok" and r["name"] in BREAKDOWN]
+    return _fmt_table(["config (ms per step)", *PHASES], rows)
+
+
+def _merge_rounds(name: str, rounds: list[dict]) -> dict:
+    """One entry per system from its rounds: medians over every round's steps, the rest from the
+    first round (compile time: the slowest round's), plus the per-round figures."""
+    ok = [r for r in rounds if r["status"] == "ok"]
+    if not ok:
+        return rounds[0]
+    merged = dict(ok[0])
+    merged["rounds"] = len(ok)
+    merged["first_step_s"] = max(r["first_step_s"] for r in ok)
+    merged["step_ms"] = [t for r in ok for t in r["step_ms"]]
+    merged["median_step_ms"] = statistics.median(merged["step_ms"])
+    merged["min_step_ms"] = min(merged["step_ms"])
+    merged["cpu_ms"] = [t for r in ok for t in r["cpu_ms"]]
+    merged["median_cpu_ms"] = statistics.median(merged["cpu_ms"])
+    merged["peak_step_mem_bytes_each"] = [b for r in ok for b in r["peak_step_mem_bytes_each"]]
+    merged["peak_step_mem_bytes"] = int(statistics.median(merged["peak_step_mem_bytes_each"]))
+    steadies = [r["steady_bytes"] for r in ok if r["steady_bytes"] is not None]
+    merged["steady_bytes"] = int(statistics.median(steadies)) if steadies else None
+    merged["total_bytes"] = None if merged["steady_bytes"] is None else merged["steady_bytes"] + merged["peak_step_mem_bytes"]
+    merged["phases_ms"] = {k: statistics.median(r["phases_ms"][k] for r in ok) for k in ok[0]["phases_ms"]}
+    merged["per_round"] = [{k: r[k] for k in ("median_step_ms", "first_step_s", "steady_bytes", "peak_step_mem_bytes")} for r in ok]
+    return merged
+
+
+def _plot(results: list[dict], path: Path, title: str) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
+        return None
+    ok = [r for r in results if r["status"] == "ok"]
+    names = [r["name"] for r in ok]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.45 * len(ok) + 2))
+    ax1.barh(names, [r["median_step_ms"] for r in ok], color="tab:blue")
+    ax1.set_xlabel("median step (ms)")
+    ax1.invert_yaxis()
+    steady = [(r["steady_bytes"] or 0) / 2**20 for r in ok]
+    peak = [r["peak_step_mem_bytes"] / 2**20 for r in ok]
+    ax2.barh(names, steady, color="tab:gray", label="steady (between steps)")
+    ax2.barh(names, peak, left=steady, color="tab:orange", label="step peak growth")
+    ax2.set_xlabel("total high-water per rank (MiB)")
+    ax2.invert_yaxis()
+    ax2.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _run_one(name: str, world: int, steps: int, model_name: str, timeout: float) -> dict:
+    from fsdp_compile.testing.spawn import run_ranks
+
+    t0 = time.perf_counter()
+    try:
+        ranks = run_ranks(_worker_entry, world, name, steps, model_name, timeout=timeout)
+        odd = [r for r in ranks if not isinstance(r, dict)]
+        if odd:
+            raise RuntimeError(f"a rank returned {type(odd[0]).__name__}, not a dict: {odd[0]!r:.2000}")
+        skipped = next((r["skipped"] for r in ranks if "skipped" in r), None)
+        res = {"name": name, "status": "skipped", "reason": skipped} if skipped else _summarize(name, ranks, steps)
+    except Exception as e:  # noqa: BLE001 -- report and go on with the next configuration
+        err = str(e) if isinstance(e, (RuntimeError, TimeoutError)) else traceback.format_exc()
+        last = next((ln for ln in reversed(err.strip().splitlines()) if ln.strip()), "")
+        status = "skipped" if name in OPTIONAL else "failed"
+        res = {"name": name, "status": status, "reason": last.strip(), "error": err}
+        print(err, file=sys.stderr, flush=True)
+    res["wall_s"] = time.perf_counter() - t0
+    if res["status"] == "ok":
+        d = res["dynamo"]
+        print(
+            f"   ok in {res['wall_s']:.0f}s: first {res['first_step_s']:.2f}s, median "
+            f"{res['median_step_ms']:.1f}ms, final loss {res['final_loss']:.5f}"
+            + (f", graph breaks {d['graph_breaks']}, graphs {d['unique_graphs']}" if d else ""),
+            flush=True,
+        )
+    else:
+        print(f"   {res['status']} in {res['wall_s']:.0f}s: {res['reason']}", flush=True)
+    return res
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=MODELS, default="readme")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (A B C A B C ...)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="3 steps (a smoke run)")
     ap.add_argument("--only", default="", help=f"comma-separated subset of: {','.join(CONFIGS)}")
@@ -387,6 +588,8 @@ def main(argv=None) -> int:
     steps = 3 if args.quick else args.steps
     if steps < 3:
         ap.error("--steps must be >= 3 (a first step, a timed step, a profiled step)")
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     names = [n.strip() for n in args.only.split(",") if n.strip()] or CONFIGS
     bad = [n for n in names if n not in CONFIGS]
     if bad:
@@ -394,49 +597,38 @@ def main(argv=None) -> int:
 
     import torch
 
-    from fsdp_compile.testing.spawn import run_ranks
-
     world = 2
-    print(f"torch {torch.__version__}, {world} gloo ranks, {steps} steps, configs: {', '.join(names)}", flush=True)
-    results = []
-    for name in names:
-        t0 = time.perf_counter()
-        print(f"== {name} ...", flush=True)
-        try:
-            ranks = run_ranks(_worker_entry, world, name, steps, timeout=args.timeout)
-            odd = [r for r in ranks if not isinstance(r, dict)]
-            if odd:
-                raise RuntimeError(f"a rank returned {type(odd[0]).__name__}, not a dict: {odd[0]!r:.2000}")
-            skipped = next((r["skipped"] for r in ranks if "skipped" in r), None)
-            if skipped:
-                res = {"name": name, "status": "skipped", "reason": skipped}
-            else:
-                res = _summarize(name, ranks, steps)
-        except Exception as e:  # noqa: BLE001 -- report and go on with the next configuration
-            err = str(e) if isinstance(e, (RuntimeError, TimeoutError)) else traceback.format_exc()
-            last = next((ln for ln in reversed(err.strip().splitlines()) if ln.strip()), "")
-            status = "skipped" if name in OPTIONAL else "failed"
-            res = {"name": name, "status": status, "reason": last.strip(), "error": err}
-            print(err, file=sys.stderr, flush=True)
-        res["wall_s"] = time.perf_counter() - t0
-        if res["status"] == "ok":
-            d = res["dynamo"]
-            print(
-                f"   ok in {res['wall_s']:.0f}s: first {res['first_step_s']:.2f}s, median "
-                f"{res['median_step_ms']:.1f}ms, final loss {res['final_loss']:.5f}"
-                + (f", graph breaks {d['graph_breaks']}, graphs {d['unique_graphs']}" if d else ""),
-                flush=True,
-            )
-        else:
-            print(f"   {res['status']} in {res['wall_s']:.0f}s: {res['reason']}", flush=True)
-        results.append(res)
+    print(f"torch {torch.__version__}, {world} gloo ranks, model {args.model}, {steps} steps, "
+          f"{args.rounds} round(s), configs: {', '.join(names)}", flush=True)
+    by_round: list[dict[str, dict]] = []
+    for rnd in range(args.rounds):
+        this_round = {}
+        for name in names:
+            print(f"== round {rnd + 1}/{args.rounds}: {name} ...", flush=True)
+            this_round[name] = _run_one(name, world, steps, args.model, args.timeout)
+        by_round.append(this_round)
+    results = [_merge_rounds(name, [rnd[name] for rnd in by_round]) for name in names]
 
+    ratios: dict[str, list[float]] = {}
+    for rnd in by_round:
+        base = rnd.get("ddp_compile")
+        if base is None or base["status"] != "ok":
+            continue
+        for name, r in rnd.items():
+            if r["status"] == "ok":
+                ratios.setdefault(name, []).append(r["median_step_ms"] / base["median_step_ms"])
     ddp = next((r for r in results if r["name"] == "ddp" and r["status"] == "ok"), None)
     for r in results:
+        if r["name"] in ratios:
+            rs = ratios[r["name"]]
+            r["ratio_vs_ddp_compile"] = {"median": statistics.median(rs), "min": min(rs), "max": max(rs), "each": rs}
         if r["status"] == "ok" and ddp is not None:
             r["max_loss_diff_vs_ddp"] = max(abs(a - b) for a, b in zip(r["losses"], ddp["losses"]))
     print()
     print(_table(results))
+    if any(r["status"] == "ok" and r["name"] in BREAKDOWN for r in results):
+        print()
+        print(_phase_table(results))
     for r in results:
         if r["status"] == "ok" and r["dynamo"] and r["dynamo"]["break_reasons"]:
             print(f"\n{r['name']} graph breaks (first reasons):")
@@ -448,10 +640,13 @@ def main(argv=None) -> int:
 
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "world": world, "steps": steps, "lr": LR, "seed": SEED,
-            "cpu_count": os.cpu_count()}
+    meta = {"torch": torch.__version__, "world": world, "steps": steps, "rounds": args.rounds, "model": args.model,
+            "lr": LR, "seed": SEED, "cpu_count": os.cpu_count()}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
     print(f"\nwrote {out}")
+    plot = _plot(results, out.with_suffix(".png"), f"{args.model} GPT, {world} gloo ranks, {args.rounds} round(s)")
+    if plot is not None:
+        print(f"wrote {plot}")
     return 0 if all(r["status"] != "failed" for r in results) else 1
 
 

@@ -36,6 +36,7 @@ from fsdp_compile.passes.reshard import tag_reshard
 from fsdp_compile.passes.schedule_check import Collective, collective_schedule, verify_schedule_across_ranks
 
 from . import ops
+from .kernels.traced import LOWERINGS, lowering_for_trace
 from .config import ShardingStrategy
 from .failures import naming_collective_failures
 from .registry import get_unit
@@ -59,9 +60,13 @@ class CompiledGraphs:
 class FSDPBackend:
     """``torch.compile(model, backend=FSDPBackend(...))``; ``fsdp_compile.backend(...)`` builds one."""
 
-    def __init__(self, prefetch: int = 1, bucket_bytes: Optional[int] = None, inner: str = "inductor"):
+    def __init__(
+        self, prefetch: int = 1, bucket_bytes: Optional[int] = None, inner: str = "inductor", copies: str = "auto"
+    ):
         if inner not in ("inductor", "aot_eager"):
             raise ValueError(f"fsdp_compile.backend: inner={inner!r}; use 'inductor' or 'aot_eager'")
+        if copies != "auto" and copies not in LOWERINGS:
+            raise ValueError(f"fsdp_compile.backend: copies={copies!r}; use 'auto' or one of {', '.join(LOWERINGS)}")
         if prefetch < 0:
             raise ValueError(f"fsdp_compile.backend: prefetch={prefetch} must be >= 0")
         if bucket_bytes is not None and bucket_bytes <= 0:
@@ -69,6 +74,7 @@ class FSDPBackend:
         self.prefetch = prefetch
         self.bucket_bytes = bucket_bytes
         self.inner = inner
+        self.copies = None if copies == "auto" else copies
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs) -> Callable:
         hoist_markers(gm)
@@ -110,7 +116,7 @@ class FSDPBackend:
             setattr(record, name, graph)
             record.schedules[name] = collective_schedule(graph)
 
-        with functorch_config.patch(joint_custom_pass=joint_pass):
+        with functorch_config.patch(joint_custom_pass=joint_pass), lowering_for_trace(self.copies):
             compiled = _compile_inner(self.inner, gm, example_inputs, on_graph)
         return _wrap_call(compiled, record, units, group)
 
@@ -174,9 +180,15 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
     return run
 
 
-def backend(prefetch: int = 1, bucket_bytes: Optional[int] = None, inner: str = "inductor") -> FSDPBackend:
-    """A configured backend: ``torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager"))``."""
-    return FSDPBackend(prefetch=prefetch, bucket_bytes=bucket_bytes, inner=inner)
+def backend(
+    prefetch: int = 1, bucket_bytes: Optional[int] = None, inner: str = "inductor", copies: str = "auto"
+) -> FSDPBackend:
+    """A configured backend: ``torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager"))``.
+
+    ``copies``: what the copy-in/copy-out ops become in the compiled graphs: ``"auto"`` (by
+    device), ``"triton"`` (``wrap_triton`` launches), ``"aten"`` (plain ATen ops Inductor
+    generates code for) or ``"fused"`` (one opaque op per copy)."""
+    return FSDPBackend(prefetch=prefetch, bucket_bytes=bucket_bytes, inner=inner, copies=copies)
 
 
 def fsdp_compile_backend(gm: torch.fx.GraphModule, example_inputs) -> Callable:

@@ -12,7 +12,7 @@ Before (joint graph, forward part of one unit's gather)::
     w    = out[0]; wv = view(w, ...)          # used by forward and (saved) by backward
 
 (On CUDA each copy arrives as a ``triton_kernel_wrapper_functional`` launch, with views, a
-segment-table constant and getitems around it; with ``FSDP_COMPILE_TRACED_KERNELS=aten`` as
+segment-table constant and getitems around it; with ``fsdp_compile.backend(copies="aten")`` as
 ``_to_copy``/``constant_pad_nd``/``cat`` and slicing. Both are found the same way, through the
 unit annotation every node traced inside the gather carries.)
 

@@ -235,13 +235,12 @@ def traced_copies_run(rank: int, world: int, lowering: str) -> dict:
       tensors, so both strategies use the ``aot_eager`` inner compiler.
     """
     import contextlib
-    import os
 
     from fsdp_compile.testing.triton_on_cpu import compiling_for_cuda, triton_launches_interpreted
 
-    os.environ["FSDP_COMPILE_TRACED_KERNELS"] = lowering
-    aot_eager = fsdp_compile.backend(inner="aot_eager")
-    backends = {"FULL_SHARD": "fsdp_compile" if lowering == "aten" else aot_eager, "SHARD_GRAD_OP": aot_eager}
+    aot_eager = fsdp_compile.backend(inner="aot_eager", copies=lowering)
+    inductor = fsdp_compile.backend(copies=lowering)
+    backends = {"FULL_SHARD": inductor if lowering == "aten" else aot_eager, "SHARD_GRAD_OP": aot_eager}
     torch.manual_seed(0)
     base = GPT(SMALL)
     out = {}

@@ -1,28 +1,25 @@
-"""Tests for fsdp_compile.kernels: the four copy ops on the torch path and the Triton path.
+"""Tests for fsdp_compile.kernels: the three copy ops on the torch-op path and the Triton path.
 
 Reference: plain PyTorch written here (explicit slicing loops, ``torch.cat`` of zero-padded chunks,
-``torch._chunk_cat``), compared with ``torch.equal``. The Triton path runs under the interpreter in
-a subprocess (``TRITON_INTERPRET`` must be set before Triton is imported), selected with
-``FSDP_COMPILE_FORCE_TRITON=1``; ``test_triton_path_in_subprocess`` drives it so one
-``pytest tests/`` covers both paths.
+``torch._chunk_cat``), compared with ``torch.equal``. The eager Triton kernels run in this
+process through Triton's interpreter (``triton_launches_interpreted``: the kernels stay
+``@triton.jit``, only their launches are interpreted), so one ``pytest tests/`` covers both paths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from fsdp_compile import kernels as K
+from fsdp_compile.kernels import traced
 from fsdp_compile.kernels._offsets import chunk_rows, padded_numels, prefix_offsets, row_numel
+from fsdp_compile.testing.triton_on_cpu import triton_launches_interpreted
 
-IN_TRITON_SUBPROCESS = os.environ.get("FSDP_COMPILE_FORCE_TRITON") == "1"
 def _random_shapes(count: int, seed: int) -> list[tuple[int, ...]]:
     """``count`` shapes of 1 to 4 dims, each dim 0-9 (so empty params and empty shards occur)."""
     gen = torch.Generator().manual_seed(seed)
@@ -104,15 +101,10 @@ TRITON_CASES = [
     ("one", 1, torch.float32, torch.float32),
     ("random", 3, torch.float32, torch.bfloat16),
 ]
-# The parent process runs the torch (CPU) path; test_triton_path_in_subprocess re-runs this file
-# with TRITON_INTERPRET=1, where the same tests take the Triton cases instead.
-# In the parent, "cpp" is the default CPU path (the C++ extension) and "torch" the torch-op
-# fallback (FSDP_COMPILE_CPU_EXT=0).
-PATHS = (
-    [("triton", c) for c in TRITON_CASES]
-    if IN_TRITON_SUBPROCESS
-    else [("cpp", c) for c in CASES] + [("torch", c) for c in CASES]
-)
+# "torch": the public wrappers, which run torch's own ops on CPU tensors (kernels/cpu.py);
+# "triton": the eager address-table Triton kernels (kernels/triton_kernels.py, CUDA's path),
+# launched through the interpreter.
+PATHS = [("torch", c) for c in CASES] + [("triton", c) for c in TRITON_CASES]
 
 
 @pytest.fixture(autouse=True)
@@ -120,9 +112,41 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _select(path, monkeypatch):
-    assert (path == "triton") == IN_TRITON_SUBPROCESS, path
-    monkeypatch.setenv("FSDP_COMPILE_CPU_EXT", "0" if path == "torch" else "1")
+class _Eager:
+    """The three copies as one eager path runs them (see PATHS)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        self.context = triton_launches_interpreted() if self.path == "triton" else contextlib.nullcontext()
+        self.context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.context.__exit__(*exc)
+
+    def _triton(self):
+        from fsdp_compile.kernels import triton_kernels
+
+        return triton_kernels
+
+    def all_gather_copy_in(self, shards, padded, dtype):
+        if self.path == "torch":
+            return K.all_gather_copy_in(shards, padded, dtype)
+        return self._triton().all_gather_copy_in(shards, padded, dtype)
+
+    def all_gather_copy_out(self, gathered, shapes, world):
+        if self.path == "torch":
+            return K.all_gather_copy_out(gathered, [list(s) for s in shapes], world)
+        out = [torch.empty(s, dtype=gathered.dtype) for s in shapes]
+        self._triton().all_gather_copy_out(gathered, shapes, world, out)
+        return out
+
+    def reduce_scatter_copy_in(self, grads, world, dtype):
+        if self.path == "torch":
+            return K.reduce_scatter_copy_in(grads, world, dtype)
+        return self._triton().reduce_scatter_copy_in(grads, world, dtype)
 
 
 def _ids(p):
@@ -131,8 +155,7 @@ def _ids(p):
 
 
 @pytest.mark.parametrize("path,case", PATHS, ids=[_ids(p) for p in PATHS])
-def test_all_gather_round_trip(path, case, monkeypatch):
-    _select(path, monkeypatch)
+def test_all_gather_round_trip(path, case):
     name, world, src, dst = case
     shapes = SHAPE_SETS[name]
     fulls = [torch.randn(s).to(src) for s in shapes]
@@ -142,21 +165,18 @@ def test_all_gather_round_trip(path, case, monkeypatch):
         shards = [ref_shard(f, world, r) for f in fulls]
         if r == world - 1:
             shards = [s.t().contiguous().t() if s.dim() == 2 else s for s in shards]  # non-contiguous
-        slot = K.all_gather_copy_in(shards, padded, dst)
+        with _Eager(path) as kernels:
+            slot = kernels.all_gather_copy_in(shards, padded, dst)
         assert slot.dtype == dst
         assert torch.equal(slot, ref_all_gather_copy_in(shards, padded, dst))
         slots.append(slot)
     gathered = torch.cat(slots)
-    outs = K.all_gather_copy_out(gathered, [list(s) for s in shapes], world)
+    with _Eager(path) as kernels:
+        outs = kernels.all_gather_copy_out(gathered, shapes, world)
     for o, f in zip(outs, fulls):
         assert o.dtype == dst and torch.equal(o, f.to(dst))
     for o, r in zip(outs, ref_all_gather_copy_out(gathered, shapes, world)):
         assert torch.equal(o, r)
-    pre = [torch.full(s, 7.0, dtype=dst) for s in shapes]
-    got = K.all_gather_copy_out(gathered, shapes, world, out=pre)
-    assert all(g is p for g, p in zip(got, pre))
-    for o, f in zip(pre, fulls):
-        assert torch.equal(o, f.to(dst))
 
 
 def test_all_gather_copy_in_non_contiguous():
@@ -168,21 +188,13 @@ def test_all_gather_copy_in_non_contiguous():
 
 
 @pytest.mark.parametrize("path,case", PATHS, ids=[_ids(p) for p in PATHS])
-def test_reduce_scatter_copy_in_and_out(path, case, monkeypatch):
-    _select(path, monkeypatch)
+def test_reduce_scatter_copy_in(path, case):
     name, world, src, dst = case
     shapes = SHAPE_SETS[name]
     grads = [torch.randn(s).to(src) for s in shapes]
-    flat = K.reduce_scatter_copy_in(grads, world, dst)
+    with _Eager(path) as kernels:
+        flat = kernels.reduce_scatter_copy_in(grads, world, dst)
     assert flat.dtype == dst and torch.equal(flat, ref_reduce_scatter_copy_in(grads, world, dst))
-    total = sum(padded_numels(shapes, world))
-    slot = flat[total * (world - 1) :]
-    for accumulate in (False, True):
-        flat_grad = torch.randn(total).to(src)
-        expect = flat_grad + slot.to(src) if accumulate else slot.to(src)
-        K.reduce_scatter_copy_out(slot, flat_grad, accumulate)
-        assert torch.equal(flat_grad, expect)
-    assert torch.equal(K.reduce_scatter_copy_out_new(slot, src), slot.to(src))
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -193,20 +205,13 @@ def test_reduce_scatter_non_contiguous_grad(world):
 
 
 # The lowerings a traced call can take (kernels/traced.py), called on real tensors and compared with
-# the reference: ATen, and the wrap_triton kernels of triton_traced.py. In the parent process the
-# Triton launches go through the interpreter by ``triton_launches_interpreted`` (the kernels stay
-# ``@triton.jit``, as compiled graphs hold them); in the subprocess TRITON_INTERPRET=1 does it.
-LOWERING_PATHS = [("triton", c) for c in TRITON_CASES] + ([] if IN_TRITON_SUBPROCESS else [("aten", c) for c in CASES[::3]])
+# the reference: the opaque ops, ATen, and the wrap_triton kernels of triton_traced.py (launched
+# through the interpreter; the kernels stay ``@triton.jit``, as compiled graphs hold them).
+LOWERING_PATHS = [("triton", c) for c in TRITON_CASES] + [(how, c) for how in ("fused", "aten") for c in CASES[::3]]
 
 
 @pytest.mark.parametrize("path,case", LOWERING_PATHS, ids=[_ids(p) for p in LOWERING_PATHS])
-def test_traced_lowerings_match_reference(path, case, monkeypatch):
-    import contextlib
-
-    from fsdp_compile.kernels import traced
-    from fsdp_compile.testing.triton_on_cpu import triton_launches_interpreted
-
-    monkeypatch.setenv("FSDP_COMPILE_TRACED_KERNELS", path)
+def test_traced_lowerings_match_reference(path, case):
     name, world, src, dst = case
     shapes = SHAPE_SETS[name]
     fulls = [torch.randn(s).to(src) for s in shapes]
@@ -215,18 +220,16 @@ def test_traced_lowerings_match_reference(path, case, monkeypatch):
     gathered = torch.cat([ref_all_gather_copy_in([ref_shard(f, world, r) for f in fulls], padded, dst) for r in range(world)])
     total = sum(padded)
     shards = [ref_shard(f, world, world - 1) for f in fulls]
-    interpreted = path == "triton" and not IN_TRITON_SUBPROCESS
-    with triton_launches_interpreted() if interpreted else contextlib.nullcontext():
+    interpreted = triton_launches_interpreted() if path == "triton" else contextlib.nullcontext()
+    with interpreted, traced.lowering_for_trace(path):
         slot = traced.all_gather_copy_in(shards, padded, dst)
         rs = traced.reduce_scatter_copy_in(fulls, world, dst)
         outs = traced.all_gather_copy_out(gathered, shapes, world)
-        new = traced.reduce_scatter_copy_out_new(gathered[:total], src)
     assert torch.equal(slot, ref_all_gather_copy_in(shards, padded, dst))
     assert torch.equal(rs, ref_reduce_scatter_copy_in(fulls, world, dst))
     assert not any(o.untyped_storage().data_ptr() == gathered.untyped_storage().data_ptr() for o in outs)
     for o, f in zip(outs, fulls):
         assert o.dtype == dst and torch.equal(o, f.to(dst))
-    assert new.dtype == src and torch.equal(new, gathered[:total].to(src))
 
 
 def test_triton_copy_in_launches_once_per_max_sources_whatever_the_dtypes(monkeypatch):
@@ -234,7 +237,6 @@ def test_triton_copy_in_launches_once_per_max_sources_whatever_the_dtypes(monkey
     grouped by dtype, so two launches (five fp32 and one bf16, then four bf16), each writing only
     its own segments, and the buffer equals the reference."""
     from fsdp_compile.kernels import triton_traced
-    from fsdp_compile.testing.triton_on_cpu import triton_launches_interpreted
 
     monkeypatch.setattr(triton_traced, "MAX_SOURCES", 6)
     launches = []
@@ -248,7 +250,7 @@ def test_triton_copy_in_launches_once_per_max_sources_whatever_the_dtypes(monkey
     assert torch.equal(slot, ref_all_gather_copy_in(shards, padded, torch.float32))
 
 
-def test_cuda_trace_holds_wrap_triton_launches_and_no_opaque_copy(monkeypatch):
+def test_cuda_trace_holds_wrap_triton_launches_and_no_opaque_copy():
     """What Inductor receives on CUDA (the ``"triton"`` lowering, traced with fake tensors, so no
     GPU is needed and nothing is launched): every copy is one ``triton_kernel_wrapper_functional``
     launch and no ``fsdp_compile`` op is left, in the forward and in the backward (the autograd
@@ -260,7 +262,6 @@ def test_cuda_trace_holds_wrap_triton_launches_and_no_opaque_copy(monkeypatch):
 
     from fsdp_compile.testing.triton_on_cpu import compiling_for_cuda
 
-    monkeypatch.setenv("FSDP_COMPILE_TRACED_KERNELS", "triton")
     shapes, world = SHAPE_SETS["mixed"], 2
     padded = list(padded_numels(shapes, world))
     total = sum(padded)
@@ -269,8 +270,7 @@ def test_cuda_trace_holds_wrap_triton_launches_and_no_opaque_copy(monkeypatch):
         slot = K.all_gather_copy_in(shards, padded, torch.bfloat16)
         full = K.all_gather_copy_out(gathered, shapes, world)
         rs = K.reduce_scatter_copy_in(grads, world, torch.float32)
-        new = K.reduce_scatter_copy_out_new(rs[:total], torch.bfloat16)
-        return slot.sum() + sum(f.sum() for f in full) + new.float().sum()
+        return slot.sum() + sum(f.sum() for f in full) + rs.sum()
 
     graphs = []
 
@@ -278,7 +278,7 @@ def test_cuda_trace_holds_wrap_triton_launches_and_no_opaque_copy(monkeypatch):
         graphs.append(gm)
         return make_boxed_func(gm)
 
-    with compiling_for_cuda():
+    with compiling_for_cuda(), traced.lowering_for_trace("triton"):
         with FakeTensorMode(allow_non_fake_inputs=True):  # the kernel's offset table is a real constant
             fulls = [torch.empty(s, requires_grad=True) for s in shapes]
             shards = [torch.empty((chunk_rows(s[0], world),) + s[1:], requires_grad=True) for s in shapes]
@@ -296,9 +296,9 @@ def test_cuda_trace_holds_wrap_triton_launches_and_no_opaque_copy(monkeypatch):
         return sum(name.startswith("src") for name in launch.kwargs["kwargs"])
 
     # Forward: all-gather copy-in (6 shards), copy-out (1 flat buffer), reduce-scatter copy-in
-    # (6 grads), copy-out (1 slot). Backward: d(all_gather_copy_out) is a reduce-scatter copy-in,
-    # d(reduce_scatter_copy_in) an all-gather copy-out; the other two are slices and a cast.
-    assert [sources(n) for n in fw_launches] == [6, 1, 6, 1]
+    # (6 grads). Backward: d(all_gather_copy_out) is a reduce-scatter copy-in,
+    # d(reduce_scatter_copy_in) an all-gather copy-out; d(all_gather_copy_in) is slices.
+    assert [sources(n) for n in fw_launches] == [6, 1, 6]
     assert sorted(sources(n) for n in bw_launches) == [1, 6]
     # Triton's TTIR (compiled for sm_80) shows each launch writes only its destination, so
     # Inductor clones no source before the launch.
@@ -309,8 +309,7 @@ def test_cuda_trace_holds_wrap_triton_launches_and_no_opaque_copy(monkeypatch):
 @pytest.mark.parametrize("capability", [80, 90])
 def test_every_triton_kernel_compiles_to_a_cuda_binary(capability):
     """No GPU here, but Triton's whole CUDA pipeline runs on CPU (TTIR, TTGIR, LLVM IR, PTX, then
-    the bundled ``ptxas`` to a cubin): the eager kernel in the dtype/accumulate variants the ops
-    use, and the traced kernel family from 1 source to ``MAX_SOURCES`` (256 pointers: 2 KiB of
+    the bundled ``ptxas`` to a cubin): the eager kernel into each destination dtype, and the traced kernel family from 1 source to ``MAX_SOURCES`` (256 pointers: 2 KiB of
     kernel arguments), one dtype or mixed, into bf16 and fp32."""
     import triton
 
@@ -327,10 +326,9 @@ def test_every_triton_kernel_compiles_to_a_cuda_binary(capability):
         return compiled.asm["cubin"]
 
     steps = {"SEARCH_STEPS": 4, "BLOCK": triton_kernels.BLOCK}
-    for dst, compute, accumulate in [(torch.bfloat16, torch.float32, False), (torch.float32, torch.float32, True), (torch.float64, torch.float64, True)]:
-        signature = {"table_ptr": "*i64", "num_segments": "i64"} | dict.fromkeys(
-            ["DST", "COMPUTE", "ACCUMULATE", "SEARCH_STEPS", "BLOCK"], "constexpr")
-        constexprs = {"DST": _TL_DTYPES[dst], "COMPUTE": _TL_DTYPES[compute], "ACCUMULATE": accumulate} | steps
+    for dst in (torch.bfloat16, torch.float32, torch.float64):
+        signature = {"table_ptr": "*i64", "num_segments": "i64"} | dict.fromkeys(["DST", "SEARCH_STEPS", "BLOCK"], "constexpr")
+        constexprs = {"DST": _TL_DTYPES[dst]} | steps
         assert len(cubin(triton_kernels._segment_copy_kernel, signature, constexprs)) > 0
     for sources, dst in [(["fp32"], "bf16"), (["bf16"] * 6, "fp32"), (["fp32"] * 3 + ["bf16"] * 2 + ["fp64"], "fp32"),
                          (["fp32"] * triton_traced.MAX_SOURCES, "fp32")]:
@@ -435,45 +433,33 @@ def test_fake_shapes():
 
 
 @pytest.mark.parametrize("lowering", ["fused", "aten"])
-def test_torch_compile_aot_eager_matches_eager(lowering, monkeypatch):
-    monkeypatch.setenv("FSDP_COMPILE_TRACED_KERNELS", lowering)
+def test_torch_compile_aot_eager_matches_eager(lowering):
     torch._dynamo.reset()
     shapes, world = SHAPE_SETS["mixed"], 3
     padded = list(padded_numels(shapes, world))
     total = sum(padded)
 
-    def fn(shards, gathered, grads, flat_grad, outs):
+    def fn(shards, gathered, grads):
         slot = K.all_gather_copy_in(shards, padded, torch.bfloat16)
         full = K.all_gather_copy_out(gathered, shapes, world)
-        K.all_gather_copy_out(gathered, shapes, world, out=outs)
         rs = K.reduce_scatter_copy_in(grads, world, torch.bfloat16)
-        K.reduce_scatter_copy_out(rs[:total], flat_grad, True)
-        new = K.reduce_scatter_copy_out_new(rs[total:2 * total], torch.float32)
-        return slot, full, rs, new, sum(f.sum() for f in full)
+        return slot, full, rs, sum(f.sum() for f in full)
 
     def inputs():
         torch.manual_seed(1)
         fulls = [torch.randn(s) for s in shapes]
-        return (
-            [ref_shard(f, world, 1) for f in fulls],
-            torch.randn(world * total),
-            fulls,
-            torch.randn(total),
-            [torch.empty(s) for s in shapes],
-        )
+        return [ref_shard(f, world, 1) for f in fulls], torch.randn(world * total), fulls
 
     eager_in, comp_in = inputs(), inputs()
     expect = fn(*eager_in)
-    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(*comp_in)
+    with traced.lowering_for_trace(lowering):
+        got = torch.compile(fn, backend="aot_eager", fullgraph=True)(*comp_in)
     assert torch.equal(expect[0], got[0]) and torch.equal(expect[2], got[2]) and torch.equal(expect[3], got[3])
     assert all(torch.equal(a, b) for a, b in zip(expect[1], got[1]))
-    assert torch.equal(eager_in[3], comp_in[3])
-    assert all(torch.equal(a, b) for a, b in zip(eager_in[4], comp_in[4]))
 
 
 @pytest.mark.parametrize("lowering", ["fused", "aten"])
-def test_torch_compile_backward(lowering, monkeypatch):
-    monkeypatch.setenv("FSDP_COMPILE_TRACED_KERNELS", lowering)
+def test_torch_compile_backward(lowering):
     torch._dynamo.reset()
     shapes, world = SHAPE_SETS["mixed"], 2
     total = sum(padded_numels(shapes, world))
@@ -484,128 +470,40 @@ def test_torch_compile_backward(lowering, monkeypatch):
     g1 = torch.randn(world * total, requires_grad=True)
     g2 = g1.detach().clone().requires_grad_()
     fn(g1).backward()
-    torch.compile(fn, backend="aot_eager", fullgraph=True)(g2).backward()
+    with traced.lowering_for_trace(lowering):
+        torch.compile(fn, backend="aot_eager", fullgraph=True)(g2).backward()
     assert torch.equal(g1.grad, g2.grad)
 
 
 # ---- dispatch ------------------------------------------------------------------------------------
 
 
-def test_use_triton_switch_round_trips():
-    prev = K.use_triton(False)
-    try:
-        assert K.use_triton(None) is False
-    finally:
-        K.use_triton(prev)
+def test_eager_kernels_by_device_and_size():
+    """CPU tensors and tiny CUDA buckets take torch's ops; CUDA buckets from TRITON_MIN_NUMEL on
+    take the one-launch Triton kernel (no process-wide switch: the device decides)."""
+    from fsdp_compile.kernels import cpu, triton_kernels
+
+    assert K.eager_kernels(torch.device("cpu"), 1 << 30) is cpu
+    assert K.eager_kernels(torch.device("cuda"), K.TRITON_MIN_NUMEL - 1) is cpu
+    assert K.eager_kernels(torch.device("cuda"), K.TRITON_MIN_NUMEL) is triton_kernels
 
 
-def test_kernel_path_matches_the_process():
-    from fsdp_compile.kernels import ops
-
-    from fsdp_compile.kernels import cpu
-
-    assert ops._want_triton(torch.device("cpu"), 1) == IN_TRITON_SUBPROCESS
-    assert (ops._impl(torch.device("cpu"), 1 << 20) is not cpu) == IN_TRITON_SUBPROCESS
-
-
-def test_triton_path_in_subprocess():
-    if IN_TRITON_SUBPROCESS:
-        return  # this is the child run itself
-    env = dict(os.environ, TRITON_INTERPRET="1", FSDP_COMPILE_FORCE_TRITON="1")
-    repo = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-         "not test_triton_path_in_subprocess and not cuda_trace and not cuda_binary"],
-        env=env, cwd=repo, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout, proc.stdout[-2000:]
+def test_bad_layouts_raise_naming_the_tensor():
+    with pytest.raises(ValueError, match="shard 1 has 9 elements > padded numel 8"):
+        K.all_gather_copy_in([torch.randn(4), torch.randn(9)], [4, 8], torch.float32)
+    with pytest.raises(ValueError, match="got 2 shards and 1 padded numels"):
+        K.all_gather_copy_in([torch.randn(4), torch.randn(9)], [4], torch.float32)
+    with pytest.raises(ValueError, match="gathered has 7 elements, layout of 2 params at world size 2 needs 4"):
+        K.all_gather_copy_out(torch.randn(7), [[2], [2]], 2)
+    with pytest.raises(ValueError, match="param 1 is 0-D"):
+        K.reduce_scatter_copy_in([torch.randn(3), torch.tensor(1.0)], 2, torch.float32)
 
 
-def test_pooled_copy_in_buffers_are_reused_only_when_nothing_refers_to_them():
-    from fsdp_compile.kernels import _pool, cpu
-
-    big = 1 << 19  # 2 MiB of fp32: pooled
-    shards = [torch.randn(big - 3), torch.randn(5, 7)]
-    padded = [big, 40]
-    first = cpu.all_gather_copy_in(shards, padded, torch.float32)
-    first_ptr = first.data_ptr()
-    held = cpu.all_gather_copy_in(shards, padded, torch.float32)  # `first` is alive: a new buffer
-    assert held.data_ptr() != first_ptr
-    view = first[10:20]
-    del first
-    third = cpu.all_gather_copy_in(shards, padded, torch.float32)  # a view keeps it alive
-    assert third.data_ptr() not in (first_ptr, held.data_ptr())
-    del view, third
-    # Now free: reused, and fully rewritten (padding zeroed again after other data was there).
-    other = [torch.randn(big - 3), torch.randn(5, 7)]
-    reused = cpu.all_gather_copy_in(other, padded, torch.float32)
-    assert reused.data_ptr() == first_ptr
-    expected = torch.cat([other[0], torch.zeros(3), other[1].flatten(), torch.zeros(5)])
-    assert torch.equal(reused, expected)
-    previous = _pool.enable(False)
-    try:
-        assert cpu.all_gather_copy_in(other, padded, torch.float32).data_ptr() != held.data_ptr()
-    finally:
-        _pool.enable(previous)
-
-
-@pytest.mark.parametrize("world", [2, 3])
-def test_cpp_extension_with_threads_matches_reference(world):
-    """Calls above 1 MiB split their segments over torch.get_num_threads() C++ threads."""
-    from fsdp_compile.kernels import cpu, cpu_ext
-
-    assert cpu_ext.module() is not None  # built (or loaded from the cache) on this machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        shapes = [(1025, 64)] * 40 + [(7, 3), (0, 5), (1,), (5, 2, 3, 2)]
-        fulls = [torch.randn(s) for s in shapes]
-        padded = list(padded_numels(shapes, world))
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            shards = [ref_shard(f, world, world - 1) for f in fulls]
-            assert torch.equal(cpu.all_gather_copy_in(shards, padded, dtype), ref_all_gather_copy_in(shards, padded, dtype))
-            assert torch.equal(cpu.reduce_scatter_copy_in(fulls, world, dtype), ref_reduce_scatter_copy_in(fulls, world, dtype))
-        gathered = torch.randn(world * sum(padded))
-        outs = [torch.empty(s) for s in shapes]
-        cpu.all_gather_copy_out(gathered, shapes, world, outs)
-        for o, r in zip(outs, ref_all_gather_copy_out(gathered, shapes, world)):
-            assert torch.equal(o, r)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def test_cpp_extension_rejects_a_bad_layout_with_the_parameter_named():
-    from fsdp_compile.kernels import cpu_ext
-
-    ext = cpu_ext.module()
-    with pytest.raises(ValueError, match="out has 10 elements, the layout needs 12"):
-        ext.all_gather_copy_in([torch.randn(4), torch.randn(8)], [4, 8], torch.empty(10), False)
-    with pytest.raises(TypeError, match="all_gather_copy_in: item 1 is not a tensor"):
-        ext.all_gather_copy_in([torch.randn(4), [1.0]], [4, 8], torch.empty(12), False)
-    for bad_out in (torch.empty(2, 2, device="meta"), torch.empty(2, 2).t()):
-        with pytest.raises(ValueError, match=r"out\[1\] must be a contiguous CPU tensor"):
-            ext.all_gather_copy_out(torch.randn(6), [torch.empty(2), bad_out], 2, [2, 2, 2], [1, 2])
-    # Through the public wrappers, with the extension and with the torch-op path: the same errors.
-    for ext_on in ("1", "0"):
-        os.environ["FSDP_COMPILE_CPU_EXT"] = ext_on
-        try:
-            with pytest.raises(ValueError, match="shard 1 has 9 elements > padded numel 8"):
-                K.all_gather_copy_in([torch.randn(4), torch.randn(9)], [4, 8], torch.float32)
-            with pytest.raises(ValueError, match=r"out\[1\] is .*3.*expected .*2, 2"):
-                K.all_gather_copy_out(torch.randn(6), [[2], [2, 2]], 2, out=[torch.empty(2), torch.empty(3)])
-        finally:
-            del os.environ["FSDP_COMPILE_CPU_EXT"]
-
-
-def test_eager_calls_skip_the_dispatcher_only_when_nothing_watches():
-    """Plain eager calls go straight to the kernels; under a torch-function or dispatch mode
-    (profilers, FLOP counters, tracers) and with inputs that need grad, the op is dispatched."""
+def test_eager_calls_go_through_the_dispatcher():
+    """Profilers, FLOP counters and tracers (torch-function and dispatch modes) see each copy as
+    one ``fsdp_compile`` op, and inputs that need grad get a ``grad_fn``."""
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from fsdp_compile.kernels import ops
 
     seen = []
 
@@ -619,21 +517,9 @@ def test_eager_calls_skip_the_dispatcher_only_when_nothing_watches():
             seen.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    shards = [torch.randn(3, 2)]
-    assert ops._direct(shards)
-    assert not ops._direct([shards[0].requires_grad_()])
-    # The C++ copy-ins find that out themselves: they defer (copy nothing) only under grad mode.
-    from fsdp_compile.kernels import cpu
-
-    slot = torch.full((8,), 7.0)
-    assert not cpu.cpu_ext.module().all_gather_copy_in(shards, [8], slot, True)
-    assert torch.equal(slot, torch.full((8,), 7.0))
+    shards = [torch.randn(3, 2, requires_grad=True)]
     assert K.all_gather_copy_in(shards, [8], torch.float32).grad_fn is not None
     assert K.reduce_scatter_copy_in(shards, 2, torch.float32).grad_fn is not None
-    with torch.no_grad():
-        assert cpu.cpu_ext.module().all_gather_copy_in(shards, [8], slot, True)
-        assert torch.equal(slot, ref_all_gather_copy_in(shards, [8], torch.float32))
-        assert cpu.reduce_scatter_copy_in(shards, 2, torch.float32, defer_if_grad=True) is not None
     shards[0].requires_grad_(False)
     for mode in (Functions, Dispatches):
         seen.clear()
@@ -647,7 +533,6 @@ def test_eager_triton_copies_take_one_launch_for_mixed_dtypes(monkeypatch):
     """The address-table kernel branches on each segment's source dtype: fp32, bf16, fp16 and
     fp64 shards (and gradients) are packed by one launch each way, equal to the reference."""
     from fsdp_compile.kernels import triton_kernels
-    from fsdp_compile.testing.triton_on_cpu import triton_launches_interpreted
 
     launches = []
     real = triton_kernels._launch

@@ -1,7 +1,7 @@
-"""The four copy ops written as plain ATen ops (pad, cat, view): what Inductor compiles itself.
+"""The three copy ops written as plain ATen ops (pad, cat, view): what Inductor compiles itself.
 
 Owns: a decomposition of each op that traces under fake/functional tensors and needs nothing but
-shapes. Used by ``traced.py`` for the ``"aten"`` lowering (``FSDP_COMPILE_TRACED_KERNELS=aten``):
+shapes. Used by ``traced.py`` for the ``"aten"`` lowering (``fsdp_compile.backend(copies="aten")``):
 Inductor then generates the copy kernels itself and can fuse the casts and the producers of the
 gradients into them.
 
@@ -46,7 +46,3 @@ def reduce_scatter_copy_in(grads: Sequence[Tensor], world_size: int, dtype: torc
     padded = padded_numels([g.shape for g in grads], world_size)
     columns = [_pad_to(g.reshape(-1).to(dtype), world_size * p).view(world_size, p) for g, p in zip(grads, padded)]
     return torch.cat(columns, dim=1).reshape(-1)
-
-
-def reduce_scatter_copy_out_new(slot: Tensor, dtype: torch.dtype) -> Tensor:
-    return slot.to(dtype, copy=True)

@@ -1,39 +1,32 @@
-"""Fused copy-in/copy-out on CPU tensors (and the small-bucket path on any device).
+"""The copies on real tensors written with torch's own ops (CPU, and tiny buckets on any device).
 
-Owns: the four packing/unpacking routines on real tensors. Never touches torch.distributed,
-custom-op registration (``ops.py``) or Triton (``triton_kernels.py``).
+Owns: the three packing/unpacking routines on real tensors. Never touches torch.distributed,
+custom-op registration (``ops.py``) or Triton (``triton_kernels.py``). These are the ops FSDP2's
+copy-in/copy-out use:
 
-"Fused" here means: one output allocation (large CPU ones reused across calls, see ``_pool``),
-every input byte read once and every output byte written once, the dtype cast folded into the
-copy, and only padding tails zeroed. Two implementations, chosen per call:
+- ``torch._chunk_cat(out=)`` when it fits the layout: it *is* the reduce-scatter layout (chunks
+  of dim 0, rank-major, zero padded, cast into ``out``'s dtype), and with one chunk it is the
+  all-gather slot of unpadded shards;
+- ``torch.cat(out=)`` of the shards and views of one zero tensor for a padded slot;
+- ``torch.split_with_sizes_copy(out=)`` for copy-out when every ``dim0`` divides by the world size;
+- otherwise a per-param loop of at most two strided ``copy_`` calls, plus one ``_foreach_zero_``
+  for all padding tails.
 
-- the C++ extension (``cpu_ext``, CPU tensors, the default): one call per op whatever the tensor
-  count, segments built in C++, copied with ``torch.get_num_threads()`` threads;
-- torch ops (other devices, or without the extension): ``torch._chunk_cat(out=)`` when it fits
-  the layout (it *is* the reduce-scatter layout; with one chunk it is the unpadded all-gather
-  slot), ``torch.cat(out=)`` of the shards and views of one zero tensor for a padded slot,
-  ``torch.split_with_sizes_copy(out=)`` for copy-out when every ``dim0`` divides by the world
-  size, and otherwise a per-param loop of at most two strided ``copy_`` calls plus one
-  ``_foreach_zero_`` for all padding tails.
+Every output is a new tensor (one allocation), every input byte is read once and every output
+byte written once, with the dtype cast folded into the copy.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from fsdp_compile.kernels import _pool, cpu_ext
-from fsdp_compile.kernels import _offsets
-from fsdp_compile.kernels._offsets import chunk_rows, pack_shapes, prefix_offsets, row_numel, unpack_shapes
+from fsdp_compile.kernels._offsets import chunk_rows, padded_numels, prefix_offsets, row_numel
 
 _dtype_of = operator.attrgetter("dtype")
-
-
-def _ext(device: torch.device):
-    return cpu_ext.module() if device.type == "cpu" else None
 
 
 def _chunk_cat_ok(tensors: Sequence[Tensor]) -> bool:
@@ -48,35 +41,24 @@ def _split_rows(dim0: int, world_size: int) -> tuple[int, int, int]:
     return c, k, dim0 - k * c
 
 
-def all_gather_copy_in(
-    shards: Sequence[Tensor], padded_numels: Sequence[int], dtype: torch.dtype, defer_if_grad: bool = False
-) -> Optional[Tensor]:
-    """Pack ``shards`` (cast to ``dtype``) into one zero-padded slot of ``sum(padded_numels)``.
-
-    ``defer_if_grad`` (C++ extension only): return ``None``, copying nothing, when autograd would
-    record the op, so the caller can go through the dispatcher; the extension finds out while
-    reading the list, which costs less than a Python loop over 1000 tensors."""
-    out = _pool.empty(sum(padded_numels), dtype, shards[0].device)
-    ext = _ext(out.device)
-    if ext is not None:
-        # The extension checks numel <= padded per shard.
-        return out if ext.all_gather_copy_in(shards, padded_numels, out, defer_if_grad) else None
-    padded_numels = tuple(padded_numels)
-    offs = prefix_offsets(padded_numels)
-    if tuple(map(Tensor.numel, shards)) == padded_numels and _chunk_cat_ok(shards):
+def all_gather_copy_in(shards: Sequence[Tensor], padded: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """Pack ``shards`` (cast to ``dtype``) into one zero-padded slot of ``sum(padded)``."""
+    padded = tuple(padded)
+    out = torch.empty(sum(padded), dtype=dtype, device=shards[0].device)
+    if tuple(map(Tensor.numel, shards)) == padded and _chunk_cat_ok(shards):
         torch._chunk_cat(shards, 0, 1, out=out.view(1, -1))  # no padding: flatten + cast + concat
         return out
     if len(shards) > 1 and all(map(Tensor.is_contiguous, shards)):
-        zeros = torch.zeros(max(p - s.numel() for s, p in zip(shards, padded_numels)), dtype=dtype, device=out.device)
+        zeros = torch.zeros(max(p - s.numel() for s, p in zip(shards, padded)), dtype=dtype, device=out.device)
         pieces = []
-        for s, p in zip(shards, padded_numels):
+        for s, p in zip(shards, padded):
             pieces.append(s.view(-1))
             if s.numel() < p:
                 pieces.append(zeros[: p - s.numel()])
         torch.cat(pieces, out=out)
         return out
     pads = []
-    for s, off, p in zip(shards, offs, padded_numels):
+    for s, off, p in zip(shards, prefix_offsets(padded), padded):
         n = s.numel()
         if n:
             out[off : off + n].view(s.shape).copy_(s)
@@ -87,24 +69,12 @@ def all_gather_copy_in(
     return out
 
 
-def all_gather_copy_out(
-    gathered: Tensor,
-    full_shapes: Sequence[Sequence[int]],
-    world_size: int,
-    out: Sequence[Tensor],
-    packed: Optional[tuple[list[int], list[int]]] = None,
-) -> None:
-    """Unpack the rank-major ``W*T`` buffer into the preallocated full tensors ``out``
-    (``packed``: ``pack_shapes(full_shapes)`` if the caller has it)."""
-    contiguous = all(map(Tensor.is_contiguous, out))
-    ext = _ext(gathered.device)
-    if ext is not None and contiguous:
-        ext.all_gather_copy_out(gathered, out, world_size, *(packed or pack_shapes(full_shapes)))
-        return
-    padded = list(_offsets.padded_numels(full_shapes, world_size))
+def all_gather_copy_out(gathered: Tensor, full_shapes: Sequence[Sequence[int]], world_size: int, out: Sequence[Tensor]) -> None:
+    """Unpack the rank-major ``W*T`` buffer into the new full tensors ``out`` (contiguous)."""
+    padded = list(padded_numels(full_shapes, world_size))
     offs = prefix_offsets(padded)
     g2 = gathered.view(world_size, offs[-1])
-    if contiguous and all(s[0] % world_size == 0 for s in full_shapes):
+    if all(s[0] % world_size == 0 for s in full_shapes):
         torch.split_with_sizes_copy(g2, padded, dim=1, out=[o.view(world_size, -1) for o in out])
         return
     for shape, off, o in zip(full_shapes, offs, out):
@@ -116,29 +86,11 @@ def all_gather_copy_out(
             o[k * c :].copy_(g2[k, off : off + rem * rn].view((rem,) + rest))
 
 
-def all_gather_copy_out_new(gathered: Tensor, flat_shapes: list[int], ndims: list[int], world_size: int) -> list[Tensor]:
-    """New full tensors (shapes packed as in the op schema) unpacked from ``gathered``."""
-    ext = _ext(gathered.device)
-    if ext is not None:
-        return ext.all_gather_copy_out_new(gathered, flat_shapes, ndims, world_size)
-    shapes = unpack_shapes(flat_shapes, ndims)
-    out = [torch.empty(s, dtype=gathered.dtype, device=gathered.device) for s in shapes]
-    all_gather_copy_out(gathered.reshape(-1), shapes, world_size, out)
-    return out
-
-
-def reduce_scatter_copy_in(
-    grads: Sequence[Tensor], world_size: int, dtype: torch.dtype, defer_if_grad: bool = False
-) -> Optional[Tensor]:
-    """Pack full gradients rank-major (``torch._chunk_cat`` layout, zero padded) into ``W*T``.
-    ``defer_if_grad``: as for :func:`all_gather_copy_in`."""
-    device = grads[0].device
-    ext = _ext(device)
-    if ext is not None:
-        return ext.reduce_scatter_copy_in(grads, world_size, lambda numel: _pool.empty(numel, dtype, device), defer_if_grad)
-    padded = _offsets.padded_numels([g.shape for g in grads], world_size)
+def reduce_scatter_copy_in(grads: Sequence[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
+    """Pack full gradients rank-major (``torch._chunk_cat`` layout, zero padded) into ``W*T``."""
+    padded = padded_numels([g.shape for g in grads], world_size)
     offs = prefix_offsets(padded)
-    out = _pool.empty(world_size * offs[-1], dtype, grads[0].device)
+    out = torch.empty(world_size * offs[-1], dtype=dtype, device=grads[0].device)
     o2 = out.view(world_size, offs[-1])
     if _chunk_cat_ok(grads):
         torch._chunk_cat(grads, 0, world_size, out=o2)  # this layout, cast into out's dtype
@@ -158,11 +110,3 @@ def reduce_scatter_copy_in(
     if pads:
         torch._foreach_zero_(pads)
     return out
-
-
-def reduce_scatter_copy_out(slot: Tensor, flat_grad: Tensor, accumulate: bool) -> None:
-    """``flat_grad = cast(slot)`` or ``flat_grad += cast(slot)`` (added in ``flat_grad.dtype``)."""
-    if accumulate:
-        flat_grad.add_(slot)
-    else:
-        flat_grad.copy_(slot)

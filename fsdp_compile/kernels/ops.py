@@ -1,112 +1,61 @@
 """``fsdp_compile::`` copy-in/copy-out ops, with fake, autograd and traced implementations.
 
-Owns: op schemas, the autograd formulas, the eager CPU/Triton dispatch and the single switch
-:func:`use_triton`. Shapes and offsets come only from the arguments (``padded_numels``,
-``full_shapes``, ``world_size``), never from data, so the ops trace under FakeTensorMode /
-torch.compile.
+Owns: the three op schemas (and their opaque ``*_fused`` twins), their autograd formulas, and
+the choice of eager kernel. Shapes and
+offsets come only from the arguments (``padded_numels``, ``full_shapes``, ``world_size``), never
+from data, so the ops trace under FakeTensorMode / torch.compile.
 
-The four functional ops are ``torch.library.triton_op``s: one Python body that is the eager
-kernel, the fake kernel and, under AOTAutograd, the decomposition the backend sees. The body
-branches once, on whether its tensors are real:
+Each op is a ``torch.library.triton_op``: one Python body that is the eager kernel, the fake
+kernel and, under AOTAutograd, the decomposition the backend sees. The body branches once, on
+whether its tensors are real:
 
-- real tensors (eager): ``_impl`` picks ``cpu.py`` or the one-launch address-table Triton kernel;
-- traced tensors (fake / functional): ``traced.py`` returns a ``wrap_triton`` launch, plain ATen,
-  or the opaque ``*_fused`` op below (the CPU default), by device.
-
-The public wrappers call the eager kernel directly, past the dispatcher, when nothing needs the
-op (``_direct``: no compile, trace or mode active, real tensors, no grad to record); otherwise
-they call the op.
-
-Eager dispatch (``_want_triton``), in order:
-1. ``FSDP_COMPILE_FORCE_TRITON=1`` in the environment, or ``use_triton(True)``: Triton for every
-   call (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before Triton is imported).
-2. ``use_triton(False)``: the torch path everywhere.
-3. default: Triton for CUDA tensors whose bucket has at least ``TRITON_MIN_NUMEL`` elements; the
-   torch path (``cpu.py``, device generic) for CPU tensors and for tiny buckets, where launching a
-   kernel and uploading its pointer table costs more than a few plain copies.
+- real tensors (eager): the address-table Triton kernel (``triton_kernels.py``, one launch) for
+  CUDA buckets of at least ``TRITON_MIN_NUMEL`` elements; torch's own ops (``cpu.py``:
+  ``torch._chunk_cat``, ``torch.cat``, ``torch.split_with_sizes_copy``) for CPU tensors and tiny
+  buckets, where a launch and its pointer table cost more than a few plain copies;
+- traced tensors (fake / functional): ``traced.py``, a ``wrap_triton`` launch on CUDA, one of
+  the opaque ``*_fused`` ops below on CPU (their body is the eager torch-op copy), or plain ATen
+  (Inductor generates the copies), as the backend's ``copies=`` option chose.
 
 Autograd: copy-in and copy-out are each other's transpose. d(all_gather_copy_out)/d(gathered) is
 ``reduce_scatter_copy_in`` of the output grads (padding positions get zero); d(reduce_scatter_copy_in)
 is ``all_gather_copy_out`` of the incoming grad; d(all_gather_copy_in)/d(shard_i) is the slice
-``[off_i, off_i + numel_i)`` of the slot grad. Mutating variants have no autograd.
+``[off_i, off_i + numel_i)`` of the slot grad.
 """
 
 from __future__ import annotations
 
 import functools
-import operator
-import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
-
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op
 
 from fsdp_compile.kernels import cpu, traced
-from fsdp_compile.kernels._offsets import (
-    pack_shapes,
-    padded_numels as _padded_numels,
-    prefix_offsets,
-    unpack_shapes,
-)
+from fsdp_compile.kernels._offsets import pack_shapes, padded_numels as _padded_numels, prefix_offsets, unpack_shapes
 
 TRITON_MIN_NUMEL = 1 << 16
-_triton_override: Optional[bool] = None
 
 
-def use_triton(enabled: Optional[bool] = None) -> Optional[bool]:
-    """Set the process-wide Triton switch (``True``/``False``/``None`` = automatic); returns the
-    previous value. This is the only global state of ``fsdp_compile.kernels``."""
-    global _triton_override
-    previous, _triton_override = _triton_override, enabled
-    return previous
-
-
-def _want_triton(device: torch.device, numel: int) -> bool:
-    if os.environ.get("FSDP_COMPILE_FORCE_TRITON") == "1" or _triton_override is True:
-        return True
-    if _triton_override is False:
-        return False
-    return device.type == "cuda" and numel >= TRITON_MIN_NUMEL
-
-
-def _impl(device: torch.device, numel: int):
-    if _want_triton(device, numel):
+def eager_kernels(device: torch.device, numel: int):
+    """The module whose functions copy real tensors on ``device`` for a bucket of ``numel``."""
+    if device.type == "cuda" and numel >= TRITON_MIN_NUMEL:
         from fsdp_compile.kernels import triton_kernels
 
         return triton_kernels
     return cpu
 
 
-def _traced(t: Tensor) -> bool:
-    """True for the fake / functional tensors of a trace (no data, no ``data_ptr``)."""
-    return is_fake(t)
-
-
 # all_gather_copy_in ----------------------------------------------------------------------------
-
-
-def _all_gather_copy_in_real(shards: list[Tensor], padded_numels: list[int], dtype: torch.dtype) -> Tensor:
-    return _impl(shards[0].device, sum(padded_numels)).all_gather_copy_in(shards, padded_numels, dtype)
 
 
 @triton_op("fsdp_compile::all_gather_copy_in", mutates_args=())
 def _all_gather_copy_in(shards: list[Tensor], padded_numels: list[int], dtype: torch.dtype) -> Tensor:
-    if _traced(shards[0]):
+    if is_fake(shards[0]):
         return traced.all_gather_copy_in(shards, padded_numels, dtype)
-    return _all_gather_copy_in_real(shards, padded_numels, dtype)
-
-
-_all_gather_copy_in_fused = torch.library.custom_op("fsdp_compile::all_gather_copy_in_fused", mutates_args=())(
-    _all_gather_copy_in_real
-)
-
-
-@_all_gather_copy_in_fused.register_fake
-def _(shards, padded_numels, dtype):
-    return shards[0].new_empty(sum(padded_numels), dtype=dtype)
+    return eager_kernels(shards[0].device, sum(padded_numels)).all_gather_copy_in(shards, padded_numels, dtype)
 
 
 def _agci_setup(ctx, inputs, output):
@@ -126,22 +75,29 @@ def _agci_backward(ctx, grad):
 _all_gather_copy_in.register_autograd(_agci_backward, setup_context=_agci_setup)
 
 
+@torch.library.custom_op("fsdp_compile::all_gather_copy_in_fused", mutates_args=())
+def _all_gather_copy_in_fused(shards: list[Tensor], padded_numels: list[int], dtype: torch.dtype) -> Tensor:
+    return eager_kernels(shards[0].device, sum(padded_numels)).all_gather_copy_in(shards, padded_numels, dtype)
+
+
+@_all_gather_copy_in_fused.register_fake
+def _(shards, padded_numels, dtype):
+    return shards[0].new_empty(sum(padded_numels), dtype=dtype)
+
+
 # all_gather_copy_out ---------------------------------------------------------------------------
 
 
 def _all_gather_copy_out_real(gathered: Tensor, flat_shapes: list[int], ndims: list[int], world_size: int) -> list[Tensor]:
-    impl = _impl(gathered.device, gathered.numel())
-    if impl is cpu:
-        return cpu.all_gather_copy_out_new(gathered.reshape(-1), flat_shapes, ndims, world_size)
     shapes = unpack_shapes(flat_shapes, ndims)
     out = [torch.empty(s, dtype=gathered.dtype, device=gathered.device) for s in shapes]
-    impl.all_gather_copy_out(gathered.reshape(-1), shapes, world_size, out)
+    eager_kernels(gathered.device, gathered.numel()).all_gather_copy_out(gathered.reshape(-1), shapes, world_size, out)
     return out
 
 
 @triton_op("fsdp_compile::all_gather_copy_out", mutates_args=())
 def _all_gather_copy_out(gathered: Tensor, flat_shapes: list[int], ndims: list[int], world_size: int) -> list[Tensor]:
-    if _traced(gathered):
+    if is_fake(gathered):
         return traced.all_gather_copy_out(gathered, unpack_shapes(flat_shapes, ndims), world_size)
     return _all_gather_copy_out_real(gathered, flat_shapes, ndims, world_size)
 
@@ -174,46 +130,15 @@ def _agco_backward(ctx, grads):
 _all_gather_copy_out.register_autograd(_agco_backward, setup_context=_agco_setup)
 
 
-@torch.library.custom_op("fsdp_compile::all_gather_copy_out_", mutates_args=("out",))
-def _all_gather_copy_out_(
-    gathered: Tensor, flat_shapes: list[int], ndims: list[int], world_size: int, out: list[Tensor]
-) -> None:
-    shapes = unpack_shapes(flat_shapes, ndims)
-    impl = _impl(gathered.device, gathered.numel())
-    if impl is not cpu and not all(o.is_contiguous() for o in out):
-        impl = cpu
-    impl.all_gather_copy_out(gathered.reshape(-1), shapes, world_size, out)
-
-
-@_all_gather_copy_out_.register_fake
-def _(gathered, flat_shapes, ndims, world_size, out):
-    return None
-
-
 # reduce_scatter_copy_in ------------------------------------------------------------------------
-
-
-def _reduce_scatter_copy_in_real(grads: list[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
-    numel = sum(g.numel() for g in grads)
-    return _impl(grads[0].device, numel).reduce_scatter_copy_in(grads, world_size, dtype)
 
 
 @triton_op("fsdp_compile::reduce_scatter_copy_in", mutates_args=())
 def _reduce_scatter_copy_in(grads: list[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
-    if _traced(grads[0]):
+    if is_fake(grads[0]):
         return traced.reduce_scatter_copy_in(grads, world_size, dtype)
-    return _reduce_scatter_copy_in_real(grads, world_size, dtype)
-
-
-_reduce_scatter_copy_in_fused = torch.library.custom_op(
-    "fsdp_compile::reduce_scatter_copy_in_fused", mutates_args=()
-)(_reduce_scatter_copy_in_real)
-
-
-@_reduce_scatter_copy_in_fused.register_fake
-def _(grads, world_size, dtype):
-    total = sum(_padded_numels([g.shape for g in grads], world_size))
-    return grads[0].new_empty(world_size * total, dtype=dtype)
+    numel = sum(g.numel() for g in grads)
+    return eager_kernels(grads[0].device, numel).reduce_scatter_copy_in(grads, world_size, dtype)
 
 
 def _rsci_setup(ctx, inputs, output):
@@ -231,79 +156,18 @@ def _rsci_backward(ctx, grad):
 _reduce_scatter_copy_in.register_autograd(_rsci_backward, setup_context=_rsci_setup)
 
 
-# reduce_scatter_copy_out -----------------------------------------------------------------------
+@torch.library.custom_op("fsdp_compile::reduce_scatter_copy_in_fused", mutates_args=())
+def _reduce_scatter_copy_in_fused(grads: list[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
+    numel = sum(g.numel() for g in grads)
+    return eager_kernels(grads[0].device, numel).reduce_scatter_copy_in(grads, world_size, dtype)
 
 
-@torch.library.custom_op("fsdp_compile::reduce_scatter_copy_out", mutates_args=("flat_grad",))
-def _reduce_scatter_copy_out(slot: Tensor, flat_grad: Tensor, accumulate: bool) -> None:
-    impl = _impl(slot.device, slot.numel())
-    if impl is not cpu and not flat_grad.is_contiguous():
-        impl = cpu
-    impl.reduce_scatter_copy_out(slot, flat_grad, accumulate)
+@_reduce_scatter_copy_in_fused.register_fake
+def _(grads, world_size, dtype):
+    return grads[0].new_empty(world_size * sum(_padded_numels([g.shape for g in grads], world_size)), dtype=dtype)
 
 
-@_reduce_scatter_copy_out.register_fake
-def _(slot, flat_grad, accumulate):
-    return None
-
-
-def _reduce_scatter_copy_out_new_real(slot: Tensor, dtype: torch.dtype) -> Tensor:
-    out = torch.empty(slot.shape, dtype=dtype, device=slot.device)
-    _impl(slot.device, slot.numel()).reduce_scatter_copy_out(slot, out, False)
-    return out
-
-
-@triton_op("fsdp_compile::reduce_scatter_copy_out_new", mutates_args=())
-def _reduce_scatter_copy_out_new(slot: Tensor, dtype: torch.dtype) -> Tensor:
-    if _traced(slot):
-        return traced.reduce_scatter_copy_out_new(slot, dtype)
-    return _reduce_scatter_copy_out_new_real(slot, dtype)
-
-
-_reduce_scatter_copy_out_new_fused = torch.library.custom_op(
-    "fsdp_compile::reduce_scatter_copy_out_new_fused", mutates_args=()
-)(_reduce_scatter_copy_out_new_real)
-
-
-@_reduce_scatter_copy_out_new_fused.register_fake
-def _(slot, dtype):
-    return slot.new_empty(slot.shape, dtype=dtype)
-
-
-def _rscon_setup(ctx, inputs, output):
-    ctx.dtype = inputs[0].dtype
-
-
-_reduce_scatter_copy_out_new.register_autograd(
-    lambda ctx, grad: (grad.to(ctx.dtype), None), setup_context=_rscon_setup
-)
-
-
-# Python wrappers (public) ----------------------------------------------------------------------
-
-
-_requires_grad = operator.attrgetter("requires_grad")
-
-
-def _direct(tensors: Sequence[Tensor], autograd_checked_later: bool = False) -> bool:
-    """True when a call can skip the dispatcher and run the eager kernel itself: no compile or
-    trace in progress, no dispatch or torch-function mode, real tensors, nothing for autograd to
-    record (unless the caller's kernel checks that itself: ``autograd_checked_later``, the C++
-    copy-ins, which check while reading the list). Custom-op dispatch of a 1000-tensor list costs
-    about 1 ms, as much as copying 64 MiB; a Python ``requires_grad`` loop over it, 0.06 ms."""
-    return (
-        not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._is_torch_function_mode_enabled()
-        and not _traced(tensors[0])
-        and (autograd_checked_later or not (torch.is_grad_enabled() and any(map(_requires_grad, tensors))))
-    )
-
-
-def _uses_cpp(device: torch.device) -> bool:
-    """True when eager calls on ``device`` run the C++ extension, which validates the layout
-    itself (``ValueError``), so a direct call needs no Python checks first."""
-    return device.type == "cpu" and not _want_triton(device, 0) and cpu._ext(device) is not None
+# Python wrappers (public): argument checks, then the op ----------------------------------------
 
 
 @functools.lru_cache(maxsize=256)
@@ -327,23 +191,14 @@ def all_gather_copy_in(shards: list[Tensor], padded_numels: list[int], dtype: to
             f"all_gather_copy_in: got {len(shards)} shards and {len(padded_numels)} padded numels; "
             "pass one padded numel per shard (and at least one shard)"
         )
-    if _direct(shards, autograd_checked_later=True) and _uses_cpp(shards[0].device):
-        out = cpu.all_gather_copy_in(shards, padded_numels, dtype, defer_if_grad=True)
-        if out is not None:
-            return out
-    direct = _direct(shards)
-    padded_numels = list(map(int, padded_numels))
-    if any(map(operator.gt, map(Tensor.numel, shards), padded_numels)):  # map: no per-tensor bytecode
-        i = next(i for i, (s, p) in enumerate(zip(shards, padded_numels)) if s.numel() > p)
-        raise ValueError(f"all_gather_copy_in: shard {i} has {shards[i].numel()} elements > padded numel {padded_numels[i]}")
-    if direct:
-        return _all_gather_copy_in_real(shards, padded_numels, dtype)
+    padded_numels = [int(p) for p in padded_numels]
+    for i, (s, p) in enumerate(zip(shards, padded_numels)):
+        if s.numel() > p:
+            raise ValueError(f"all_gather_copy_in: shard {i} has {s.numel()} elements > padded numel {p}")
     return torch.ops.fsdp_compile.all_gather_copy_in(list(shards), padded_numels, dtype)
 
 
-def all_gather_copy_out(
-    gathered: Tensor, full_shapes: list[list[int]], world_size: int, out: Optional[list[Tensor]] = None
-) -> list[Tensor]:
+def all_gather_copy_out(gathered: Tensor, full_shapes: list[list[int]], world_size: int) -> list[Tensor]:
     """Unpack the rank-major all-gather buffer into one full tensor per param (padding dropped)."""
     layout = _copy_out_layout.__wrapped__ if torch.compiler.is_compiling() else _copy_out_layout  # Dynamo: no caches
     flat, ndims, want = layout(tuple(map(tuple, full_shapes)), world_size)
@@ -352,44 +207,12 @@ def all_gather_copy_out(
             f"all_gather_copy_out: gathered has {gathered.numel()} elements, layout of {len(full_shapes)} "
             f"params at world size {world_size} needs {want}"
         )
-    if out is None:
-        if _direct([gathered]):
-            return _all_gather_copy_out_real(gathered, flat, ndims, world_size)
-        return list(torch.ops.fsdp_compile.all_gather_copy_out(gathered, flat, ndims, world_size))
-    if _direct([gathered, *out]) and _uses_cpp(gathered.device) and all(map(Tensor.is_contiguous, out)):
-        cpu.all_gather_copy_out(gathered, full_shapes, world_size, out, packed=(flat, ndims))  # C++ checks each out
-        return list(out)
-    for i, (o, s) in enumerate(zip(out, full_shapes)):
-        if tuple(o.shape) != tuple(s) or o.dtype != gathered.dtype:
-            raise ValueError(
-                f"all_gather_copy_out: out[{i}] is {tuple(o.shape)} {o.dtype}, expected {tuple(s)} {gathered.dtype}"
-            )
-    torch.ops.fsdp_compile.all_gather_copy_out_(gathered, flat, ndims, world_size, list(out))
-    return list(out)
+    return list(torch.ops.fsdp_compile.all_gather_copy_out(gathered, flat, ndims, world_size))
 
 
 def reduce_scatter_copy_in(grads: list[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
     """Pack full gradients rank-major (``torch._chunk_cat`` layout, zero padded), cast to ``dtype``."""
     if not grads:
         raise ValueError("reduce_scatter_copy_in: pass at least one gradient")
-    if min(map(Tensor.dim, grads)) == 0:
-        _check_shapes([g.shape for g in grads])
-    if _direct(grads, autograd_checked_later=True) and _uses_cpp(grads[0].device):
-        out = cpu.reduce_scatter_copy_in(grads, world_size, dtype, defer_if_grad=True)
-        if out is not None:
-            return out
-    if _direct(grads):
-        return _reduce_scatter_copy_in_real(grads, world_size, dtype)
+    _check_shapes([g.shape for g in grads])
     return torch.ops.fsdp_compile.reduce_scatter_copy_in(list(grads), world_size, dtype)
-
-
-def reduce_scatter_copy_out(slot: Tensor, flat_grad: Tensor, accumulate: bool) -> None:
-    """``flat_grad = slot`` or ``flat_grad += slot``, cast to and added in ``flat_grad.dtype``."""
-    if slot.shape != flat_grad.shape:
-        raise ValueError(f"reduce_scatter_copy_out: slot {tuple(slot.shape)} vs flat_grad {tuple(flat_grad.shape)}")
-    torch.ops.fsdp_compile.reduce_scatter_copy_out(slot, flat_grad, accumulate)
-
-
-def reduce_scatter_copy_out_new(slot: Tensor, dtype: torch.dtype) -> Tensor:
-    """Functional copy-out: a new tensor holding ``slot`` cast to ``dtype``."""
-    return torch.ops.fsdp_compile.reduce_scatter_copy_out_new(slot, dtype)

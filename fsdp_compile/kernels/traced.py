@@ -1,30 +1,30 @@
 """What a copy op becomes when it is traced (``torch.compile``, ``make_fx``, fake tensors).
 
-The four functional copy ops are ``torch.library.triton_op``s (``ops.py``): AOTAutograd traces
-*into* them, so the graph handed to the backend holds what this file returns, not an opaque call.
-Eager calls never come here (they run ``cpu.py`` or the address-table Triton kernel directly).
+The three copy ops are ``torch.library.triton_op``s (``ops.py``): AOTAutograd traces *into* them,
+so the graph handed to the backend holds what this file returns, not the op itself. Eager calls
+never come here.
 
-Per device, ``lowering(device)`` picks (``FSDP_COMPILE_TRACED_KERNELS`` overrides it):
+Per device, ``lowering(device)`` picks (the backend's ``copies=`` option overrides it, through
+:func:`lowering_for_trace` around its trace):
 
-- ``"fused"`` (CPU default): one opaque ``fsdp_compile::*_fused`` op per copy, which runs the
-  C++ kernels (``cpu.py``). Measured on the README GPT (``benchmarks/step.py``), letting Inductor
-  generate the copies instead (``"aten"``) gave the same step time within run-to-run noise,
-  0.3-0.75 MiB more peak memory and 11 s more compile; the pooled buffers (``_pool``) also only
-  exist on this path.
-- ``"triton"`` (CUDA default): every copy is one ``wrap_triton`` launch
-  (``triton_traced.py``; a ``triton_kernel_wrapper_functional`` node that Inductor compiles with
-  the rest of the graph). Copy-ins read a list of tensors, which a trace cannot put in an address
-  table, so their kernel takes every source as an argument of its own (one generated kernel per
-  source count and dtype mix, up to 256 sources per launch).
+- ``"triton"`` (CUDA default): every copy is one ``wrap_triton`` launch (``triton_traced.py``; a
+  ``triton_kernel_wrapper_functional`` node that Inductor compiles with the rest of the graph).
+  Copy-ins read a list of tensors, which a trace cannot put in an address table, so their kernel
+  takes every source as an argument of its own (one generated kernel per source count and dtype
+  mix, up to 256 sources per launch).
+- ``"fused"`` (CPU default): one opaque ``fsdp_compile::*_fused`` op per copy, whose body is the
+  eager torch-op copy (``cpu.py``: ``torch._chunk_cat``, ``torch.cat``,
+  ``torch.split_with_sizes_copy``). Kept because it measured faster than ``"aten"`` on the 8x512
+  GPT (``benchmarks/step.py --model 8x512``, one run, 2 rounds: 1750 and see ARCHITECTURE.md
+  for the figures).
 - ``"aten"``: everything through ``aten.py``, any device: Inductor generates the copies itself
-  and can fuse casts and gradient producers into them (on the README GPT on CPU: same step time
-  as ``"fused"``, more memory and compile time). The tests use it to run the graph passes on
-  chains of plain ATen ops.
+  and can fuse casts and gradient producers into them.
 """
 from __future__ import annotations
 
-import os
-from typing import Sequence
+import contextlib
+import contextvars
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -32,13 +32,23 @@ from torch import Tensor
 from fsdp_compile.kernels import aten
 
 LOWERINGS = ("fused", "triton", "aten")
+_chosen: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fsdp_compile_copies", default=None)
+
+
+@contextlib.contextmanager
+def lowering_for_trace(chosen: Optional[str]) -> Iterator[None]:
+    """Trace the copy ops as ``chosen`` (one of ``LOWERINGS``; ``None``: by device) inside the block."""
+    if chosen is not None and chosen not in LOWERINGS:
+        raise ValueError(f"copies={chosen!r}; use one of {LOWERINGS} or 'auto'")
+    token = _chosen.set(chosen)
+    try:
+        yield
+    finally:
+        _chosen.reset(token)
 
 
 def lowering(device: torch.device) -> str:
-    chosen = os.environ.get("FSDP_COMPILE_TRACED_KERNELS") or ("triton" if device.type == "cuda" else "fused")
-    if chosen not in LOWERINGS:
-        raise ValueError(f"FSDP_COMPILE_TRACED_KERNELS={chosen!r}; use one of {LOWERINGS}")
-    return chosen
+    return _chosen.get() or ("triton" if device.type == "cuda" else "fused")
 
 
 def all_gather_copy_in(shards: Sequence[Tensor], padded: Sequence[int], dtype: torch.dtype) -> Tensor:
@@ -71,15 +81,6 @@ def reduce_scatter_copy_in(grads: Sequence[Tensor], world_size: int, dtype: torc
     if how == "triton":
         return _triton().reduce_scatter_copy_in(grads, world_size, dtype)
     return aten.reduce_scatter_copy_in(grads, world_size, dtype)
-
-
-def reduce_scatter_copy_out_new(slot: Tensor, dtype: torch.dtype) -> Tensor:
-    how = lowering(slot.device)
-    if how == "fused":
-        return torch.ops.fsdp_compile.reduce_scatter_copy_out_new_fused(slot, dtype)
-    if how == "triton":
-        return _triton().reduce_scatter_copy_out_new(slot, dtype)
-    return aten.reduce_scatter_copy_out_new(slot, dtype)
 
 
 def _triton():

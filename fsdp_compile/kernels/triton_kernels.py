@@ -1,14 +1,13 @@
 """Eager Triton copy-in/copy-out kernels: one launch per op for any number of tensors of any dtypes.
 
-Owns: the address-table kernel ``_segment_copy_kernel``, its four eager launchers, and the
+Owns: the address-table kernel ``_segment_copy_kernel``, its three eager launchers, and the
 ``@triton.jit`` helpers every copy kernel shares (``_cast``, ``_find_segment``, ``_copy_block``,
 ``_segment_table``). The traceable kernels (``wrap_triton``) live in ``triton_traced.py``. Never
 touches custom-op registration (``ops.py``) or offsets beyond ``_offsets.py``.
 
 Design: every op is a list of *segments* ``(src address, src dtype, dst address, copy_len,
-total_len)``: the kernel copies ``copy_len`` elements (casting to the destination dtype,
-optionally accumulating) and writes zeros for ``[copy_len, total_len)`` (the padding); the source
-dtype is a per-segment branch, so mixed dtypes need no second launch. Segments are found per program
+total_len)``: the kernel copies ``copy_len`` elements (casting to the destination dtype) and
+writes zeros for ``[copy_len, total_len)`` (the padding); the source dtype is a per-segment branch, so mixed dtypes need no second launch. Segments are found per program
 through a prefix-sum table of blocks per segment (binary search in the kernel), so one launch
 covers all tensors. Addresses are ``data_ptr()`` values in an int64 table that the kernel casts
 with ``.to(tl.pointer_type(...))``; this works on CUDA and under ``TRITON_INTERPRET=1`` (where
@@ -82,22 +81,10 @@ def _copy_block(src, dst, offs, copy_len, total_len):
 
 
 @triton.jit
-def _copy_or_accumulate(src, dst, offs, copy_len, total_len, COMPUTE: tl.constexpr, ACCUMULATE: tl.constexpr):
-    if ACCUMULATE:
-        x = tl.load(src + offs, mask=offs < copy_len, other=0.0)
-        old = tl.load(dst + offs, mask=offs < total_len, other=0.0)
-        tl.store(dst + offs, _cast(old.to(COMPUTE) + x.to(COMPUTE), dst.dtype.element_ty), mask=offs < total_len)
-    else:
-        _copy_block(src, dst, offs, copy_len, total_len)
-
-
-@triton.jit
 def _segment_copy_kernel(
     table_ptr,
     num_segments,
     DST: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -116,13 +103,13 @@ def _segment_copy_kernel(
     total_len = tl.load(table_ptr + 4 * stride + seg)
     offs = (pid - tl.load(prefix + seg)) * BLOCK + tl.arange(0, BLOCK)
     if code == 0:
-        _copy_or_accumulate(address.to(tl.pointer_type(tl.float32)), dst, offs, copy_len, total_len, COMPUTE, ACCUMULATE)
+        _copy_block(address.to(tl.pointer_type(tl.float32)), dst, offs, copy_len, total_len)
     elif code == 1:
-        _copy_or_accumulate(address.to(tl.pointer_type(tl.bfloat16)), dst, offs, copy_len, total_len, COMPUTE, ACCUMULATE)
+        _copy_block(address.to(tl.pointer_type(tl.bfloat16)), dst, offs, copy_len, total_len)
     elif code == 2:
-        _copy_or_accumulate(address.to(tl.pointer_type(tl.float16)), dst, offs, copy_len, total_len, COMPUTE, ACCUMULATE)
+        _copy_block(address.to(tl.pointer_type(tl.float16)), dst, offs, copy_len, total_len)
     else:
-        _copy_or_accumulate(address.to(tl.pointer_type(tl.float64)), dst, offs, copy_len, total_len, COMPUTE, ACCUMULATE)
+        _copy_block(address.to(tl.pointer_type(tl.float64)), dst, offs, copy_len, total_len)
 
 
 def _segment_table(segments, device) -> tuple[torch.Tensor, int, int]:
@@ -135,19 +122,16 @@ def _segment_table(segments, device) -> tuple[torch.Tensor, int, int]:
     return torch.tensor(rows, dtype=torch.int64, device=device), len(segments), prefix[-1]
 
 
-def _launch(segments: list[tuple[int, int, int, int, int]], dst_dtype, device, accumulate=False):
+def _launch(segments: list[tuple[int, int, int, int, int]], dst_dtype, device):
     """Copy ``(src_addr, src_code, dst_addr, copy_len, total_len)`` segments in one launch."""
     segments = [s for s in segments if s[-1] > 0]
     if not segments:
         return
     table, n, programs = _segment_table(segments, device)
-    wide = dst_dtype == torch.float64 or _SOURCE_CODES[torch.float64] in {s[1] for s in segments}
     _segment_copy_kernel[(programs,)](
         table,
         n,
         DST=_TL_DTYPES[dst_dtype],
-        COMPUTE=tl.float64 if wide else tl.float32,
-        ACCUMULATE=accumulate,
         SEARCH_STEPS=max(1, n.bit_length()),
         BLOCK=BLOCK,
     )
@@ -188,9 +172,3 @@ def reduce_scatter_copy_in(grads: Sequence[Tensor], world_size: int, dtype: torc
     segs = [_source(grads[s.param], s.full_start) + (base + s.slot_start * esz, s.numel, s.padded) for s in layout]
     _launch(segs, dtype, out.device)
     return out
-
-
-def reduce_scatter_copy_out(slot: Tensor, flat_grad: Tensor, accumulate: bool) -> None:
-    slot = slot.contiguous()
-    n = slot.numel()
-    _launch([_source(slot) + (flat_grad.data_ptr(), n, n)], flat_grad.dtype, slot.device, accumulate)

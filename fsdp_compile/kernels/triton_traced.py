@@ -2,7 +2,7 @@
 
 Owns: the kernel family ``many_source_copy_<group sizes>`` (written out once per source count
 and dtype grouping) and
-the four launchers ``traced.py`` uses for the ``"triton"`` lowering (CUDA's default). Eager calls
+the three launchers ``traced.py`` uses for the ``"triton"`` lowering (CUDA's default). Eager calls
 never come here: ``triton_kernels.py`` copies real tensors through a table of addresses.
 
 Why a family: a traced (fake / functional) tensor has no ``data_ptr()``, so a list of them cannot
@@ -162,12 +162,4 @@ def reduce_scatter_copy_in(grads: Sequence[Tensor], world_size: int, dtype: torc
     out = torch.empty(sum(s.padded for s in layout), dtype=dtype, device=grads[0].device)
     segs = [(s.param, s.full_start, s.slot_start, s.numel, s.padded) for s in layout]
     copy_segments([_flat(g) for g in grads], out, segs)
-    return out
-
-
-def reduce_scatter_copy_out_new(slot: Tensor, dtype: torch.dtype) -> Tensor:
-    """``slot`` cast to ``dtype`` into a new tensor."""
-    out = torch.empty(slot.shape, dtype=dtype, device=slot.device)
-    n = slot.numel()
-    copy_segments([_flat(slot)], out.view(-1), [(0, 0, 0, n, n)])
     return out

@@ -1,4 +1,4 @@
-"""A small GPT (pre-norm transformer, tied embedding/output head) used by the README job, the
+"""A small GPT (pre-norm transformer, by default a tied embedding/output head) used by the README job, the
 tests and the benchmarks. Plain PyTorch: nothing in it knows about sharding."""
 from __future__ import annotations
 
@@ -16,6 +16,17 @@ class GPTConfig:
     layers: int = 8
     heads: int = 4
     seq: int = 32
+    ffn: int = 0  # hidden width of each block's MLP; 0 means 4 * dim
+    tied: bool = True  # the output head shares the token embedding's weight
+
+    @property
+    def hidden(self) -> int:
+        return self.ffn or 4 * self.dim
+
+
+# The "not tiny" GPT of the benchmarks (issue 14): 8 blocks x d 512, ffn 2048, vocab 8192,
+# seq 128, untied head; 33.7 M parameters.
+GPT_8X512 = GPTConfig(vocab=8192, dim=512, layers=8, heads=8, seq=128, ffn=2048, tied=False)
 
 
 class Block(nn.Module):
@@ -26,8 +37,8 @@ class Block(nn.Module):
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.ln2 = nn.LayerNorm(cfg.dim)
-        self.fc1 = nn.Linear(cfg.dim, 4 * cfg.dim)
-        self.fc2 = nn.Linear(4 * cfg.dim, cfg.dim)
+        self.fc1 = nn.Linear(cfg.dim, cfg.hidden)
+        self.fc2 = nn.Linear(cfg.hidden, cfg.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -47,7 +58,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(cfg.dim)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # tied
+        if cfg.tied:
+            self.lm_head.weight = self.tok_emb.weight
         nn.init.normal_(self.tok_emb.weight, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,20 +1,30 @@
-"""Peak memory growth of one call, measured by the CPU allocator's own profiler events.
+"""Memory of a training step: what a step adds at its peak, and what a process holds between steps.
 
-``torch.profiler.profile(profile_memory=True)`` records a ``[memory]`` event (+bytes / -bytes)
-for every CPU allocation and free made through c10's allocator. Sorted by time, their running
-sum is what the call allocated and still holds; its maximum is the call's peak growth. Memory
-that existed before the call (parameters, optimizer state) is not in it: add the steady bytes
-for the total high-water mark.
+``profile_step``: ``torch.profiler.profile(profile_memory=True)`` records a ``[memory]`` event
+(+bytes / -bytes) for every CPU allocation and free made through c10's allocator. Sorted by time,
+their running sum is what the call allocated and still holds; its maximum is the call's peak
+growth. Memory that existed before the call (parameters, optimizer state, kept buffers) is not in
+it: add :func:`bytes_in_use` taken just before the step for the total high-water mark.
+
+``bytes_in_use``: glibc's ``mallinfo2()``: bytes of every live ``malloc`` block (arena and
+mmapped), whoever allocated them (c10's CPU allocator, Python, gloo, Inductor's runtime).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
-def profile_step(fn: Callable[[], Any], count_prefixes: tuple[str, ...] = ()) -> tuple[int, dict[str, int]]:
+def profile_step(
+    fn: Callable[[], Any],
+    count_prefixes: tuple[str, ...] = (),
+    on_profile: Optional[Callable[[Any], None]] = None,
+) -> tuple[int, dict[str, int]]:
     """Run ``fn()`` under the profiler -> (peak growth in bytes, counts of the profiler events
-    whose names start with one of ``count_prefixes``)."""
+    whose names start with one of ``count_prefixes``). ``on_profile(prof)`` may read the rest."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -28,4 +38,32 @@ def profile_step(fn: Callable[[], Any], count_prefixes: tuple[str, ...] = ()) ->
         running += nbytes
         peak = max(peak, running)
     names = Counter(e.name() for e in events if count_prefixes and e.name().startswith(count_prefixes))
+    if on_profile is not None:
+        on_profile(prof)
     return peak, dict(names)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    ]
+
+
+@functools.cache
+def _mallinfo2():
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    fn = getattr(libc, "mallinfo2", None)
+    if fn is not None:
+        fn.restype = _MallInfo2
+    return fn
+
+
+def bytes_in_use() -> Optional[int]:
+    """Bytes of live ``malloc`` blocks in this process (glibc ``mallinfo2``: arena + mmapped),
+    or ``None`` where the C library has no ``mallinfo2`` (not glibc >= 2.33)."""
+    fn = _mallinfo2()
+    if fn is None:
+        return None
+    info = fn()
+    return int(info.uordblks + info.hblkhd)
