@@ -27,6 +27,12 @@ Configurations (``--only`` takes these names), each trained from the same seed o
   fsdp_compile        the same, then torch.compile(model, backend="fsdp_compile")
   fsdp_compile_prefetch0   the same with fsdp_compile.backend(prefetch=0) (no all-gather prefetch)
   fsdp_compile_bucket1mb   the same with fsdp_compile.backend(bucket_bytes=1 MiB) (units bucketed)
+  fsdp_compile_baseline  fsdp_compile compiled, from the checkout given by ``--baseline PATH`` (an
+                      earlier commit, e.g. ``git worktree add /tmp/base <commit>``): its ranks
+                      run with ``PYTHONPATH=PATH``, so before/after run interleaved in one run.
+                      The checkout needs this tree's ``fsdp_compile/testing/`` (the benchmark's
+                      helpers) and, for the ``passes/`` folder, a link ``fsdp_compile/passes``;
+                      ``--baseline`` prepares both.
   fsdp_compile_aten   fsdp_compile with fsdp_compile.backend(copies="aten"): Inductor generates the
                       copy-in/copy-out code itself instead of calling one opaque op per copy
 
@@ -126,16 +132,18 @@ CONFIGS = [
     "fsdp_compile_prefetch0",
     "fsdp_compile_bucket1mb",
     "fsdp_compile_aten",
+    "fsdp_compile_baseline",
 ]
 COMPILED = {
     "ddp_compile", "fsdp2_compile", "simplefsdp_compile", "fsdp_compile",
-    "fsdp_compile_prefetch0", "fsdp_compile_bucket1mb", "fsdp_compile_aten",
+    "fsdp_compile_prefetch0", "fsdp_compile_bucket1mb", "fsdp_compile_aten", "fsdp_compile_baseline",
 }
 FSDP_COMPILE_BACKENDS = {  # name -> fsdp_compile.backend(...) options
     "fsdp_compile": {},
     "fsdp_compile_prefetch0": {"prefetch": 0},
     "fsdp_compile_bucket1mb": {"bucket_bytes": 1 << 20},
     "fsdp_compile_aten": {"copies": "aten"},
+    "fsdp_compile_baseline": {},
 }
 OPTIONAL = {"simplefsdp_compile"}
 MODELS = ("readme", "8x512")  # GPTConfig() and GPT_8X512
@@ -544,10 +552,26 @@ def _plot(results: list[dict], path: Path, title: str) -> Optional[Path]:
     return path
 
 
-def _run_one(name: str, world: int, steps: int, model_name: str, timeout: float) -> dict:
+def _prepare_baseline(path: Path) -> None:
+    """Make the checkout at ``path`` runnable by the benchmark's ranks (see the docstring)."""
+    here = Path(__file__).resolve().parents[1]
+    if not (path / "fsdp_compile").is_dir():
+        raise SystemExit(f"--baseline {path}: no fsdp_compile/ package there; pass a checkout of this repository")
+    shutil.copytree(here / "fsdp_compile" / "testing", path / "fsdp_compile" / "testing", dirs_exist_ok=True)
+    link = path / "fsdp_compile" / "passes"
+    if (path / "passes").is_dir() and not link.exists():
+        link.symlink_to(Path("..") / "passes")
+
+
+def _run_one(name: str, world: int, steps: int, model_name: str, timeout: float, baseline: Optional[Path] = None) -> dict:
     from fsdp_compile.testing.spawn import run_ranks
 
     t0 = time.perf_counter()
+    saved_path = os.environ.get("PYTHONPATH")
+    if name == "fsdp_compile_baseline":  # the ranks import fsdp_compile from the baseline checkout
+        if baseline is None:
+            return {"name": name, "status": "skipped", "reason": "no --baseline PATH given", "wall_s": 0.0}
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(baseline), str(Path(__file__).resolve().parent)])
     try:
         ranks = run_ranks(_worker_entry, world, name, steps, model_name, timeout=timeout)
         odd = [r for r in ranks if not isinstance(r, dict)]
@@ -561,6 +585,11 @@ def _run_one(name: str, world: int, steps: int, model_name: str, timeout: float)
         status = "skipped" if name in OPTIONAL else "failed"
         res = {"name": name, "status": status, "reason": last.strip(), "error": err}
         print(err, file=sys.stderr, flush=True)
+    finally:
+        if saved_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved_path
     res["wall_s"] = time.perf_counter() - t0
     if res["status"] == "ok":
         d = res["dynamo"]
@@ -584,19 +613,25 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help=f"comma-separated subset of: {','.join(CONFIGS)}")
     ap.add_argument("--json", default="bench_results/step.json")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a checkout of an earlier commit, run as the fsdp_compile_baseline configuration")
     args = ap.parse_args(argv)
     steps = 3 if args.quick else args.steps
     if steps < 3:
         ap.error("--steps must be >= 3 (a first step, a timed step, a profiled step)")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or CONFIGS
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or [
+        c for c in CONFIGS if c != "fsdp_compile_baseline" or args.baseline is not None]
     bad = [n for n in names if n not in CONFIGS]
     if bad:
         ap.error(f"unknown configuration(s) {bad}; choose from {', '.join(CONFIGS)}")
 
     import torch
 
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        _prepare_baseline(args.baseline)
     world = 2
     print(f"torch {torch.__version__}, {world} gloo ranks, model {args.model}, {steps} steps, "
           f"{args.rounds} round(s), configs: {', '.join(names)}", flush=True)
@@ -605,7 +640,7 @@ def main(argv=None) -> int:
         this_round = {}
         for name in names:
             print(f"== round {rnd + 1}/{args.rounds}: {name} ...", flush=True)
-            this_round[name] = _run_one(name, world, steps, args.model, args.timeout)
+            this_round[name] = _run_one(name, world, steps, args.model, args.timeout, args.baseline)
         by_round.append(this_round)
     results = [_merge_rounds(name, [rnd[name] for rnd in by_round]) for name in names]
 

@@ -58,7 +58,7 @@ def train(rank: int, world: int, steps: int, strategy: str, inner: str) -> dict:
         losses.append(loss.item())
     params = list(model.parameters())
     state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
-    record = model._fsdp_root_state.compiled_graphs[-1]
+    record = fsdp_compile.sharding_info(model).compiled_graphs[-1]
     return {
         "losses": losses,
         "times": times,

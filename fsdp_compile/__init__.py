@@ -5,7 +5,7 @@
 """
 from .api import fully_shard, no_sync, sharded
 from .compiler import backend
-from .explain import explain
+from .explain import ShardingInfo, explain, sharding_info
 from .failures import CollectiveError
 from .config import CPUOffload, MixedPrecision, ShardingStrategy
 from .full_params import (
@@ -22,6 +22,7 @@ __all__ = [
     "CollectiveError",
     "backend",
     "MixedPrecision",
+    "ShardingInfo",
     "ShardingStrategy",
     "clip_grad_norm_",
     "explain",
@@ -32,5 +33,6 @@ __all__ = [
     "load_full_state_dict",
     "no_sync",
     "sharded",
+    "sharding_info",
     "summon_full_params",
 ]

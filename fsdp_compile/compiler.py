@@ -155,7 +155,7 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
     """Per call: on the first, check the forward's and the backward's collective schedules
     across ranks; after each, drop pending ``no_sync`` gradients the graph has consumed (it
     holds them until its backward)."""
-    consumed = [units[g.unit_id] for g in record.gathers if g.mode == ops.SYNC_PENDING]
+    consumed = [units[g.unit_id] for g in record.gathers if g.mode == ops.GradMode.SYNC_PENDING]
     checked = False
 
     @functools.wraps(compiled)

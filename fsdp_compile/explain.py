@@ -1,10 +1,48 @@
-"""``explain(model)``: what fully_shard and the backend did to a model, as text."""
+"""What fully_shard and the backend did to a model: ``explain(model)`` as text, and
+``sharding_info(model)`` as data (what tests and tools read instead of private state)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch.distributed as dist
 import torch.nn as nn
 
 from .api import root_state
+from .unit import Unit
+
+
+@dataclass(frozen=True)
+class ShardingInfo:
+    """A snapshot of a sharded model's runtime state.
+
+    ``units``: every unit as fully_shard built it (``Unit.name``: its module path, "" for the root);
+    ``param_units``: every parameter name (tied names included) -> ``(unit name, index in unit)``;
+    ``compiled_graphs``: one record per Dynamo graph the backend compiled (``CompiledGraphs``);
+    ``in_forward``: a forward scope is open; ``summoned``: inside ``summon_full_params``;
+    ``gathered``: names of the units that hold gathered (full) parameters right now -- empty
+    between steps, whatever the strategy."""
+
+    units: tuple[Unit, ...]
+    param_units: dict
+    compiled_graphs: tuple
+    in_forward: bool
+    summoned: bool
+    gathered: tuple[str, ...]
+
+
+def sharding_info(model: nn.Module) -> ShardingInfo:
+    """The runtime state of ``model`` (the sharded module or its ``torch.compile`` wrapper)."""
+    state = root_state(getattr(model, "_orig_mod", model))
+    return ShardingInfo(
+        units=tuple(state.units),
+        param_units={fqn: (unit.name, index) for fqn, (unit, index) in state.fqn_to_param.items()},
+        compiled_graphs=tuple(state.compiled_graphs),
+        in_forward=state.in_forward,
+        summoned=state.summoned is not None,
+        gathered=tuple(
+            u.name for u in state.units if u.full is not None or u.bw_full is not None or u.recompute_full is not None
+        ),
+    )
 
 
 def _fmt_bytes(n: int) -> str:

@@ -11,14 +11,12 @@ is copy-in -> all-gather -> copy-out, backward is copy-in -> reduce-scatter -> s
 (``collectives``). Eager forwards call it directly; compiled graphs call it through the pass, and
 AOTAutograd traces both directions into the forward and backward graphs.
 
-``mode`` says what the backward does with the full gradients:
-- ``SYNC``: reduce them now (one reduce-scatter / all-reduce).
-- ``NO_SYNC``: no communication; the packed full gradients become the gradient of ``extra``,
-  the unit's accumulator leaf, and wait in ``Unit.pending`` (``no_sync``).
-- ``SYNC_PENDING``: reduce the gradients plus ``extra`` (the pending packed gradients).
+``mode`` (a :class:`GradMode`) says what the backward does with the full gradients; graph
+nodes and the marker's schema carry it as a plain ``int``.
 """
 from __future__ import annotations
 
+import enum
 import warnings
 from typing import Optional
 
@@ -27,19 +25,28 @@ import torch.fx.traceback
 
 from .registry import get_unit
 
-SYNC, NO_SYNC, SYNC_PENDING = 0, 1, 2
+
+
+class GradMode(enum.IntEnum):
+    """What a unit's backward does with its full gradients."""
+
+    SYNC = 0  # reduce them now (one reduce-scatter / all-reduce)
+    # no communication: the packed full gradients become the gradient of ``extra``, the unit's
+    # accumulator leaf, and wait in ``Unit.pending`` (``no_sync``)
+    NO_SYNC = 1
+    SYNC_PENDING = 2  # reduce the gradients plus ``extra`` (the pending packed gradients)
 
 
 class _GatherUnit(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, unit_id: int, mode: int, extra: Optional[torch.Tensor], *shards):
+    def forward(ctx, unit_id: int, mode: GradMode, extra: Optional[torch.Tensor], *shards):
         unit = get_unit(unit_id)
         ctx.unit_id, ctx.mode = unit_id, mode
         ctx.shard_dtypes = [s.dtype for s in shards]
         ctx.shard_devices = [s.device for s in shards]
         # Kept on ctx, not saved: a saved tensor would change what activation checkpointing
         # counts as saved between the forward and its recompute.
-        ctx.pending = extra if mode == SYNC_PENDING else None
+        ctx.pending = extra if mode == GradMode.SYNC_PENDING else None
         with torch.fx.traceback.annotate({"fsdp_unit": unit_id}):
             return tuple(unit.all_gather(list(shards)))
 
@@ -55,7 +62,7 @@ class _GatherUnit(torch.autograd.Function):
         unit.after_backward_use()
         if all(g is None for g in full_grads):
             return (None, None, None, *none_for_shards)
-        if ctx.mode == NO_SYNC:
+        if ctx.mode == GradMode.NO_SYNC:
             return (None, None, unit.pack_grads(list(full_grads)), *none_for_shards)
         pending, ctx.pending = ctx.pending, None
         grads = unit.reduce_grads(list(full_grads), ctx.shard_dtypes, pending)
@@ -66,7 +73,7 @@ class _GatherUnit(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def gather_unit(unit_id: int, mode: int, extra: Optional[torch.Tensor], *shards) -> tuple:
+def gather_unit(unit_id: int, mode: GradMode, extra: Optional[torch.Tensor], *shards) -> tuple:
     """Full tensors of every parameter of ``unit_id``, differentiable w.r.t. the shards."""
     return _GatherUnit.apply(unit_id, mode, extra, *shards)
 
@@ -117,7 +124,7 @@ def _param_use_backward(ctx, grad):
     """Unfused fallback: reduce this parameter's gradient alone (correct, one collective each)."""
     unit = get_unit(ctx.unit)
     grads = [grad if i == ctx.index else None for i in range(ctx.n)]
-    if ctx.mode == NO_SYNC:
+    if ctx.mode == GradMode.NO_SYNC:
         return None, unit.pack_grads(grads), None, None, None
     shard_grads = unit.reduce_grads(grads, ctx.dtypes, None)
     return [g if i == ctx.index else None for i, g in enumerate(shard_grads)], None, None, None, None

@@ -2,10 +2,8 @@
 full tensor inside it" while ``module._parameters['weight']`` stays the shard.
 
 Each module of a sharded tree gets its class swapped for a cached subclass that adds
-- a property per sharded attribute name, returning ``unit.full_param(index)`` while the root is
-  in its forward (under ``torch.compile`` that is the ``param_use`` marker), the full tensor
-  while activation checkpointing recomputes a forward in backward (``in_recompute``), the
-  summoned full tensor inside ``summon_full_params``, and the shard otherwise;
+- a property per sharded attribute name, returning ``FSDPState.read`` (``runtime.py``): the full
+  tensor inside a forward, a recompute or ``summon_full_params``, the shard otherwise;
 - ``named_parameters`` that, in those same two situations, yields full tensors under the
   original names (module code that iterates its own parameters sees full shapes).
 
@@ -22,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import state_dict as _state_dict
+from .runtime import in_recompute
 
 if TYPE_CHECKING:
     from .unit import Unit
@@ -38,14 +37,7 @@ def _make_property(name: str) -> property:
         if entry is None:
             return param
         unit, index = entry
-        state = unit.state
-        if state.summoned is not None:
-            return state.summoned[unit.id][index]
-        if state.in_forward:
-            return unit.full_param(index)
-        if in_recompute():
-            return unit.full_param_for_recompute(index)
-        return param
+        return unit.state.read(unit, index, param)
 
     def fset(self, value):
         nn.Module.__setattr__(self, name, value)
@@ -54,15 +46,6 @@ def _make_property(name: str) -> property:
         nn.Module.__delattr__(self, name)
 
     return property(fget, fset, fdel, doc=f"sharded parameter {name!r} (see fsdp_compile.params)")
-
-
-def in_recompute() -> bool:
-    """True while autograd runs a forward again inside backward: activation checkpointing's
-    recompute (reentrant or not), which runs module code under ``enable_grad`` inside a
-    backward graph task. Backward hooks run with grad disabled, so they still see shards."""
-    if torch.compiler.is_compiling():  # compiled regions recompute inside the compiled backward
-        return False
-    return torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
 
 
 def _named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):

@@ -1,13 +1,18 @@
-"""Per-root runtime state and the forward hooks that drive eager execution.
+"""Per-root runtime state: what a read of a sharded parameter returns, and when units gather.
 
-``FSDPState`` belongs to the module passed to ``fully_shard``. Its flags are what parameter
-accessors read: ``in_forward`` (reads return full tensors), ``sync_grads`` (``no_sync``) and
-``summoned`` (``summon_full_params``). Under ``torch.compile`` the hooks only flip these flags
-(Dynamo traces them; the graph passes do the rest); eagerly they also:
-- gather lazily (on a unit's first parameter read, in ``Unit.gather_for_forward``),
-- reshard each unit after its module's forward and every unit after the root's forward,
-- for FULL_SHARD, replace saved full parameters by tokens (saved-tensor hooks) so that they are
-  freed after forward and re-gathered on demand in backward.
+``FSDPState`` belongs to the module passed to ``fully_shard``. :meth:`FSDPState.read` is what
+``module.weight`` returns (``params.py`` calls it): the summoned full tensor inside
+``summon_full_params``; inside a forward scope (``in_forward``) the unit's full tensor -- eagerly
+gathered once per unit and forward, under ``torch.compile`` the ``param_use`` marker the graph
+passes turn into one gather; during an activation-checkpointing recompute (``in_recompute``) the
+unit gathered once per recompute; otherwise the shard. ``sync_grads`` (``no_sync``) picks each
+gather's :class:`~fsdp_compile.ops.GradMode`.
+
+Eager unit states (the tensors live on the ``Unit``, the decisions here): SHARDED -> UNSHARDED on
+the first read in its module's forward (``unit.full``) -> SHARDED after that forward
+(``reshard``); FULL_SHARD units are re-gathered on demand in backward (``regather_for_backward``,
+through saved-tensor hooks that replace saved full parameters by tokens) and freed by their
+reduce (``Unit.after_backward_use``). Under ``torch.compile`` the hooks only flip flags.
 """
 from __future__ import annotations
 
@@ -19,8 +24,18 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
-from .params import in_recompute
+from . import ops
+from .config import ShardingStrategy
 from .unit import Unit
+
+
+def in_recompute() -> bool:
+    """True while autograd runs a forward again inside backward: activation checkpointing's
+    recompute (reentrant or not), which runs module code under ``enable_grad`` inside a
+    backward graph task. Backward hooks run with grad disabled, so they still see shards."""
+    if torch.compiler.is_compiling():  # compiled regions recompute inside the compiled backward
+        return False
+    return torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,75 @@ class FSDPState:
         self.compiled_graphs: list = []  # backend.CompiledGraphs, one per compiled Dynamo graph
         self.device_meshes: dict = {}  # device type -> 1-D DeviceMesh over ``group`` (state dicts)
 
+    # ---- reads -----------------------------------------------------------------------------
+    def read(self, unit: Unit, index: int, shard: torch.Tensor) -> torch.Tensor:
+        """What ``module.<name>`` returns for parameter ``index`` of ``unit`` (shard ``shard``)."""
+        if self.summoned is not None:
+            return self.summoned[unit.id][index]
+        if self.in_forward:
+            if torch.compiler.is_compiling():
+                mode, extra = self.grad_mode(unit)
+                return ops.param_use(self._traced_shards(unit), extra, unit.id, index, int(mode))
+            return self._gather_for_forward(unit)[index]
+        if in_recompute():
+            return self._gather_for_recompute(unit)[index]
+        return shard
+
+    def grad_mode(self, unit: Unit) -> tuple[ops.GradMode, Optional[torch.Tensor]]:
+        """How the next gather of ``unit`` treats its gradients (under torch.compile, guards)."""
+        if not self.sync_grads:
+            return ops.GradMode.NO_SYNC, unit.accumulator
+        if unit.pending is not None:
+            return ops.GradMode.SYNC_PENDING, unit.pending
+        return ops.GradMode.SYNC, None
+
+    def _traced_shards(self, unit: Unit) -> list[torch.Tensor]:
+        """``unit.shards()`` under torch.compile, built once per unit per traced forward (by the
+        root's pre-forward; a compiled region that started inside an eager forward builds its own)."""
+        return unit.shards() if self.traced_shards is None else self.traced_shards[unit.id]
+
+    # ---- eager gathers ---------------------------------------------------------------------
+    def _gather_for_forward(self, unit: Unit) -> list[torch.Tensor]:
+        if unit.full is None:
+            unit.full = self._gather(unit, register=unit.strategy == ShardingStrategy.FULL_SHARD)
+        return unit.full
+
+    def _gather_for_recompute(self, unit: Unit) -> list[torch.Tensor]:
+        """The unit gathered once per recompute (every read of it until its gradients are
+        reduced shares the result), through the same autograd gather as the forward: a
+        non-reentrant recompute must save exactly what the forward saved, and a reentrant one
+        back-propagates through this gather (its backward reduces the gradients)."""
+        if unit.recompute_full is None:
+            unit.recompute_full = self._gather(unit, register=False)
+            torch.autograd.Variable._execution_engine.queue_callback(unit.after_backward_use)
+        return unit.recompute_full
+
+    def _gather(self, unit: Unit, register: bool) -> list[torch.Tensor]:
+        shards = unit.shards()
+        unit.check_shards(shards)
+        if not (torch.is_grad_enabled() and any(s.requires_grad for s in shards)):
+            with torch.no_grad():
+                return unit.all_gather(shards)
+        mode, extra = self.grad_mode(unit)
+        fulls = list(ops.gather_unit(unit.id, int(mode), extra, *shards))
+        if mode == ops.GradMode.SYNC_PENDING:
+            unit.pending = None  # consumed: the graph holds it until backward
+        if register:
+            self.register_full(unit, fulls)
+        return fulls
+
+    def reshard(self, unit: Unit) -> None:
+        if unit.full is not None:
+            self.unregister_full(unit)
+            unit.full = None
+
+    @staticmethod
+    def regather_for_backward(unit: Unit) -> list[torch.Tensor]:
+        if unit.bw_full is None:
+            with torch.no_grad():
+                unit.bw_full = unit.all_gather(unit.shards())
+        return unit.bw_full
+
     # ---- forward hooks -------------------------------------------------------------------
     # Registered on the root and on every module that holds a sharded parameter or is a unit:
     # the outermost sharded module whose forward runs (the root, or a submodule called on its
@@ -75,7 +159,7 @@ class FSDPState:
             # region) may not mutate state created outside it, so the body only looks up.
             self.traced_shards = {unit.id: unit.shards() for unit in self.units}
         if not torch.compiler.is_compiling() and torch.is_grad_enabled():
-            if any(u.strategy.name == "FULL_SHARD" for u in self.units):
+            if any(u.strategy == ShardingStrategy.FULL_SHARD for u in self.units):
                 self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
                 self._saved_hooks.__enter__()
         return self.cast_inputs(args, kwargs)
@@ -85,7 +169,7 @@ class FSDPState:
             return output
         if not torch.compiler.is_compiling():
             for unit in self.units:
-                unit.reshard()
+                self.reshard(unit)
             if self._saved_hooks is not None:
                 self._saved_hooks.__exit__(None, None, None)
                 self._saved_hooks = None
@@ -135,7 +219,7 @@ class FSDPState:
     def _unpack(saved):
         if not isinstance(saved, _SavedFull):
             return saved
-        full = saved.unit.regather_for_backward()[saved.index]
+        full = FSDPState.regather_for_backward(saved.unit)[saved.index]
         return full.as_strided(saved.size, saved.stride, full.storage_offset() + saved.storage_offset)
 
     # ---- no_sync -------------------------------------------------------------------------
@@ -155,7 +239,7 @@ def unit_post_forward(unit: Unit):
 
     def hook(module, args, output):
         if not torch.compiler.is_compiling() and unit.state.in_forward:
-            unit.reshard()
+            unit.state.reshard(unit)
         return output
 
     return hook

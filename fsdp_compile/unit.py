@@ -1,13 +1,14 @@
-"""One unit: the parameters gathered and freed together, and their sharded/unsharded states.
+"""One unit: the parameters gathered and freed together -- its data and its collectives.
 
 A ``Unit`` owns the local flat buffer that its shards are views of, the ``UnitLayout`` and the
 ``CommSpec`` of its collectives. It knows where each shard is registered (``holders``: every
 ``(module, attr)`` that holds the parameter, the first one canonical), so a shard replaced by
 the user (``m.weight = nn.Parameter(t)``) is picked up at the next gather.
 
-Eager states: SHARDED (``_full is None``) -> UNSHARDED during the forward of its module
-(``gather_for_forward``) -> SHARDED after it (``reshard``); FULL_SHARD units are re-gathered on
-demand in backward (``regather_for_backward``) and freed by their reduce (``after_backward_use``).
+It holds the eager gathered tensors (``full``: during its module's forward; ``bw_full``: regathered
+in backward; ``recompute_full``: for an activation-checkpointing recompute), but never decides
+when they exist: ``runtime.FSDPState`` does. ``Unit`` reads no runtime state and imports nothing
+above ``collectives`` (``ops`` calls into it through the registry, never the reverse).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn as nn
 
-from . import collectives, ops
+from . import collectives
 from .config import ShardingStrategy
 from .failures import naming_collective_failures
 from .layout import UnitLayout, make_unit_layout
@@ -49,14 +50,14 @@ class Unit:
         self.strategy = strategy
         self.spec = spec
         self.compute_device = compute_device
-        self.state = state
+        self.state = state  # the owning root's runtime state; read by the layers above, never here
         self.id = register_unit(self)
         self.local_flat: Optional[torch.Tensor] = None
         self.accumulator: Optional[torch.Tensor] = None  # no_sync gradient sink (a leaf)
         self.pending: Optional[torch.Tensor] = None  # packed gradients held back by no_sync
-        self._full: Optional[list[torch.Tensor]] = None
-        self._bw_full: Optional[list[torch.Tensor]] = None
-        self._recompute_full: Optional[list[torch.Tensor]] = None
+        self.full: Optional[list[torch.Tensor]] = None  # gathered for its module's forward
+        self.bw_full: Optional[list[torch.Tensor]] = None  # regathered for backward (FULL_SHARD)
+        self.recompute_full: Optional[list[torch.Tensor]] = None  # gathered for a recompute
         self.is_bucket = False  # a merge of other units' gathers (passes/bucketing.py)
 
     def __repr__(self) -> str:
@@ -81,12 +82,6 @@ class Unit:
 
     def shards(self) -> list[torch.Tensor]:
         return [holders[0][0]._parameters[holders[0][1]] for holders in self.holders]
-
-    def traced_shards(self) -> list[torch.Tensor]:
-        """``shards()`` under torch.compile, built once per unit per traced forward (by the
-        root's pre-forward; a compiled region that started inside an eager forward builds its own)."""
-        cache = self.state.traced_shards
-        return self.shards() if cache is None else cache[self.id]
 
     def full_shape(self, index: int) -> torch.Size:
         return self.orig_shapes[index]
@@ -132,14 +127,7 @@ class Unit:
             for g, p in zip(full_grads, self.layout.params)
         ]
 
-    # ---- gradient-sync mode (read by the accessor; in a compiled graph it becomes guards) ---
-    def grad_mode(self) -> tuple[int, Optional[torch.Tensor]]:
-        if not self.state.sync_grads:
-            return ops.NO_SYNC, self.accumulator
-        if self.pending is not None:
-            return ops.SYNC_PENDING, self.pending
-        return ops.SYNC, None
-
+    # ---- no_sync -------------------------------------------------------------------------
     def ensure_accumulator(self) -> None:
         """Create the no_sync gradient sink: a zero-stride leaf whose gradient is the packed full
         gradients; a hook moves each accumulated gradient into ``pending``."""
@@ -155,59 +143,10 @@ class Unit:
         grad, leaf.grad = leaf.grad, None
         self.pending = grad.detach() if self.pending is None else self.pending + grad
 
-    # ---- eager states --------------------------------------------------------------------
-    def full_param(self, index: int) -> torch.Tensor:
-        """What a read of parameter ``index`` returns inside the forward."""
-        if torch.compiler.is_compiling():
-            mode, extra = self.grad_mode()
-            return ops.param_use(self.traced_shards(), extra, self.id, index, mode)
-        return self.gather_for_forward()[index]
-
-    def gather_for_forward(self) -> list[torch.Tensor]:
-        if self._full is None:
-            self._full = self._gather(register=self.strategy == ShardingStrategy.FULL_SHARD)
-        return self._full
-
-    def _gather(self, register: bool) -> list[torch.Tensor]:
-        shards = self.shards()
-        self.check_shards(shards)
-        if not (torch.is_grad_enabled() and any(s.requires_grad for s in shards)):
-            with torch.no_grad():
-                return self.all_gather(shards)
-        mode, extra = self.grad_mode()
-        fulls = list(ops.gather_unit(self.id, mode, extra, *shards))
-        if mode == ops.SYNC_PENDING:
-            self.pending = None  # consumed: the graph holds it until backward
-        if register:
-            self.state.register_full(self, fulls)
-        return fulls
-
-    def reshard(self) -> None:
-        if self._full is not None:
-            self.state.unregister_full(self)
-            self._full = None
-
-    def regather_for_backward(self) -> list[torch.Tensor]:
-        if self._bw_full is None:
-            with torch.no_grad():
-                self._bw_full = self.all_gather(self.shards())
-        return self._bw_full
-
-    def full_param_for_recompute(self, index: int) -> torch.Tensor:
-        """What a read returns while activation checkpointing recomputes a forward in backward.
-
-        The unit is gathered once per recompute (every read of it until its gradients are
-        reduced shares the result), through the same autograd gather as the forward: a
-        non-reentrant recompute must save exactly what the forward saved, and a reentrant one
-        back-propagates through this gather (its backward reduces the gradients)."""
-        if self._recompute_full is None:
-            self._recompute_full = self._gather(register=False)
-            torch.autograd.Variable._execution_engine.queue_callback(self.after_backward_use)
-        return self._recompute_full[index]
-
     def after_backward_use(self) -> None:
-        self._bw_full = None
-        self._recompute_full = None
+        """Its gradients are reduced: drop what backward gathered (regather, recompute)."""
+        self.bw_full = None
+        self.recompute_full = None
 
     @classmethod
     def bucket(cls, units: list["Unit"]) -> "Unit":

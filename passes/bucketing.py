@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch.fx
 
-from fsdp_compile.ops import SYNC, gather_unit
+from fsdp_compile.ops import GradMode, gather_unit
 from fsdp_compile.registry import get_unit
 
 
@@ -49,7 +49,7 @@ def plan_buckets(gathers: list[torch.fx.Node], bucket_bytes: int) -> list[list[t
     for node in gathers:
         unit = get_unit(node.args[0])
         nbytes, this_key = _shard_bytes(unit), _bucket_key(unit)
-        if node.args[1] != SYNC:
+        if node.args[1] != GradMode.SYNC:
             buckets.append([node])
             size, key = 0, None
             continue
@@ -77,7 +77,7 @@ def bucket_gathers(
         bucket_id = make_bucket(unit_ids)
         shards = [shard for n in group for shard in n.args[3:]]
         with gm.graph.inserting_before(group[0]):
-            merged = gm.graph.call_function(gather_unit, (bucket_id, SYNC, None, *shards))
+            merged = gm.graph.call_function(gather_unit, (bucket_id, int(GradMode.SYNC), None, *shards))
         offset = 0
         for node in group:
             for user in list(node.users):

@@ -9,7 +9,7 @@ Before (one marker per read of an original parameter; ``shards`` are all of the 
 
 After (the gather sits where the unit's first marker was; repeated reads share one result)::
 
-    full = fsdp_compile.ops.gather_unit(3, SYNC, None, s0, s1, s2)
+    full = fsdp_compile.ops.gather_unit(3, GradMode.SYNC, None, s0, s1, s2)
     w1 = full[0]
     b1 = full[1]
     y  = linear(x, w1, ...)
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from fsdp_compile.ops import gather_unit
+from fsdp_compile.ops import GradMode, gather_unit
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class UnitGather:
     """One inserted gather: which unit, in which gradient mode, how many distinct params read."""
 
     unit_id: int
-    mode: int
+    mode: GradMode
     indices: tuple[int, ...]
 
 
@@ -53,9 +53,10 @@ def insert_collectives(gm: torch.fx.GraphModule) -> list[UnitGather]:
     inserted = []
     for unit_id, nodes in markers.items():
         first = nodes[0]
-        shards, extra, _, _, mode = first.args
+        shards, extra, _, _, marked_mode = first.args
+        mode = GradMode(marked_mode)
         with graph.inserting_before(first):
-            gathered = graph.call_function(gather_unit, (unit_id, mode, extra, *shards))
+            gathered = graph.call_function(gather_unit, (unit_id, int(mode), extra, *shards))
             gathered.meta["fsdp_unit"] = unit_id
             by_index: dict[int, torch.fx.Node] = {}
             for node in nodes:

@@ -149,8 +149,8 @@ def ac_cases(rank: int, world: int) -> dict:
 
 
 def _graph_structure(model) -> dict:
-    state = model._fsdp_root_state
-    return {"units": len(state.units), **graph_structure(state.compiled_graphs[0])}
+    info = fsdp_compile.sharding_info(model)
+    return {"units": len(info.units), **graph_structure(info.compiled_graphs[0])}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import fsdp_compile
 from fsdp_compile import fully_shard
-from fsdp_compile.testing.spawn import run_ranks
+from fsdp_compile.testing.spawn import error_text, run_ranks
 
 
 class Block(nn.Module):
@@ -172,11 +172,7 @@ def test_a_model_compiled_with_another_backend_warns_once_and_stays_correct():
 
 def _different_models(rank: int, world: int) -> str:
     model = _net() if rank == 0 else nn.Sequential(Block(), nn.ReLU(), nn.Linear(4, 3))
-    try:
-        fully_shard(model, policy={Block})
-    except RuntimeError as e:
-        return str(e)
-    return "no error"
+    return error_text(lambda: fully_shard(model, policy={Block}))
 
 
 def test_ranks_that_build_different_models_fail_at_fully_shard():

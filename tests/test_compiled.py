@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fsdp_compile
 from fsdp_compile.testing.graphs import graph_structure
 from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch, param_groups
-from fsdp_compile.testing.spawn import run_ranks
+from fsdp_compile.testing.spawn import error_text, run_ranks
 
 STEPS = 10
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -48,10 +48,10 @@ def _run_variant(base, rank, strategy, mp, backend, dtype):
     forward = model if backend is None else torch.compile(model, backend=backend, fullgraph=True)
     out = {"losses": _train(model, forward, rank), "params": fsdp_compile.full_state_dict(model)}
     if backend is not None:
-        graphs = model._fsdp_root_state.compiled_graphs
+        graphs = fsdp_compile.sharding_info(model).compiled_graphs
         out["graphs"] = {
             "count": len(graphs),
-            "units": len(model._fsdp_root_state.units),
+            "units": len(fsdp_compile.sharding_info(model).units),
             "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
             "unique_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
             **graph_structure(graphs[0]),
@@ -205,7 +205,7 @@ def bucketing_run(rank: int, world: int) -> dict:
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     record = None
     out = {"eager": _train(eager, eager, rank, steps=4), "bucketed": _train(model, compiled, rank, steps=4)}
-    record = model._fsdp_root_state.compiled_graphs[0]
+    record = fsdp_compile.sharding_info(model).compiled_graphs[0]
     out["buckets"] = [len(b) for b in record.buckets]
     out["schedules"] = {k: [c.kind for c in v] for k, v in record.schedules.items()}
     out["params"] = (fsdp_compile.full_state_dict(eager), fsdp_compile.full_state_dict(model))
@@ -257,7 +257,7 @@ def traced_copies_run(rank: int, world: int, lowering: str) -> dict:
 
 
 def _decomposed_graph_facts(model) -> dict:
-    record = model._fsdp_root_state.compiled_graphs[0]
+    record = fsdp_compile.sharding_info(model).compiled_graphs[0]
     facts = {}
     for name in ("forward", "backward"):
         nodes = [n for n in getattr(record, name).graph.nodes if n.op == "call_function"]
@@ -325,7 +325,7 @@ def graph_break_run(rank: int, world: int) -> dict:
             losses.append(loss.item())
         out[name] = {"losses": losses, "params": fsdp_compile.full_state_dict(model)}
         if name == "compiled":
-            out["graphs"] = len(model._fsdp_root_state.compiled_graphs)
+            out["graphs"] = len(fsdp_compile.sharding_info(model).compiled_graphs)
     return out
 
 
@@ -345,11 +345,7 @@ def frozen_on_one_rank(rank: int, world: int) -> str:
     if rank == 1:
         model.blocks[0].requires_grad_(False)
     compiled = torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager"), fullgraph=True)
-    try:
-        compiled(*gpt_batch(0, rank, SMALL)).backward()
-    except RuntimeError as e:
-        return str(e)
-    return "no error"
+    return error_text(lambda: compiled(*gpt_batch(0, rank, SMALL)).backward())
 
 
 def test_ranks_with_different_backward_graphs_fail_before_the_backward_runs():
@@ -384,7 +380,7 @@ def foreign_collectives_and_backends(rank: int, world: int) -> dict:
     model = fsdp_compile.fully_shard(copy.deepcopy(base), policy={torch.nn.Linear})
     compiled = torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager", prefetch=2), fullgraph=True)
     out["losses"] = (compiled(x).item(), eager(x).item())
-    record = model._fsdp_root_state.compiled_graphs[0]
+    record = fsdp_compile.sharding_info(model).compiled_graphs[0]
     gathers = [n for n in record.forward.graph.nodes if str(n.target) == "_c10d_functional.all_gather_into_tensor.default"]
     out["ours_tagged"] = [n.meta.get("ac_graph_id") == _AC_GRAPH_ID for n in gathers]
     # Another backend: the markers survive and run one gather per read, with one warning.

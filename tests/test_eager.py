@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.testing import assert_close
 
 import fsdp_compile
-from fsdp_compile import collectives, fully_shard
+from fsdp_compile import collectives, fully_shard, sharding_info
 from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch
 from fsdp_compile.testing.gpt import param_groups as _param_groups
 from fsdp_compile.testing.spawn import run_ranks
@@ -410,8 +410,8 @@ def _errors_rank(rank, world):
             message = None
         except RuntimeError as e:
             message = str(e)
-        state = model._fsdp_root_state
-        clean = (not state.in_forward, all(u._full is None and u._bw_full is None for u in state.units))
+        info = sharding_info(model)
+        clean = (not info.in_forward, info.gathered == ())
         param.data = kept
         losses, ref_losses = [], []
         for step in range(2):
@@ -597,7 +597,7 @@ def _semantics_rank(rank, world):
         out = {}
         for strategy in STRATEGIES:
             model = fully_shard(_seeded(GPT, ODD), policy={Block}, strategy=strategy)
-            units = len(model._fsdp_root_state.units)
+            units = len(sharding_info(model).units)
             with mock.patch.object(collectives, "reduce_unit_grads", wraps=collectives.reduce_unit_grads) as rs, \
                  mock.patch.object(collectives, "all_gather_unit", wraps=collectives.all_gather_unit) as ag:
                 per_step = []
@@ -615,7 +615,6 @@ def _semantics_rank(rank, world):
         out = {}
         for strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
             model = fully_shard(_seeded(GPT, ODD), policy={Block}, strategy=strategy)
-            state = model._fsdp_root_state
             gathered = []  # (phase, unit name, [(fqn, StorageWeakRef)])
             phase = ["forward"]
             real = collectives.all_gather_unit
@@ -631,7 +630,7 @@ def _semantics_rank(rank, world):
             with mock.patch.object(collectives, "all_gather_unit", side_effect=recording):
                 loss = model(*batch)
                 after_forward = (
-                    [u._full is None for u in state.units],
+                    sharding_info(model).gathered,
                     alive("forward"),
                     len(gathered),
                 )
@@ -653,8 +652,7 @@ def _semantics_rank(rank, world):
                 opt.step()
                 measured[name] = _state_bytes(m, opt)
             full_shapes = [tuple(p.shape) for p in plain.parameters()]
-            state = model._fsdp_root_state
-            measured["no_full"] = all(u._full is None and u._bw_full is None for u in state.units)
+            measured["no_full"] = sharding_info(model).gathered == ()
             measured["full_shapes"] = full_shapes
             out[strategy] = measured
         return out
@@ -769,13 +767,13 @@ def test_full_shard_frees_gathered_params_after_forward(semantics):
     )
     for rank, out in enumerate(semantics):
         result = _ok(out["frees"])
-        (unit_free, alive, n), (alive_fwd_after_bw, alive_bw, n_total) = result["FULL_SHARD"]
-        assert all(unit_free) and n == units
+        (still_gathered, alive, n), (alive_fwd_after_bw, alive_bw, n_total) = result["FULL_SHARD"]
+        assert still_gathered == () and n == units
         assert alive == [], f"rank {rank} FULL_SHARD keeps {alive} after forward"
         assert n_total == 2 * units  # gathered again in backward ...
         assert alive_fwd_after_bw == [] and alive_bw == []  # ... and freed by the reduce
-        (unit_free, alive, n), (alive_fwd_after_bw, alive_bw, n_total) = result["SHARD_GRAD_OP"]
-        assert all(unit_free) and n == units and n_total == units
+        (still_gathered, alive, n), (alive_fwd_after_bw, alive_bw, n_total) = result["SHARD_GRAD_OP"]
+        assert still_gathered == () and n == units and n_total == units
         # Autograd keeps what backward needs (every Linear weight among them) until backward.
         assert set(linear_weights) <= set(alive), f"rank {rank} SHARD_GRAD_OP: {alive}"
         assert alive_fwd_after_bw == []

@@ -18,6 +18,7 @@ import torch
 from fsdp_compile import kernels as K
 from fsdp_compile.kernels import traced
 from fsdp_compile.kernels._offsets import chunk_rows, padded_numels, prefix_offsets, row_numel
+from fsdp_compile.testing.reference import reference_shard
 from fsdp_compile.testing.triton_on_cpu import triton_launches_interpreted
 
 def _random_shapes(count: int, seed: int) -> list[tuple[int, ...]]:
@@ -41,9 +42,7 @@ SHAPE_SETS = {
 # ---- independent reference ---------------------------------------------------------------------
 
 
-def ref_shard(full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
-    c = chunk_rows(full.shape[0], world)
-    return full[min(rank * c, full.shape[0]) : min((rank + 1) * c, full.shape[0])]
+ref_shard = reference_shard
 
 
 def ref_all_gather_copy_in(shards, padded, dtype):
@@ -83,6 +82,16 @@ def ref_all_gather_copy_out(gathered, shapes, world):
             pieces.append(gathered[start : start + rows * rn].view((rows,) + tuple(shape[1:])))
         outs.append(torch.cat(pieces))
     return outs
+
+
+def _three_copies(shards, gathered, grads, shapes, world, slot_dtype, rs_dtype):
+    """The three public copies of one layout, as a traced function calls them."""
+    padded = list(padded_numels(shapes, world))
+    return (
+        K.all_gather_copy_in(shards, padded, slot_dtype),
+        K.all_gather_copy_out(gathered, shapes, world),
+        K.reduce_scatter_copy_in(grads, world, rs_dtype),
+    )
 
 
 # ---- cases ---------------------------------------------------------------------------------------
@@ -263,13 +272,10 @@ def test_cuda_trace_holds_wrap_triton_launches_and_no_opaque_copy():
     from fsdp_compile.testing.triton_on_cpu import compiling_for_cuda
 
     shapes, world = SHAPE_SETS["mixed"], 2
-    padded = list(padded_numels(shapes, world))
-    total = sum(padded)
+    total = sum(padded_numels(shapes, world))
 
     def fn(shards, gathered, grads):
-        slot = K.all_gather_copy_in(shards, padded, torch.bfloat16)
-        full = K.all_gather_copy_out(gathered, shapes, world)
-        rs = K.reduce_scatter_copy_in(grads, world, torch.float32)
+        slot, full, rs = _three_copies(shards, gathered, grads, shapes, world, torch.bfloat16, torch.float32)
         return slot.sum() + sum(f.sum() for f in full) + rs.sum()
 
     graphs = []
@@ -436,13 +442,10 @@ def test_fake_shapes():
 def test_torch_compile_aot_eager_matches_eager(lowering):
     torch._dynamo.reset()
     shapes, world = SHAPE_SETS["mixed"], 3
-    padded = list(padded_numels(shapes, world))
-    total = sum(padded)
+    total = sum(padded_numels(shapes, world))
 
     def fn(shards, gathered, grads):
-        slot = K.all_gather_copy_in(shards, padded, torch.bfloat16)
-        full = K.all_gather_copy_out(gathered, shapes, world)
-        rs = K.reduce_scatter_copy_in(grads, world, torch.bfloat16)
+        slot, full, rs = _three_copies(shards, gathered, grads, shapes, world, torch.bfloat16, torch.bfloat16)
         return slot, full, rs, sum(f.sum() for f in full)
 
     def inputs():

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fsdp_compile.layout import ParamLayout, chunk_rows, make_unit_layout
+from fsdp_compile.testing.reference import reference_shards
 
 WORLDS = range(1, 9)
 SHAPES = [  # 0-d parameters have a layout of their own (test_zero_dim_param_...)
@@ -37,12 +38,7 @@ def _ref_chunk(dim0: int, world: int) -> int:
     return math.ceil(dim0 / world)
 
 
-def _ref_shards(full: torch.Tensor, world: int) -> list[torch.Tensor]:
-    """Rank r's rows of ``full`` (dim 0 cut in chunks of ceil(D/world); trailing ranks empty)."""
-    c = _ref_chunk(full.shape[0], world)
-    pieces = list(full.split(c)) if c else []
-    empty = full[full.shape[0]:]
-    return pieces + [empty] * (world - len(pieces))
+_ref_shards = reference_shards
 
 
 def _full(shape, seed: int = 0) -> torch.Tensor:

@@ -33,7 +33,7 @@ def _unit_of_linear():
     lin = nn.Linear(4, 3)
     reference = (lin.weight.detach().clone(), lin.bias.detach().clone())
     fsdp_compile.fully_shard(lin)
-    return lin, lin._fsdp_root_state.units[0], reference
+    return lin, fsdp_compile.sharding_info(lin).units[0], reference
 
 
 def _targets(gm):
@@ -45,24 +45,24 @@ def test_insert_collectives_one_gather_per_unit_before_first_use():
     graph = torch.fx.Graph()
     w_shard, b_shard, x = (graph.placeholder(n) for n in ("w_shard", "b_shard", "x"))
     shards = [w_shard, b_shard]
-    w = graph.call_function(fc.param_use.default, (shards, None, unit.id, 0, ops.SYNC))
-    b = graph.call_function(fc.param_use.default, (shards, None, unit.id, 1, ops.SYNC))
+    w = graph.call_function(fc.param_use.default, (shards, None, unit.id, 0, ops.GradMode.SYNC))
+    b = graph.call_function(fc.param_use.default, (shards, None, unit.id, 1, ops.GradMode.SYNC))
     y = graph.call_function(F.linear, (x, w, b))
-    w_again = graph.call_function(fc.param_use.default, (shards, None, unit.id, 0, ops.SYNC))
+    w_again = graph.call_function(fc.param_use.default, (shards, None, unit.id, 0, ops.GradMode.SYNC))
     z = graph.call_function(torch.matmul, (y, w_again))
     graph.output(z)
     gm = torch.fx.GraphModule(nn.Module(), graph)
 
     gathers = insert_collectives(gm)
 
-    assert [(g.unit_id, g.mode, g.indices) for g in gathers] == [(unit.id, ops.SYNC, (0, 1))]
+    assert [(g.unit_id, g.mode, g.indices) for g in gathers] == [(unit.id, ops.GradMode.SYNC, (0, 1))]
     assert _targets(gm) == [
         "placeholder", "placeholder", "placeholder",
         ops.gather_unit, operator.getitem, operator.getitem,
         F.linear, torch.matmul, "output",
     ]
     gather = next(n for n in gm.graph.nodes if n.target is ops.gather_unit)
-    assert gather.args == (unit.id, ops.SYNC, None, w_shard, b_shard)
+    assert gather.args == (unit.id, ops.GradMode.SYNC, None, w_shard, b_shard)
     # Both reads of the weight are now the same getitem.
     linear = next(n for n in gm.graph.nodes if n.target is F.linear)
     matmul = next(n for n in gm.graph.nodes if n.target is torch.matmul)
@@ -192,7 +192,7 @@ def _two_units():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     reference = [p.detach().clone() for p in model.parameters()]
     fsdp_compile.fully_shard(model, policy={nn.Linear})
-    return model, model._fsdp_root_state.units, reference
+    return model, list(fsdp_compile.sharding_info(model).units), reference
 
 
 def test_bucketing_merges_adjacent_gathers_into_one():
@@ -204,10 +204,10 @@ def test_bucketing_merges_adjacent_gathers_into_one():
     graph = torch.fx.Graph()
     s = [graph.placeholder(f"s{i}") for i in range(4)]
     x = graph.placeholder("x")
-    g0 = graph.call_function(ops.gather_unit, (u0.id, ops.SYNC, None, s[0], s[1]))
+    g0 = graph.call_function(ops.gather_unit, (u0.id, ops.GradMode.SYNC, None, s[0], s[1]))
     w0n, b0n = (graph.call_function(operator.getitem, (g0, i)) for i in (0, 1))
     h = graph.call_function(F.linear, (x, w0n, b0n))
-    g1 = graph.call_function(ops.gather_unit, (u1.id, ops.SYNC, None, s[2], s[3]))
+    g1 = graph.call_function(ops.gather_unit, (u1.id, ops.GradMode.SYNC, None, s[2], s[3]))
     w1n, b1n = (graph.call_function(operator.getitem, (g1, i)) for i in (0, 1))
     graph.output(graph.call_function(F.linear, (h, w1n, b1n)))
     gm = torch.fx.GraphModule(nn.Module(), graph)
@@ -220,7 +220,7 @@ def test_bucketing_merges_adjacent_gathers_into_one():
     assert bucket_gathers(gm, bucket_bytes=1, make_bucket=make_bucket) == [[u0.id], [u1.id]]
     assert bucket_gathers(gm, bucket_bytes=1 << 20, make_bucket=make_bucket) == [[u0.id, u1.id]]
     gathers = [node for node in gm.graph.nodes if node.target is ops.gather_unit]
-    assert len(gathers) == 1 and gathers[0].args == (keep[0].id, ops.SYNC, None, *s)
+    assert len(gathers) == 1 and gathers[0].args == (keep[0].id, ops.GradMode.SYNC, None, *s)
     assert [node.args[1] for node in gm.graph.nodes if node.target is operator.getitem] == [0, 1, 2, 3]
     x_val = torch.randn(3, 4)
     expected = F.linear(F.linear(x_val, w0, b0), w1, b1)

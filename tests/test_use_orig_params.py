@@ -160,7 +160,7 @@ def _build(strategy: str, mode: str, model_fn: Callable[[], nn.Module] = Net, *,
 
 def _assert_compiled(model: nn.Module, mode: str) -> None:
     if mode == "compiled":
-        graphs = model._fsdp_root_state.compiled_graphs
+        graphs = fsdp_compile.sharding_info(model).compiled_graphs
         assert graphs and all(g.schedules.get("forward") is not None for g in graphs), graphs
 
 
@@ -401,11 +401,11 @@ def param_writeback(rank, strategy, mode, how):
     pattern = _shape_error(fqn, tuple(wrong.shape), shard_shape)
     with pytest.raises(RuntimeError, match=pattern):
         run(x)
-    assert not model._fsdp_root_state.in_forward
+    assert not fsdp_compile.sharding_info(model).in_forward
     with pytest.raises(RuntimeError, match=pattern):
         with summon_full_params(model):
             pass
-    assert model._fsdp_root_state.summoned is None
+    assert not fsdp_compile.sharding_info(model).summoned
     if how == "parameter":
         lin.weight = original
     else:
@@ -536,15 +536,14 @@ def _count_collectives(model, run, x, mode) -> tuple[int, int]:
     Eager: calls of ``collectives.reduce_unit_grads`` / ``all_gather_unit`` (the backward's are
     the FULL_SHARD regathers). Compiled: the collectives in the schedules of the one compiled
     graph this call created (each gradient mode compiles its own graph)."""
-    graphs = model._fsdp_root_state.compiled_graphs
-    seen = len(graphs)
+    seen = len(fsdp_compile.sharding_info(model).compiled_graphs)
     with mock.patch.object(collectives, "reduce_unit_grads", wraps=collectives.reduce_unit_grads) as reduce:
         loss = _loss(run(x))
         with mock.patch.object(collectives, "all_gather_unit", wraps=collectives.all_gather_unit) as gather:
             loss.backward()
     if mode == "eager":
         return reduce.call_count, gather.call_count
-    new = graphs[seen:]  # (the spies also saw AOTAutograd trace the graphs: not runs)
+    new = fsdp_compile.sharding_info(model).compiled_graphs[seen:]  # (the spies also saw AOTAutograd trace the graphs: not runs)
     assert len(new) == 1, f"expected one new compiled graph (a new gradient mode), got {len(new)}"
     schedules = new[0].schedules
     reductions = sum(c.kind in REDUCTIONS for name in ("forward", "backward") for c in schedules[name])
@@ -558,7 +557,7 @@ def no_sync_case(rank, strategy, mode, param_dtype):
     precision, also against DDP (one backward, and DDP's ``no_sync``)."""
     mp = None if param_dtype is None else MixedPrecision(getattr(torch, param_dtype), torch.float32)
     model, run, ddp, _ = _build(strategy, mode, mp=mp)
-    n_units = len(model._fsdp_root_state.units)
+    n_units = len(fsdp_compile.sharding_info(model).units)
     x = _batch(0, rank)
     reductions, regathers = _count_collectives(model, run, x, mode)
     assert reductions == n_units and (regathers > 0) == (strategy == "FULL_SHARD"), (reductions, regathers)
@@ -633,9 +632,9 @@ def tied(rank, strategy, mode):
     shard under two names, in the root unit (common ancestor), and gets the sum of its uses'
     gradients as in DDP."""
     model, run, ddp, _ = _build(strategy, mode, TiedNet)
-    state = model._fsdp_root_state
+    where = fsdp_compile.sharding_info(model).param_units
     for a, b in (("head.weight", "emb.weight"), ("blocks.1.lin1.weight", "blocks.0.lin1.weight")):
-        assert state.fqn_to_param[a] == state.fqn_to_param[b] and state.fqn_to_param[a][0].name == "", a
+        assert where[a] == where[b] and where[a][0] == "", a
     assert model.head.weight is model.emb.weight
     assert model.blocks[1].lin1.weight is model.blocks[0].lin1.weight
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -102,3 +102,13 @@ def run_ranks(
                 p.kill()
                 p.join()
     return [results[r] for r in range(world)]
+
+
+def error_text(fn: Callable[[], Any], kinds: tuple[type[BaseException], ...] = (RuntimeError,)) -> str:
+    """The message of the ``kinds`` exception ``fn()`` raises, or ``"no error"``: what a rank
+    returns to the test when every rank must fail with a clear message."""
+    try:
+        fn()
+    except kinds as e:
+        return str(e)
+    return "no error"
