@@ -38,6 +38,7 @@ def fully_shard(
     cpu_offload: Optional[CPUOffload] = None,
     ignored_params: Optional[Iterable[nn.Parameter]] = None,
     param_init_fn: Optional[Callable[[nn.Module], None]] = None,
+    check_ranks: bool = True,
 ) -> nn.Module:
     """Shard ``module``'s parameters across ``process_group`` in place and return ``module``.
 
@@ -49,6 +50,10 @@ def fully_shard(
     ``module.modules()`` order (``deferred_init``): ``param_init_fn(submodule)`` when given,
     else ``submodule.reset_parameters()``, initializes it at full size on the compute device,
     and its parameters are sharded right after (see ``deferred_init``).
+
+    ``check_ranks`` (default on): before each forward and ``summon_full_params``, the ranks
+    exchange four integers (one tiny all-gather) and all raise a clear error if they are out of
+    step (``FSDPState.check_lockstep``) instead of hanging on mismatched collectives.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fully_shard: expected an nn.Module, got {type(module).__name__}")
@@ -77,6 +82,7 @@ def fully_shard(
 
     state = FSDPState(module, [], mixed_precision.param_dtype)
     state.group = group
+    state.check_ranks = bool(check_ranks)
     for _, sub in module.named_modules():
         _params.attach_module(sub, state)
     modules = dict(module.named_modules())
@@ -191,6 +197,12 @@ def _resolve_group(group):
         return None, 1, 0, None
     if group is None:
         group = dist.group.WORLD
+    if dist.get_rank(group) < 0:
+        raise ValueError(
+            f"fully_shard: this process (global rank {dist.get_rank()}) is not a member of "
+            f"process_group (ranks {dist.get_process_group_ranks(group)}); pass a group that "
+            "contains every rank sharding this model, on every one of those ranks"
+        )
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     return (group.group_name if world > 1 else None), world, rank, group
 

@@ -40,6 +40,7 @@ from .kernels.traced import LOWERINGS, lowering_for_trace
 from .config import ShardingStrategy
 from .failures import naming_collective_failures
 from .registry import get_unit
+from .runtime import Phase, graph_id
 from .unit import Unit
 
 
@@ -152,16 +153,23 @@ def _compile_inner(inner: str, gm, example_inputs, on_graph) -> Callable:
 
 
 def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -> Callable:
-    """Per call: on the first, check the forward's and the backward's collective schedules
-    across ranks; after each, drop pending ``no_sync`` gradients the graph has consumed (it
-    holds them until its backward)."""
+    """Per call: the ranks' lockstep check (``FSDPState.check_lockstep``: same phase, same
+    gradient mode, same graph); when any rank runs its graph for the first time, every rank
+    compares its graph's forward and backward collective schedules; after each call, drop
+    pending ``no_sync`` gradients the graph has consumed (it holds them until its backward)."""
     consumed = [units[g.unit_id] for g in record.gathers if g.mode == ops.GradMode.SYNC_PENDING]
+    state = next((u.state for u in units.values() if u.spec.communicates), None)
     checked = False
 
     @functools.wraps(compiled)
     def run(*args):
         nonlocal checked
-        if not checked and group is not None:
+        first_call = not checked
+        if state is not None:
+            collectives = (record.schedules.get("forward") or []) + (record.joint_schedule or [])
+            this_graph = graph_id([(c.kind, c.input_bytes, c.dtype) for c in collectives])
+            first_call = state.check_lockstep(Phase.FORWARD, "a compiled forward", this_graph, first_call)
+        if first_call and group is not None:
             # The joint graph holds the backward's collectives too: a rank whose backward
             # differs (e.g. it froze a unit) fails here, before the backward could hang on a
             # collective the others never issue.

@@ -2,8 +2,9 @@
 a model's parameters) before a mismatch could hang a collective."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+import torch
 import torch.distributed as dist
 
 
@@ -13,3 +14,13 @@ def first_mismatch_across_ranks(value: Any, group=None) -> Optional[tuple[int, A
     everyone = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, value, group=group)
     return next(((rank, theirs) for rank, theirs in enumerate(everyone) if theirs != value), None)
+
+
+def exchange_records(record: Sequence[int], group, device: torch.device) -> list[tuple[int, ...]]:
+    """Every rank's ``record`` (a few ints), in rank order: one all-gather of a tiny int64 tensor.
+    A collective: every rank of ``group`` must call it."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor(list(record), dtype=torch.int64, device=device)
+    everyone = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
+    dist.all_gather_single(everyone, mine, group=group)
+    return [tuple(row) for row in everyone.view(world, -1).tolist()]

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .api import root_state
+from .runtime import Phase
 from .unit import Unit
 
 
@@ -56,6 +57,7 @@ def summon_full_params(module: nn.Module, writeback: bool = True, with_grads: bo
             "fsdp_compile: summon_full_params cannot be entered during a forward or inside "
             "another summon_full_params"
         )
+    state.check_lockstep(Phase.SUMMON, "summon_full_params")
     with torch.no_grad():
         summoned = {u.id: _gather_unit_params(u, with_grads) for u in state.units}
     state.summoned = summoned

@@ -13,10 +13,16 @@ the first read in its module's forward (``unit.full``) -> SHARDED after that for
 (``reshard``); FULL_SHARD units are re-gathered on demand in backward (``regather_for_backward``,
 through saved-tensor hooks that replace saved full parameters by tokens) and freed by their
 reduce (``Unit.after_backward_use``). Under ``torch.compile`` the hooks only flip flags.
+
+``check_lockstep``: before each forward, ``summon_full_params`` and (eagerly) each unit's
+all-gather the ranks exchange four integers and all raise when they are out of step, instead of
+issuing mismatched collectives (ARCHITECTURE.md, "Ranks in lockstep").
 """
 from __future__ import annotations
 
 import contextlib
+import enum
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,7 +32,23 @@ from torch.utils._pytree import tree_map
 
 from . import ops
 from .config import ShardingStrategy
+from .consistency import exchange_records
+from .failures import naming_collective_failures
 from .unit import Unit
+
+
+class Phase(enum.IntEnum):
+    """What a rank is about to do, as exchanged by ``FSDPState.check_lockstep``."""
+
+    FORWARD = 1
+    SUMMON = 2
+    GATHER = 3  # an eager all-gather of one unit (forward, backward regather, recompute)
+
+
+def graph_id(fingerprint) -> int:
+    """A compiled graph's identity across ranks: a CRC of its collective schedule (Python's
+    ``hash`` differs between processes)."""
+    return zlib.crc32(repr(fingerprint).encode()) + 1  # 0 means "eager"
 
 
 def in_recompute() -> bool:
@@ -69,6 +91,7 @@ class FSDPState:
         self.fqn_to_param: dict = {}  # every registered name -> (unit, index)
         self.compiled_graphs: list = []  # backend.CompiledGraphs, one per compiled Dynamo graph
         self.device_meshes: dict = {}  # device type -> 1-D DeviceMesh over ``group`` (state dicts)
+        self.check_ranks = True  # fully_shard(check_ranks=): one tiny all-gather per forward
 
     # ---- reads -----------------------------------------------------------------------------
     def read(self, unit: Unit, index: int, shard: torch.Tensor) -> torch.Tensor:
@@ -114,6 +137,7 @@ class FSDPState:
         return unit.recompute_full
 
     def _gather(self, unit: Unit, register: bool) -> list[torch.Tensor]:
+        self._check_gather(unit)
         shards = unit.shards()
         unit.check_shards(shards)
         if not (torch.is_grad_enabled() and any(s.requires_grad for s in shards)):
@@ -135,9 +159,57 @@ class FSDPState:
     @staticmethod
     def regather_for_backward(unit: Unit) -> list[torch.Tensor]:
         if unit.bw_full is None:
+            unit.state._check_gather(unit)
             with torch.no_grad():
                 unit.bw_full = unit.all_gather(unit.shards())
         return unit.bw_full
+
+    # ---- lockstep ------------------------------------------------------------------------
+    def check_lockstep(self, phase: Phase, what: str, graph: int = 0, first_call: bool = False) -> bool:
+        """Before a forward (eager, or each compiled graph) and ``summon_full_params``: every rank
+        exchanges ``(phase, gradients synced, compiled graph id, first call)`` -- one all-gather
+        of four integers -- and raises on every rank, naming both sides, if another rank is about
+        to do something else: one rank inside ``no_sync`` or ``summon_full_params`` while another
+        is not, or running another compiled graph (a recompile for other shapes that changes the
+        collectives, a graph break on one rank). Such ranks would otherwise issue mismatched
+        collectives: a hang until the process group's timeout, or silently wrong data. Returns
+        True when some rank runs a compiled graph for the first time, or the ranks run different
+        compiled graphs (the caller then compares the graphs' collective schedules on every rank,
+        which names what differs). Off with ``fully_shard(check_ranks=False)``."""
+        if not self.check_ranks or self.group is None:
+            return first_call
+        mine = (int(phase), int(self.sync_grads), graph, int(first_call))
+        with naming_collective_failures(f"the lockstep check before {what}"):
+            records = exchange_records(mine, self.group, self.units[0].compute_device)
+        compiled_forwards = phase == Phase.FORWARD and all(rec[0] == Phase.FORWARD and rec[2] for rec in records)
+        other = next(
+            (
+                (rank, rec)
+                for rank, rec in enumerate(records)
+                if rec[:2] != mine[:2] or (rec[2] != mine[2] and not compiled_forwards)
+            ),
+            None,
+        )
+        if other is not None:
+            rank, theirs = other
+            raise RuntimeError(
+                f"fsdp_compile: ranks are out of step: this rank is about to run {_describe(mine, what, self.units)}, "
+                f"but rank {rank} is about to run {_describe(theirs, units=self.units)}. Every rank must make the same "
+                "calls in the same order (forward, backward, no_sync, summon_full_params) and "
+                "compile the same graphs; see the README's Troubleshooting"
+            )
+        # Different compiled graphs on every rank: the caller's schedule comparison names the
+        # collectives that differ, or finds none (then the ranks go on).
+        return any(rec[3] for rec in records) or len({rec[2] for rec in records}) > 1
+
+    def _check_gather(self, unit: Unit) -> None:
+        """Eagerly, before each unit's all-gather: the ranks gather the same unit. Units of equal
+        size would otherwise pair one rank's shard of one unit with another's of the next (a
+        rank that skipped a unit), silently; compiled graphs need no such check (a skipped unit
+        changes the graph, which ``check_lockstep`` compares)."""
+        if unit.spec.communicates and not unit.spec.replicated and unit in self.units:
+            index = self.units.index(unit)
+            self.check_lockstep(Phase.GATHER, f"the all-gather of unit {unit.name or '<root>'!r}", index + 1)
 
     # ---- forward hooks -------------------------------------------------------------------
     # Registered on the root and on every module that holds a sharded parameter or is a unit:
@@ -152,6 +224,8 @@ class FSDPState:
                 f"fsdp_compile: {type(module).__name__}.forward called inside "
                 "summon_full_params; leave the context first"
             )
+        if not torch.compiler.is_compiling():
+            self.check_lockstep(Phase.FORWARD, f"{type(module).__name__}.forward")
         self.in_forward = True
         self.scope_owner = module
         if torch.compiler.is_compiling():
@@ -252,3 +326,16 @@ def unit_pre_forward(state: FSDPState):
         return state.cast_inputs(args, kwargs)
 
     return hook
+
+
+def _describe(record: tuple[int, ...], what: str = "", units: Optional[list] = None) -> str:
+    phase, synced, graph, _ = record
+    if phase == Phase.SUMMON:
+        return "summon_full_params"
+    if phase == Phase.GATHER:
+        name = units[graph - 1].name if units and 0 < graph <= len(units) else f"#{graph - 1}"
+        return f"the all-gather of unit {name or '<root>'!r}" + ("" if synced else " inside no_sync")
+    body = f"compiled graph {graph - 1:08x}" if graph else "an eager forward"
+    if what and not graph:
+        body += f" ({what})"
+    return body + ("" if synced else " inside no_sync")

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 import fsdp_compile
@@ -123,6 +124,10 @@ def _not_a_module():
     fully_shard(torch.ones(3))
 
 
+def _bad_copies():
+    fsdp_compile.backend(copies="cuda")
+
+
 TABLE = [
     # (case, exception, words the message must contain)
     (_policy_not_classes, TypeError, ["policy", "'Linear'", "module classes"]),
@@ -143,6 +148,7 @@ TABLE = [
     (_bad_bucket_bytes, ValueError, ["bucket_bytes=0", "positive"]),
     (_bad_inner, ValueError, ["inner='eager'", "'inductor' or 'aot_eager'"]),
     (_not_a_module, TypeError, ["nn.Module", "Tensor"]),
+    (_bad_copies, ValueError, ["copies='cuda'", "'auto'", "aten"]),
 ]
 
 
@@ -178,3 +184,16 @@ def _different_models(rank: int, world: int) -> str:
 def test_ranks_that_build_different_models_fail_at_fully_shard():
     for message in run_ranks(_different_models, 2, timeout=120):
         assert "units differ from rank" in message and "'2.weight'" in message, message
+
+
+def _group_without_this_rank(rank: int, world: int) -> str:
+    group = dist.new_group([0])  # every rank creates the group; rank 1 is not in it
+    if rank == 0:
+        return error_text(lambda: fully_shard(_net(), policy={Block}, process_group=group))
+    return error_text(lambda: fully_shard(_net(), policy={Block}, process_group=group), kinds=(ValueError,))
+
+
+def test_a_process_group_without_this_rank_is_rejected():
+    on_member, on_other = run_ranks(_group_without_this_rank, 2, timeout=120)
+    assert on_member == "no error"
+    assert "not a member of process_group (ranks [0])" in on_other and "global rank 1" in on_other, on_other

@@ -1,8 +1,14 @@
-"""A rank that dies mid-step (issue 16): every other rank stops within seconds with a
-``CollectiveError`` naming what it was waiting for and the cause, never a hang.
+"""Faults between ranks (issue 16), each ending on every rank with an error that names the cause,
+never a hang or a wrong result.
 
-Rank 1 calls ``os._exit`` at the chosen point of step 1 (after one full step, so compiled runs
-have compiled and checked their graphs); rank 0 must raise. Eager: in the middle of the forward
+A rank that dies mid-step: every other rank stops within seconds with a ``CollectiveError``
+naming what it was waiting for and the cause. Ranks out of step (below: ``no_sync`` or
+``summon_full_params`` on one rank, a skipped unit, a recompile for another batch shape): the
+lockstep check raises, or lets them go on when nothing differs that matters.
+
+Rank 1 calls ``os._exit`` (in the optimizer step it is killed by ``SIGKILL`` instead) at the
+chosen point of step 1 (after one full step, so compiled runs have compiled and checked their
+graphs); rank 0 must raise. Eager: in the middle of the forward
 (a forward pre-hook of block 1), of the backward (a hook on the loss's gradient) and of the
 optimizer step. Compiled (``aot_eager``): an exit inside the compiled forward would itself change
 rank 1's graph (a graph break, which the schedule check reports instead), so the forward case
@@ -15,6 +21,7 @@ backend's own error (gloo: "Connection reset by peer ... remote worker"), still 
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -41,6 +48,10 @@ def _die(*_):
     os._exit(VICTIM_EXIT_CODE)
 
 
+def _killed(*_):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def one_rank_dies(rank: int, world: int, where: str, compiled: bool) -> dict:
     torch.manual_seed(0)
     model = fully_shard(nn.Sequential(Block(), Block(), nn.Linear(8, 2)), policy={Block})
@@ -62,7 +73,7 @@ def one_rank_dies(rank: int, world: int, where: str, compiled: bool) -> dict:
                 loss.register_hook(_die)
             loss.backward()
             if dying and where == "step":
-                _die()
+                _killed()  # killed, not exiting: no interpreter shutdown, no socket closed politely
             opt.step()
             opt.zero_grad()
     except Exception as error:  # noqa: BLE001 -- reported to the parent
@@ -76,11 +87,118 @@ CASES = [(w, c) for c in (False, True) for w in ("forward", "backward", "step")]
 @pytest.mark.parametrize("where,compiled", CASES, ids=[f"{'compiled' if c else 'eager'}-{w}" for w, c in CASES])
 def test_the_other_ranks_stop_with_an_error_that_names_the_cause(where, compiled):
     survivor, victim = run_ranks(one_rank_dies, 2, where, compiled, timeout=120, may_exit=frozenset({1}))
-    assert victim == RankExited(VICTIM_EXIT_CODE)
+    assert victim == RankExited(-signal.SIGKILL if where == "step" else VICTIM_EXIT_CODE)
     assert survivor["type"] is not None, "rank 0 finished its steps although rank 1 died"
     assert survivor["seconds"] < 30, survivor
     if compiled and where == "backward":
-        assert survivor["type"] == "RuntimeError" and "Connection reset by peer" in survivor["message"], survivor
+        # Raised inside the autograd engine: gloo's own text ("Connection reset by peer" or
+        # "... closed by peer"), or ours when the failure surfaces at the next collective.
+        gloo_text = "Connection reset by peer" in survivor["message"] or "closed by peer" in survivor["message"]
+        ours = survivor["type"] == "CollectiveError" and "another rank exited" in survivor["message"]
+        assert (survivor["type"] == "RuntimeError" and gloo_text) or ours, survivor
         return
     assert survivor["type"] == "CollectiveError", survivor
     assert "another rank exited" in survivor["message"] and "rank 0" in survivor["message"], survivor
+
+
+# ---- ranks out of step ---------------------------------------------------------------------
+class Chain(nn.Module):
+    """Three equal blocks and a head; ``skip=True`` skips block 1 (a branch on rank-local data)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x, skip: bool = False):
+        for i, block in enumerate(self.blocks):
+            if not (skip and i == 1):
+                x = block(x)
+        return self.head(x)
+
+
+def out_of_step(rank: int, world: int, odd_one: str, compiled: bool, dynamic=None, check_ranks: bool = True) -> dict:
+    """Three steps; at step 1 rank 1 does ``odd_one`` differently. Returns the losses and the
+    final full parameters, or the error and how long after step 1 began it came."""
+    torch.manual_seed(0)
+    model = fully_shard(Chain(), policy={Block}, check_ranks=check_ranks)
+    backend = fsdp_compile.backend(inner="aot_eager")
+    run = torch.compile(model, backend=backend, dynamic=dynamic) if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses, start = [], None
+    try:
+        for step in range(3):
+            odd = rank == 1 and step == 1
+            if step == 1:
+                start = time.monotonic()
+            x = torch.randn(5 if odd and odd_one == "batch shape" else 4, 8, generator=torch.Generator().manual_seed(10 * step + rank))
+            if odd and odd_one == "summon_full_params":
+                with fsdp_compile.summon_full_params(model):
+                    pass
+            if odd and odd_one == "no_sync":
+                with fsdp_compile.no_sync(model):
+                    loss = run(x).square().mean()
+                    loss.backward()
+            else:
+                loss = run(x, skip=odd and odd_one == "skipped unit").square().mean()
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+    except Exception as error:  # noqa: BLE001 -- reported to the parent
+        return {"type": type(error).__name__, "message": str(error), "seconds": time.monotonic() - start}
+    return {"type": None, "losses": losses, "params": fsdp_compile.full_state_dict(model)}
+
+
+OUT_OF_STEP = [(odd, c) for odd in ("no_sync", "summon_full_params", "skipped unit") for c in (False, True)]
+
+
+@pytest.mark.parametrize("odd_one,compiled", OUT_OF_STEP, ids=[f"{o.replace(' ', '_')}-{'compiled' if c else 'eager'}" for o, c in OUT_OF_STEP])
+def test_ranks_out_of_step_all_raise_naming_what_differs(odd_one, compiled):
+    """One rank in ``no_sync`` or ``summon_full_params`` while the other is not, or a rank whose
+    forward skips a unit: the lockstep check (four integers, one all-gather, before each forward
+    and, eagerly, before each unit's all-gather) makes every rank raise within seconds, naming
+    both sides, before any collective mismatches (compiled ranks on different graphs compare
+    the graphs' schedules, which names the collectives). Without it the skipped unit is the worst case:
+    the blocks have equal sizes, so rank 0's all-gather of block 1 would pair with rank 1's of
+    block 2 and return a mix of two blocks' shards without any error."""
+    for rank, out in enumerate(run_ranks(out_of_step, 2, odd_one, compiled, timeout=120)):
+        assert out["type"] == "RuntimeError" and out["seconds"] < 20, (rank, out)
+        if odd_one == "skipped unit" and compiled:
+            # Both ranks run compiled graphs, so they compare the graphs' collective schedules,
+            # which names what differs: rank 1's forward has one all-gather fewer.
+            assert "the compiled forward graph on this rank issues collectives" in out["message"], (rank, out)
+            continue
+        assert "ranks are out of step" in out["message"], (rank, out)
+        if odd_one != "skipped unit":
+            assert odd_one in out["message"], (rank, out["message"])
+        else:
+            assert "all-gather of unit 'blocks.1'" in out["message"], (rank, out["message"])
+            assert "all-gather of unit 'blocks.2'" in out["message"], (rank, out["message"])
+
+
+@pytest.mark.parametrize("dynamic", [None, False, True], ids=["dynamic-auto", "dynamic-off", "dynamic-on"])
+def test_a_rank_recompiling_for_another_batch_shape_trains_on(dynamic):
+    """Rank 1 feeds a batch of 5 at step 1, rank 0 keeps 4. With dynamic shapes off or automatic,
+    rank 1 compiles a second graph and rank 0 does not: its collectives are the same (they move
+    parameters, not activations), so the first-call schedule comparison, which the lockstep check
+    makes every rank join, passes, and both train on. The result equals eager training on the
+    same batches (DDP semantics: each rank's mean loss, gradients averaged over ranks)."""
+    compiled = run_ranks(out_of_step, 2, "batch shape", True, dynamic, timeout=180)
+    eager = run_ranks(out_of_step, 2, "batch shape", False, timeout=120)
+    for rank in range(2):
+        assert compiled[rank]["type"] is None and eager[rank]["type"] is None, (compiled[rank], eager[rank])
+        torch.testing.assert_close(compiled[rank]["losses"], eager[rank]["losses"])
+        for name, value in eager[rank]["params"].items():
+            torch.testing.assert_close(compiled[rank]["params"][name], value, msg=name)
+
+
+def test_without_the_lockstep_check_no_sync_on_one_rank_waits_for_the_timeout():
+    """What ``check_ranks=False`` gives up (documents why it is on by default): rank 1 skips its
+    reductions inside ``no_sync`` while rank 0 reduces, so their next collectives mismatch and
+    both wait until the process group's timeout (15 s here), then fail with a message that
+    blames a dead peer. (A skipped unit or a one-rank ``summon_full_params`` is worse without
+    the check: gloo aborts the process on mismatched buffer sizes.)"""
+    for rank, out in enumerate(run_ranks(out_of_step, 2, "no_sync", False, None, False, timeout=15)):
+        assert out["type"] == "CollectiveError", (rank, out)
+        assert 14 < out["seconds"] < 40, (rank, out)

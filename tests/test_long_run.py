@@ -1,11 +1,10 @@
 """Long run (issue 16): 1,000 AdamW steps of the README GPT, compiled (``aot_eager``) against
 eager, on 2 gloo ranks, checked at every 100th step.
 
-Both models start from the same seed and see the same batches; ``aot_eager`` runs the same ATen
-ops as eager, so the only differences are the order of floating-point reductions in ops the
-trace decomposes. In float32 they stay at the level of rounding noise amplified by 1,000 Adam
-steps; the bound below is a stated tolerance, with the measured worst case in the docstring of
-``TOLERANCE``.
+Both models start from the same seed and see the same batches (random tokens: the loss stays
+near ln(96), there is nothing to learn, which makes it a pure test of drift); ``aot_eager`` runs
+the same ATen ops as eager, so the only differences are the order of floating-point reductions
+in ops the trace decomposes. Measured: none that changes a bit, so the stated tolerance is equality.
 """
 from __future__ import annotations
 
@@ -19,9 +18,10 @@ from fsdp_compile.testing.spawn import run_ranks
 
 STEPS, EVERY = 1000, 100
 # Loss difference allowed at a checked step, and parameter difference (max abs) at the end.
-# Measured on this machine (2026-11-30): see the assertion messages of a run for the figures.
-LOSS_TOLERANCE = 2e-3
-PARAM_TOLERANCE = 2e-2
+# Measured on this machine (2026-11-30, torch 2.13.0): 0.0 and 0.0 -- aot_eager reproduces eager
+# bit for bit over 1,000 steps -- so the tolerance is exact.
+LOSS_TOLERANCE = 0.0
+PARAM_TOLERANCE = 0.0
 
 
 def long_run(rank: int, world: int) -> dict:
@@ -46,11 +46,9 @@ def long_run(rank: int, world: int) -> dict:
 def test_thousand_steps_compiled_stays_with_eager():
     for rank, out in enumerate(run_ranks(long_run, 2, timeout=1200)):
         eager, compiled = out["eager"], out["compiled"]
-        assert compiled["first"] == pytest.approx(eager["first"], abs=1e-6)
+        assert len(set(eager["losses"])) == len(eager["losses"]), eager["losses"]  # it trained: every loss differs
         diffs = [abs(a - b) for a, b in zip(eager["losses"], compiled["losses"])]
         assert len(diffs) == STEPS // EVERY
         assert max(diffs) <= LOSS_TOLERANCE, f"rank {rank}: loss differences at every {EVERY}th step {diffs}"
         worst = max((eager["params"][k] - compiled["params"][k]).abs().max().item() for k in eager["params"])
         assert worst <= PARAM_TOLERANCE, f"rank {rank}: largest parameter difference after {STEPS} steps {worst}"
-        # The model learned: the loss at the end is well below the first step's.
-        assert eager["losses"][-1] < 0.8 * eager["first"], eager["losses"]
