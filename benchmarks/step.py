@@ -160,9 +160,15 @@ class SkipConfig(Exception):
 
 # ---- building each configuration (runs on every rank) --------------------------------------
 def _config(model_name: str):
+    """``readme``, ``8x512``, or ``L<layers>xD<dim>`` (vocab 8192, seq 128, 4 heads, ffn 4*dim,
+    untied head: the sizes ``benchmarks/scaling.py`` sweeps)."""
     from fsdp_compile.testing.gpt import GPT_8X512, GPTConfig
 
-    return {"readme": GPTConfig(), "8x512": GPT_8X512}[model_name]
+    fixed = {"readme": GPTConfig(), "8x512": GPT_8X512}
+    if model_name in fixed:
+        return fixed[model_name]
+    layers, dim = (int(x) for x in model_name.lstrip("L").split("xD"))
+    return GPTConfig(vocab=8192, dim=dim, layers=layers, heads=4, seq=128, tied=False)
 
 
 def _build(name: str, rank: int, world: int, cfg):
