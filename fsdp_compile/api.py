@@ -94,7 +94,7 @@ def fully_shard(
             unit_path, modules[unit_path], members, strategy, mixed_precision,
             group_name, world, rank, compute_device, state, deferred, cpu_offload,
         )
-        state.units.append(unit)
+        state.add_unit(unit)
         if unit_path:
             if mixed_precision.param_dtype is not None:
                 modules[unit_path].register_forward_pre_hook(unit_pre_forward(state), with_kwargs=True)

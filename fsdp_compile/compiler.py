@@ -160,14 +160,16 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
     consumed = [units[g.unit_id] for g in record.gathers if g.mode == ops.GradMode.SYNC_PENDING]
     state = next((u.state for u in units.values() if u.spec.communicates), None)
     checked = False
+    this_graph = 0  # graph_id of the schedules, computed at the first call (they exist by then)
 
     @functools.wraps(compiled)
     def run(*args):
-        nonlocal checked
+        nonlocal checked, this_graph
         first_call = not checked
         if state is not None:
-            collectives = (record.schedules.get("forward") or []) + (record.joint_schedule or [])
-            this_graph = graph_id([(c.kind, c.input_bytes, c.dtype) for c in collectives])
+            if not this_graph:
+                collectives = (record.schedules.get("forward") or []) + (record.joint_schedule or [])
+                this_graph = graph_id([(c.kind, c.input_bytes, c.dtype) for c in collectives])
             first_call = state.check_lockstep(Phase.FORWARD, "a compiled forward", this_graph, first_call)
         if first_call and group is not None:
             # The joint graph holds the backward's collectives too: a rank whose backward

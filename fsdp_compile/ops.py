@@ -26,7 +26,6 @@ import torch.fx.traceback
 from .registry import get_unit
 
 
-
 class GradMode(enum.IntEnum):
     """What a unit's backward does with its full gradients."""
 

@@ -42,7 +42,7 @@ class Phase(enum.IntEnum):
 
     FORWARD = 1
     SUMMON = 2
-    GATHER = 3  # an eager all-gather of one unit (forward, backward regather, recompute)
+    GATHER = 3  # an eager forward all-gather of one unit
 
 
 def graph_id(fingerprint) -> int:
@@ -92,6 +92,11 @@ class FSDPState:
         self.compiled_graphs: list = []  # backend.CompiledGraphs, one per compiled Dynamo graph
         self.device_meshes: dict = {}  # device type -> 1-D DeviceMesh over ``group`` (state dicts)
         self.check_ranks = True  # fully_shard(check_ranks=): one tiny all-gather per forward
+        self._positions: dict[int, int] = {}  # unit id -> its index in ``units`` (same on every rank)
+
+    def add_unit(self, unit: Unit) -> None:
+        self._positions[unit.id] = len(self.units)
+        self.units.append(unit)
 
     # ---- reads -----------------------------------------------------------------------------
     def read(self, unit: Unit, index: int, shard: torch.Tensor) -> torch.Tensor:
@@ -123,6 +128,7 @@ class FSDPState:
     # ---- eager gathers ---------------------------------------------------------------------
     def _gather_for_forward(self, unit: Unit) -> list[torch.Tensor]:
         if unit.full is None:
+            self._check_gather(unit)
             unit.full = self._gather(unit, register=unit.strategy == ShardingStrategy.FULL_SHARD)
         return unit.full
 
@@ -137,7 +143,6 @@ class FSDPState:
         return unit.recompute_full
 
     def _gather(self, unit: Unit, register: bool) -> list[torch.Tensor]:
-        self._check_gather(unit)
         shards = unit.shards()
         unit.check_shards(shards)
         if not (torch.is_grad_enabled() and any(s.requires_grad for s in shards)):
@@ -156,10 +161,8 @@ class FSDPState:
             self.unregister_full(unit)
             unit.full = None
 
-    @staticmethod
-    def regather_for_backward(unit: Unit) -> list[torch.Tensor]:
+    def regather_for_backward(self, unit: Unit) -> list[torch.Tensor]:
         if unit.bw_full is None:
-            unit.state._check_gather(unit)
             with torch.no_grad():
                 unit.bw_full = unit.all_gather(unit.shards())
         return unit.bw_full
@@ -203,13 +206,15 @@ class FSDPState:
         return any(rec[3] for rec in records) or len({rec[2] for rec in records}) > 1
 
     def _check_gather(self, unit: Unit) -> None:
-        """Eagerly, before each unit's all-gather: the ranks gather the same unit. Units of equal
-        size would otherwise pair one rank's shard of one unit with another's of the next (a
-        rank that skipped a unit), silently; compiled graphs need no such check (a skipped unit
-        changes the graph, which ``check_lockstep`` compares)."""
-        if unit.spec.communicates and not unit.spec.replicated and unit in self.units:
-            index = self.units.index(unit)
-            self.check_lockstep(Phase.GATHER, f"the all-gather of unit {unit.name or '<root>'!r}", index + 1)
+        """Eagerly, before each unit's forward all-gather: the ranks gather the same unit. Units
+        of equal size would otherwise pair one rank's shard of one unit with another's of the
+        next (a rank that skipped a unit), silently. Backward regathers and recomputes follow
+        the forward's autograd graph, so once the forwards agree they agree: no check there.
+        Compiled graphs need none either (a skipped unit changes the graph, which
+        ``check_lockstep`` compares)."""
+        position = self._positions.get(unit.id)
+        if position is not None and unit.spec.communicates and not unit.spec.replicated:
+            self.check_lockstep(Phase.GATHER, f"the all-gather of unit {unit.name or '<root>'!r}", position + 1)
 
     # ---- forward hooks -------------------------------------------------------------------
     # Registered on the root and on every module that holds a sharded parameter or is a unit:
@@ -293,7 +298,7 @@ class FSDPState:
     def _unpack(saved):
         if not isinstance(saved, _SavedFull):
             return saved
-        full = FSDPState.regather_for_backward(saved.unit)[saved.index]
+        full = saved.unit.state.regather_for_backward(saved.unit)[saved.index]
         return full.as_strided(saved.size, saved.stride, full.storage_offset() + saved.storage_offset)
 
     # ---- no_sync -------------------------------------------------------------------------

@@ -150,6 +150,25 @@ def out_of_step(rank: int, world: int, odd_one: str, compiled: bool, dynamic=Non
     return {"type": None, "losses": losses, "params": fsdp_compile.full_state_dict(model)}
 
 
+def ddp_with_a_bigger_batch(rank: int, world: int) -> dict:
+    """The independent reference for the batch-shape case: DDP on the same model, data and steps."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = DDP(Chain())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for step in range(3):
+        rows = 5 if rank == 1 and step == 1 else 4
+        x = torch.randn(rows, 8, generator=torch.Generator().manual_seed(10 * step + rank))
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"losses": losses, "params": {k: v.detach().clone() for k, v in model.module.state_dict().items()}}
+
+
 OUT_OF_STEP = [(odd, c) for odd in ("no_sync", "summon_full_params", "skipped unit") for c in (False, True)]
 
 
@@ -157,7 +176,7 @@ OUT_OF_STEP = [(odd, c) for odd in ("no_sync", "summon_full_params", "skipped un
 def test_ranks_out_of_step_all_raise_naming_what_differs(odd_one, compiled):
     """One rank in ``no_sync`` or ``summon_full_params`` while the other is not, or a rank whose
     forward skips a unit: the lockstep check (four integers, one all-gather, before each forward
-    and, eagerly, before each unit's all-gather) makes every rank raise within seconds, naming
+    and, eagerly, before each unit's forward all-gather) makes every rank raise within seconds, naming
     both sides, before any collective mismatches (compiled ranks on different graphs compare
     the graphs' schedules, which names the collectives). Without it the skipped unit is the worst case:
     the blocks have equal sizes, so rank 0's all-gather of block 1 would pair with rank 1's of
@@ -177,19 +196,28 @@ def test_ranks_out_of_step_all_raise_naming_what_differs(odd_one, compiled):
             assert "all-gather of unit 'blocks.2'" in out["message"], (rank, out["message"])
 
 
+@pytest.fixture(scope="module")
+def batch_shape_references():
+    """(eager fsdp_compile, DDP) on the batch-shape case, run once for the three tests below."""
+    return run_ranks(out_of_step, 2, "batch shape", False, timeout=120), run_ranks(ddp_with_a_bigger_batch, 2, timeout=120)
+
+
 @pytest.mark.parametrize("dynamic", [None, False, True], ids=["dynamic-auto", "dynamic-off", "dynamic-on"])
-def test_a_rank_recompiling_for_another_batch_shape_trains_on(dynamic):
+def test_a_rank_recompiling_for_another_batch_shape_trains_on(dynamic, batch_shape_references):
     """Rank 1 feeds a batch of 5 at step 1, rank 0 keeps 4. With dynamic shapes off or automatic,
     rank 1 compiles a second graph and rank 0 does not: its collectives are the same (they move
     parameters, not activations), so the first-call schedule comparison, which the lockstep check
     makes every rank join, passes, and both train on. The result equals eager training on the
-    same batches (DDP semantics: each rank's mean loss, gradients averaged over ranks)."""
+    same batches and to DDP's (each rank's mean loss, gradients averaged over ranks)."""
     compiled = run_ranks(out_of_step, 2, "batch shape", True, dynamic, timeout=180)
-    eager = run_ranks(out_of_step, 2, "batch shape", False, timeout=120)
+    eager, ddp = batch_shape_references
     for rank in range(2):
         assert compiled[rank]["type"] is None and eager[rank]["type"] is None, (compiled[rank], eager[rank])
+        torch.testing.assert_close(eager[rank]["losses"], ddp[rank]["losses"])
         torch.testing.assert_close(compiled[rank]["losses"], eager[rank]["losses"])
-        for name, value in eager[rank]["params"].items():
+        assert eager[rank]["params"].keys() == ddp[rank]["params"].keys()
+        for name, value in ddp[rank]["params"].items():
+            torch.testing.assert_close(eager[rank]["params"][name], value, msg=name)
             torch.testing.assert_close(compiled[rank]["params"][name], value, msg=name)
 
 

@@ -1,9 +1,9 @@
 """``fsdp_compile::`` copy-in/copy-out ops, with fake, autograd and traced implementations.
 
-Owns: the three op schemas (and their opaque ``*_fused`` twins), their autograd formulas, and
-the choice of eager kernel. Shapes and
-offsets come only from the arguments (``padded_numels``, ``full_shapes``, ``world_size``), never
-from data, so the ops trace under FakeTensorMode / torch.compile.
+Owns: the three op schemas (and their opaque ``*_fused`` twins, which run the same eager body),
+their autograd formulas, and the choice of eager kernel. Shapes and offsets come only from the
+arguments (``padded_numels``, ``full_shapes``, ``world_size``), never from data, so the ops trace
+under FakeTensorMode / torch.compile.
 
 Each op is a ``torch.library.triton_op``: one Python body that is the eager kernel, the fake
 kernel and, under AOTAutograd, the decomposition the backend sees. The body branches once, on
@@ -51,11 +51,15 @@ def eager_kernels(device: torch.device, numel: int):
 # all_gather_copy_in ----------------------------------------------------------------------------
 
 
+def _all_gather_copy_in_real(shards: list[Tensor], padded_numels: list[int], dtype: torch.dtype) -> Tensor:
+    return eager_kernels(shards[0].device, sum(padded_numels)).all_gather_copy_in(shards, padded_numels, dtype)
+
+
 @triton_op("fsdp_compile::all_gather_copy_in", mutates_args=())
 def _all_gather_copy_in(shards: list[Tensor], padded_numels: list[int], dtype: torch.dtype) -> Tensor:
     if is_fake(shards[0]):
         return traced.all_gather_copy_in(shards, padded_numels, dtype)
-    return eager_kernels(shards[0].device, sum(padded_numels)).all_gather_copy_in(shards, padded_numels, dtype)
+    return _all_gather_copy_in_real(shards, padded_numels, dtype)
 
 
 def _agci_setup(ctx, inputs, output):
@@ -75,9 +79,9 @@ def _agci_backward(ctx, grad):
 _all_gather_copy_in.register_autograd(_agci_backward, setup_context=_agci_setup)
 
 
-@torch.library.custom_op("fsdp_compile::all_gather_copy_in_fused", mutates_args=())
-def _all_gather_copy_in_fused(shards: list[Tensor], padded_numels: list[int], dtype: torch.dtype) -> Tensor:
-    return eager_kernels(shards[0].device, sum(padded_numels)).all_gather_copy_in(shards, padded_numels, dtype)
+_all_gather_copy_in_fused = torch.library.custom_op("fsdp_compile::all_gather_copy_in_fused", mutates_args=())(
+    _all_gather_copy_in_real
+)
 
 
 @_all_gather_copy_in_fused.register_fake
@@ -133,12 +137,16 @@ _all_gather_copy_out.register_autograd(_agco_backward, setup_context=_agco_setup
 # reduce_scatter_copy_in ------------------------------------------------------------------------
 
 
+def _reduce_scatter_copy_in_real(grads: list[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
+    numel = sum(g.numel() for g in grads)
+    return eager_kernels(grads[0].device, numel).reduce_scatter_copy_in(grads, world_size, dtype)
+
+
 @triton_op("fsdp_compile::reduce_scatter_copy_in", mutates_args=())
 def _reduce_scatter_copy_in(grads: list[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
     if is_fake(grads[0]):
         return traced.reduce_scatter_copy_in(grads, world_size, dtype)
-    numel = sum(g.numel() for g in grads)
-    return eager_kernels(grads[0].device, numel).reduce_scatter_copy_in(grads, world_size, dtype)
+    return _reduce_scatter_copy_in_real(grads, world_size, dtype)
 
 
 def _rsci_setup(ctx, inputs, output):
@@ -156,10 +164,9 @@ def _rsci_backward(ctx, grad):
 _reduce_scatter_copy_in.register_autograd(_rsci_backward, setup_context=_rsci_setup)
 
 
-@torch.library.custom_op("fsdp_compile::reduce_scatter_copy_in_fused", mutates_args=())
-def _reduce_scatter_copy_in_fused(grads: list[Tensor], world_size: int, dtype: torch.dtype) -> Tensor:
-    numel = sum(g.numel() for g in grads)
-    return eager_kernels(grads[0].device, numel).reduce_scatter_copy_in(grads, world_size, dtype)
+_reduce_scatter_copy_in_fused = torch.library.custom_op(
+    "fsdp_compile::reduce_scatter_copy_in_fused", mutates_args=()
+)(_reduce_scatter_copy_in_real)
 
 
 @_reduce_scatter_copy_in_fused.register_fake
