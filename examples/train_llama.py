@@ -2,11 +2,13 @@
 
     torchrun --nproc-per-node 2 examples/train_llama.py --steps 20
     python examples/train_llama.py --steps 20          # not under torchrun: spawns 2 local ranks
+    torchrun --nproc-per-node 4 examples/train_llama.py --hsdp 2   # 2 replicas x 2 shards
 
 The model is a tiny random-init ``LlamaForCausalLM`` built from a config (sizes are flags; no
 download). It is built on the meta device, materialized and sharded by ``fully_shard`` one
 module at a time (``param_init_fn=model._init_weights``: HF's own initializer), optionally
-checkpointed (``--activation-checkpointing``), compiled with ``backend="fsdp_compile"`` and
+checkpointed (``--activation-checkpointing``), optionally hybrid sharded (``--hsdp R``: R replicas
+on a 2-D ("replicate", "shard") device mesh, each replica sharded over world/R ranks), compiled with ``backend="fsdp_compile"`` and
 trained with AdamW on learnable synthetic data (counting sequences). With CUDA it uses nccl and
 the local GPU, else gloo and the CPU. Rank 0 prints each step's loss, tokens/s and every rank's
 memory, and a progress bar when its output is a terminal; ``--checkpoint-dir`` saves the model
@@ -37,7 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=4, help="sequences per rank per step")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--strategy", default="FULL_SHARD", choices=["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"])
+    p.add_argument(
+        "--strategy", default="FULL_SHARD",
+        choices=["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"],
+        help="with --hsdp, FULL_SHARD means HYBRID_SHARD and SHARD_GRAD_OP HYBRID_SHARD_ZERO2",
+    )
+    p.add_argument("--hsdp", type=int, default=0, metavar="R",
+                   help="hybrid sharding: R replicas, each sharded over world/R ranks")
     p.add_argument("--bf16", action="store_true", help="bf16 compute (MixedPrecision), fp32 shards")
     p.add_argument("--activation-checkpointing", action="store_true", help="checkpoint every decoder layer")
     p.add_argument("--eager", action="store_true", help="no torch.compile")
@@ -88,10 +96,18 @@ def main(args) -> None:
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable()
     mp = fsdp_compile.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else None
+    mesh = None
+    if args.hsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if world % args.hsdp:
+            raise SystemExit(f"--hsdp {args.hsdp}: the world size {world} is not a multiple of it")
+        mesh = init_device_mesh(device.type, (args.hsdp, world // args.hsdp), mesh_dim_names=("replicate", "shard"))
     fsdp_compile.fully_shard(
-        model, policy={LlamaDecoderLayer}, strategy=args.strategy, mixed_precision=mp,
+        model, device_mesh=mesh, policy={LlamaDecoderLayer}, strategy=args.strategy, mixed_precision=mp,
         param_init_fn=model._init_weights,
     )
+    strategy = fsdp_compile.sharding_info(model).units[0].strategy.name
     forward = model if args.eager else torch.compile(model, backend=fsdp_compile.backend(inner=args.inner), fullgraph=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     shard_numel = sum(p.numel() for p in model.parameters())
@@ -99,7 +115,8 @@ def main(args) -> None:
         mode = "eager" if args.eager else f"compiled ({args.inner})"
         print(
             f"Llama {args.layers}x{args.hidden} ({full_numel / 1e6:.2f} M params, {shard_numel / 1e6:.2f} M on each "
-            f"rank), {world} ranks on {device.type} ({dist.get_backend()}), {args.strategy}, {mode}"
+            f"rank), {world} ranks on {device.type} ({dist.get_backend()}), {strategy}, {mode}"
+            + (f", {args.hsdp} replicas x {world // args.hsdp} shards" if args.hsdp else "")
             + (", bf16" if args.bf16 else "") + (", activation checkpointing" if args.activation_checkpointing else ""),
             flush=True,
         )

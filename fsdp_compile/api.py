@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -22,8 +22,12 @@ from .deferred_init import materialize_and_shard
 from .state_dict import install_optimizer_hooks
 from .config import CPUOffload, MixedPrecision, ShardingStrategy
 from .layout import make_unit_layout
+from .mesh import resolve_groups
 from .runtime import FSDPState, unit_post_forward, unit_pre_forward
 from .unit import Unit
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 Policy = Union[None, Iterable[type], Callable[[nn.Module], bool]]
 
@@ -32,6 +36,7 @@ def fully_shard(
     module: nn.Module,
     *,
     process_group: Optional[dist.ProcessGroup] = None,
+    device_mesh: Optional["DeviceMesh"] = None,
     policy: Policy = None,
     strategy: ShardingStrategy = ShardingStrategy.FULL_SHARD,
     mixed_precision: Optional[MixedPrecision] = None,
@@ -41,6 +46,12 @@ def fully_shard(
     check_ranks: bool = True,
 ) -> nn.Module:
     """Shard ``module``'s parameters across ``process_group`` in place and return ``module``.
+
+    ``device_mesh``: instead of ``process_group``, a 1-D ``DeviceMesh`` (the same as its group)
+    or a 2-D one with dims named ``("replicate", "shard")`` for hybrid sharding: parameters are
+    sharded over "shard" and replicated over "replicate" (``mesh.py``); on it FULL_SHARD means
+    HYBRID_SHARD and SHARD_GRAD_OP means HYBRID_SHARD_ZERO2. ``strategy=HYBRID_SHARD`` without a
+    mesh shards within each torchrun node (``LOCAL_WORLD_SIZE`` ranks) and replicates across.
 
     ``policy`` picks the units: ``None`` (one unit), a set of module classes (each instance is
     a unit), or a callable ``module -> bool``; the root unit keeps every other parameter. A
@@ -69,19 +80,19 @@ def fully_shard(
     is_unit_module = _policy_predicate(policy)
     mixed_precision = _check_type("mixed_precision", mixed_precision, MixedPrecision)
     cpu_offload = _check_type("cpu_offload", cpu_offload, CPUOffload)
-    group_name, world, rank, group = _resolve_group(process_group)
-
     if param_init_fn is not None and not callable(param_init_fn):
         raise TypeError(f"fully_shard: param_init_fn must be callable (module) -> None, got {param_init_fn!r}")
     holders = _collect_holders(module, {id(p) for p in (ignored_params or ())})
     device = _common_device(holders)
     deferred = device is not None and device.type == "meta"
     compute_device = _compute_device(device, cpu_offload)
+    groups = resolve_groups(process_group, device_mesh, strategy, compute_device.type)
+    strategy = groups.strategy
     unit_paths = [p for p, m in module.named_modules() if p and is_unit_module(m)]
     assignment = _assign_units(holders, unit_paths)
 
     state = FSDPState(module, [], mixed_precision.param_dtype)
-    state.group = group
+    state.groups = groups
     state.check_ranks = bool(check_ranks)
     for _, sub in module.named_modules():
         _params.attach_module(sub, state)
@@ -92,7 +103,7 @@ def fully_shard(
             continue
         unit = _build_unit(
             unit_path, modules[unit_path], members, strategy, mixed_precision,
-            group_name, world, rank, compute_device, state, deferred, cpu_offload,
+            groups, compute_device, state, deferred, cpu_offload,
         )
         state.add_unit(unit)
         if unit_path:
@@ -121,7 +132,7 @@ def fully_shard(
         sub.register_forward_hook(state.post_forward, with_kwargs=True, always_call=True)
     module.__dict__["_fsdp_root_state"] = state
     install_optimizer_hooks()
-    _check_same_on_all_ranks(state, group, world)
+    _check_same_on_all_ranks(state, groups.everyone)
     return module
 
 
@@ -192,21 +203,6 @@ def _check_type(name, value, cls):
     return value
 
 
-def _resolve_group(group):
-    if group is None and not dist.is_initialized():
-        return None, 1, 0, None
-    if group is None:
-        group = dist.group.WORLD
-    if dist.get_rank(group) < 0:
-        raise ValueError(
-            f"fully_shard: this process (global rank {dist.get_rank()}) is not a member of "
-            f"process_group (ranks {dist.get_process_group_ranks(group)}); pass a group that "
-            "contains every rank sharding this model, on every one of those ranks"
-        )
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    return (group.group_name if world > 1 else None), world, rank, group
-
-
 def _collect_holders(module, ignored_ids):
     """id(param) -> [(module_path, module, attr, param), ...] for every registration of it."""
     holders: dict[int, list] = {}
@@ -264,7 +260,7 @@ def _assign_units(holders, unit_paths: list[str]) -> dict[int, str]:
     return assignment
 
 
-def _build_unit(path, module, members, strategy, mp, group_name, world, rank, compute_device, state,
+def _build_unit(path, module, members, strategy, mp, groups, compute_device, state,
                 deferred=False, cpu_offload=None):
     fqns = [_fqn(m[0][0], m[0][3]) for m in members]
     params = [m[0][2] for m in members]
@@ -277,8 +273,11 @@ def _build_unit(path, module, members, strategy, mp, group_name, world, rank, co
             "and use MixedPrecision for lower-precision compute"
         )
     replicated = strategy == ShardingStrategy.NO_SHARD
-    layout = make_unit_layout(fqns, [tuple(p.shape) for p in params], world, replicated)
-    spec = CommSpec(group_name, world, rank, replicated, mp.param_dtype, mp.reduce_dtype)
+    layout = make_unit_layout(fqns, [tuple(p.shape) for p in params], groups.shard_size, replicated)
+    spec = CommSpec(
+        groups.shard_name, groups.shard_size, groups.shard_rank, replicated, mp.param_dtype, mp.reduce_dtype,
+        groups.replicate_name, groups.replicate_size,
+    )
     holders = [[(m, attr) for _, m, _, attr in entries] for entries in members]
     unit = Unit(path, module, holders, layout, [p.shape for p in params], strategy, spec, compute_device, state)
     if deferred:  # a zero buffer now; deferred_init fills it module by module
@@ -299,9 +298,9 @@ def _holder_fqns(unit_holders, modules):
     return [_fqn(paths[id(m)], attr) for m, attr in unit_holders]
 
 
-def _check_same_on_all_ranks(state: FSDPState, group, world: int) -> None:
+def _check_same_on_all_ranks(state: FSDPState, group) -> None:
     """Every rank must build the same units: compare a fingerprint with every other rank's."""
-    if world <= 1:
+    if group is None or dist.get_world_size(group) <= 1:
         return
     mine = [
         (u.name, u.strategy.name, [(p.fqn, p.full_shape) for p in u.layout.params], str(u.shard_dtype))

@@ -4,7 +4,11 @@ Takes tensors, a ``UnitLayout`` and a ``CommSpec``; knows nothing about modules.
 functions run eagerly and under AOTAutograd tracing (fake tensors), so the compiled graph and
 the eager runtime issue identical collectives: functional collectives (``_c10d_functional``)
 followed by ``wait_tensor``. Gradients are averaged over ranks (DDP semantics): summed by the
-collective in ``reduce_dtype`` and divided by the world size before the cast back.
+collectives in ``reduce_dtype`` and divided by the number of ranks before the cast back.
+
+Hybrid sharding (a 2-D mesh): parameters are sharded over the *shard* group and replicated over
+the *replicate* group. Gathers use the shard group only; gradients are reduce-scattered on the
+shard group, then this rank's reduced shard is all-reduced on the replicate group.
 """
 from __future__ import annotations
 
@@ -29,10 +33,19 @@ class CommSpec:
     replicated: bool  # NO_SHARD: all-reduce gradients, never all-gather
     param_dtype: Optional[torch.dtype]  # dtype of gathered parameters; None keeps the shard dtype
     reduce_dtype: Optional[torch.dtype]  # dtype of the gradient reduction; None: the grad dtype
+    # Hybrid sharding: the group this rank's shard is replicated over (None: not replicated)
+    replicate_group_name: Optional[str] = None
+    replicate_size: int = 1
 
     @property
     def communicates(self) -> bool:
+        """Parameters are split over more than one rank of the shard group."""
         return self.group_name is not None and self.world_size > 1
+
+    @property
+    def replicates(self) -> bool:
+        """Each shard is also held by other ranks: reduced gradients are all-reduced over them."""
+        return self.replicate_group_name is not None and self.replicate_size > 1
 
 
 def all_gather_unit(
@@ -74,20 +87,26 @@ def reduce_unit_grads(
     pending: Optional[torch.Tensor] = None,
 ) -> list[torch.Tensor]:
     """Full gradients (+ ``pending`` packed gradients held back by ``no_sync``) -> this rank's
-    shard of their rank average: one reduce-scatter, or one all-reduce for NO_SHARD. Returns
-    shard-shaped tensors in ``grad_dtypes`` (the shards' dtypes), views into one flat buffer."""
+    shard of their rank average: one reduce-scatter (one all-reduce for NO_SHARD) on the shard
+    group, then, for hybrid sharding, one all-reduce of the reduced shard on the replicate group.
+    Returns shard-shaped tensors in ``grad_dtypes`` (the shards' dtypes), views into one flat
+    buffer."""
     packed = pack_unit_grads(grads, layout, spec)
     if pending is not None:
         packed = packed + pending
-    if not spec.communicates:
-        flat = packed
-    elif spec.replicated:
-        flat = _c10d.wait_tensor(_c10d.all_reduce(packed, "sum", spec.group_name))
-    else:
-        flat = _c10d.reduce_scatter_tensor(packed, "sum", spec.world_size, spec.group_name)
+    flat, ranks = packed, 1
+    if spec.communicates and spec.replicated:
+        flat = _c10d.wait_tensor(_c10d.all_reduce(flat, "sum", spec.group_name))
+    elif spec.communicates:
+        flat = _c10d.reduce_scatter_tensor(flat, "sum", spec.world_size, spec.group_name)
         flat = _c10d.wait_tensor(flat)
     if spec.communicates:
-        flat = flat / spec.world_size
+        ranks *= spec.world_size
+    if spec.replicates:
+        flat = _c10d.wait_tensor(_c10d.all_reduce(flat, "sum", spec.replicate_group_name))
+        ranks *= spec.replicate_size
+    if ranks > 1:
+        flat = flat / ranks
     return _split_shards(flat, layout, spec, grad_dtypes)
 
 

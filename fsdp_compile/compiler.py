@@ -93,7 +93,11 @@ class FSDPBackend:
             record.buckets = bucket_gathers(gm, self.bucket_bytes, make_bucket)
         for state in {id(u.state): u.state for u in units.values()}.values():
             state.compiled_graphs.append(record)
-        group = next((u.state.group for u in units.values() if u.spec.communicates), None)
+        state = next((u.state for u in units.values()), None)
+        # Every rank of the mesh compares schedules (both groups of a hybrid mesh); collectives
+        # are named by their group's role, the same on every rank.
+        group = state.groups.everyone if state is not None and state.groups is not None else None
+        roles = state.groups.roles if state is not None and state.groups is not None else {}
 
         def strategy_of(unit_id: Optional[int]) -> ShardingStrategy:
             if unit_id in units:
@@ -108,14 +112,14 @@ class FSDPBackend:
             joint.recompile()
             # Known before the first call (the backward is compiled lazily, at its first call):
             # the backward's collectives, in the joint graph after the forward's.
-            record.joint_schedule = collective_schedule(joint)
+            record.joint_schedule = collective_schedule(joint, roles)
             return joint
 
         def on_graph(graph: torch.fx.GraphModule, is_backward: bool) -> None:
             prefetch_all_gathers(graph, self.prefetch)
             name = "backward" if is_backward else "forward"
             setattr(record, name, graph)
-            record.schedules[name] = collective_schedule(graph)
+            record.schedules[name] = collective_schedule(graph, roles)
 
         with functorch_config.patch(joint_custom_pass=joint_pass), lowering_for_trace(self.copies):
             compiled = _compile_inner(self.inner, gm, example_inputs, on_graph)
@@ -158,7 +162,7 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
     compares its graph's forward and backward collective schedules; after each call, drop
     pending ``no_sync`` gradients the graph has consumed (it holds them until its backward)."""
     consumed = [units[g.unit_id] for g in record.gathers if g.mode == ops.GradMode.SYNC_PENDING]
-    state = next((u.state for u in units.values() if u.spec.communicates), None)
+    state = next((u.state for u in units.values() if u.spec.communicates or u.spec.replicates), None)
     checked = False
     this_graph = 0  # graph_id of the schedules, computed at the first call (they exist by then)
 
@@ -169,7 +173,7 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
         if state is not None:
             if not this_graph:
                 collectives = (record.schedules.get("forward") or []) + (record.joint_schedule or [])
-                this_graph = graph_id([(c.kind, c.input_bytes, c.dtype) for c in collectives])
+                this_graph = graph_id([c.fingerprint for c in collectives])
             first_call = state.check_lockstep(Phase.FORWARD, "a compiled forward", this_graph, first_call)
         if first_call and group is not None:
             # The joint graph holds the backward's collectives too: a rank whose backward

@@ -14,11 +14,33 @@ class ShardingStrategy(enum.Enum):
     FULL_SHARD: after each unit's forward; backward gathers them again.
     SHARD_GRAD_OP: after backward (kept from forward to backward, not gathered twice).
     NO_SHARD: never sharded: every rank holds full parameters, gradients are all-reduced.
+    HYBRID_SHARD / HYBRID_SHARD_ZERO2: FULL_SHARD / SHARD_GRAD_OP inside each group of the
+    ``"shard"`` dim of a 2-D device mesh, replicated across its ``"replicate"`` dim: gradients
+    are reduce-scattered on the shard group, then all-reduced on the replicate group.
     """
 
     FULL_SHARD = "FULL_SHARD"
     SHARD_GRAD_OP = "SHARD_GRAD_OP"
     NO_SHARD = "NO_SHARD"
+    HYBRID_SHARD = "HYBRID_SHARD"
+    HYBRID_SHARD_ZERO2 = "HYBRID_SHARD_ZERO2"
+
+    @property
+    def reshards_after_forward(self) -> bool:
+        """Gathered parameters are freed after forward and gathered again for backward."""
+        return self in (ShardingStrategy.FULL_SHARD, ShardingStrategy.HYBRID_SHARD)
+
+    @property
+    def hybrid(self) -> bool:
+        return self in (ShardingStrategy.HYBRID_SHARD, ShardingStrategy.HYBRID_SHARD_ZERO2)
+
+    def as_hybrid(self) -> "ShardingStrategy":
+        """The strategy on a 2-D (replicate, shard) mesh: FULL_SHARD -> HYBRID_SHARD,
+        SHARD_GRAD_OP -> HYBRID_SHARD_ZERO2 (FSDP2's "HSDP" when given a 2-D mesh)."""
+        return {
+            ShardingStrategy.FULL_SHARD: ShardingStrategy.HYBRID_SHARD,
+            ShardingStrategy.SHARD_GRAD_OP: ShardingStrategy.HYBRID_SHARD_ZERO2,
+        }.get(self, self)
 
     @classmethod
     def parse(cls, value) -> "ShardingStrategy":

@@ -54,9 +54,10 @@ def _fmt_bytes(n: int) -> str:
 
 
 def explain(model: nn.Module) -> str:
-    """Units (parameters, shard and full sizes, strategy, dtypes) and, for every graph the
-    ``fsdp_compile`` backend compiled, the collectives it inserted in program order with the
-    bytes each one hands to the backend. Accepts the sharded module or its ``torch.compile``
+    """Units (parameters, shard and full sizes, strategy, dtypes), the process groups (shard,
+    and replicate for hybrid sharding) and, for every graph the ``fsdp_compile`` backend
+    compiled, the collectives it inserted in program order with the bytes each one hands to the
+    backend and the group it runs on. Accepts the sharded module or its ``torch.compile``
     wrapper."""
     module = getattr(model, "_orig_mod", model)
     state = root_state(module)
@@ -65,9 +66,10 @@ def explain(model: nn.Module) -> str:
         spec = unit.spec
         elem = unit.local_flat.element_size()
         full = sum(p.full_numel for p in unit.layout.params)
+        replicas = f" x {spec.replicate_size} replicas" if spec.replicates else ""
         lines.append(
             f"  unit {unit.name or '<root>'!r}: {len(unit.layout.params)} params, "
-            f"{unit.strategy.name}, world {spec.world_size}, shard {_fmt_bytes(unit.layout.local_numel * elem)} "
+            f"{unit.strategy.name}, world {spec.world_size}{replicas}, shard {_fmt_bytes(unit.layout.local_numel * elem)} "
             f"of {_fmt_bytes(full * elem)} full, gather {str(unit.gather_dtype).replace('torch.', '')}, "
             f"reduce {str(unit.reduce_dtype).replace('torch.', '')}"
         )
@@ -78,6 +80,11 @@ def explain(model: nn.Module) -> str:
         lines.append("no compiled graphs yet (run a compiled forward/backward first)")
     backend = dist.get_backend(state.group) if state.group is not None else "none (world size 1)"
     lines.append(f"process group backend: {backend}")
+    groups = state.groups
+    for role in ("shard", "replicate"):
+        ranks = groups.ranks(role) if groups is not None else []
+        if ranks:
+            lines.append(f"{role} group: global ranks {ranks}")
     for number, record in enumerate(state.compiled_graphs):
         lines.append(f"compiled graph {number} ({record.inner}): {len(record.gathers)} unit gathers")
         for name in ("forward", "backward"):
@@ -92,5 +99,5 @@ def explain(model: nn.Module) -> str:
                 if backend == "gloo" and c.kind == "reduce_scatter_tensor":
                     # gloo has no native reduce-scatter: it all-reduces the whole input.
                     note = f"  (gloo: emulated by an all-reduce of all {_fmt_bytes(c.input_bytes)})"
-                lines.append(f"    {c.kind:<24} {_fmt_bytes(c.input_bytes):>10} {c.dtype}{note}")
+                lines.append(f"    {c.kind:<24} {_fmt_bytes(c.input_bytes):>10} {c.dtype} on {c.group} group{note}")
     return "\n".join(lines)

@@ -31,9 +31,9 @@ import torch.nn as nn
 from torch.utils._pytree import tree_map
 
 from . import ops
-from .config import ShardingStrategy
 from .consistency import exchange_records
 from .failures import naming_collective_failures
+from .mesh import Groups
 from .unit import Unit
 
 
@@ -87,12 +87,17 @@ class FSDPState:
         self.traced_shards: Optional[dict[int, list[torch.Tensor]]] = None
         self._full_storages: dict[int, list[tuple[Unit, int, torch.Tensor]]] = {}
         self._saved_hooks: Optional[contextlib.AbstractContextManager] = None
-        self.group = None  # the process group of every unit (None: no communication)
+        self.groups: Optional[Groups] = None  # the process groups of every unit (mesh.py)
         self.fqn_to_param: dict = {}  # every registered name -> (unit, index)
         self.compiled_graphs: list = []  # backend.CompiledGraphs, one per compiled Dynamo graph
-        self.device_meshes: dict = {}  # device type -> 1-D DeviceMesh over ``group`` (state dicts)
+        self.device_meshes: dict = {}  # device type -> (DeviceMesh, placements) of state dicts
         self.check_ranks = True  # fully_shard(check_ranks=): one tiny all-gather per forward
         self._positions: dict[int, int] = {}  # unit id -> its index in ``units`` (same on every rank)
+
+    @property
+    def group(self):
+        """The shard group (what parameters are split over); None without a process group."""
+        return None if self.groups is None else self.groups.shard
 
     def add_unit(self, unit: Unit) -> None:
         self._positions[unit.id] = len(self.units)
@@ -129,7 +134,7 @@ class FSDPState:
     def _gather_for_forward(self, unit: Unit) -> list[torch.Tensor]:
         if unit.full is None:
             self._check_gather(unit)
-            unit.full = self._gather(unit, register=unit.strategy == ShardingStrategy.FULL_SHARD)
+            unit.full = self._gather(unit, register=unit.strategy.reshards_after_forward)
         return unit.full
 
     def _gather_for_recompute(self, unit: Unit) -> list[torch.Tensor]:
@@ -179,11 +184,12 @@ class FSDPState:
         True when some rank runs a compiled graph for the first time, or the ranks run different
         compiled graphs (the caller then compares the graphs' collective schedules on every rank,
         which names what differs). Off with ``fully_shard(check_ranks=False)``."""
-        if not self.check_ranks or self.group is None:
+        everyone = None if self.groups is None else self.groups.everyone
+        if not self.check_ranks or everyone is None:
             return first_call
         mine = (int(phase), int(self.sync_grads), graph, int(first_call))
         with naming_collective_failures(f"the lockstep check before {what}"):
-            records = exchange_records(mine, self.group, self.units[0].compute_device)
+            records = exchange_records(mine, everyone, self.units[0].compute_device)
         compiled_forwards = phase == Phase.FORWARD and all(rec[0] == Phase.FORWARD and rec[2] for rec in records)
         other = next(
             (
@@ -238,7 +244,7 @@ class FSDPState:
             # region) may not mutate state created outside it, so the body only looks up.
             self.traced_shards = {unit.id: unit.shards() for unit in self.units}
         if not torch.compiler.is_compiling() and torch.is_grad_enabled():
-            if any(u.strategy == ShardingStrategy.FULL_SHARD for u in self.units):
+            if any(u.strategy.reshards_after_forward for u in self.units):
                 self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
                 self._saved_hooks.__enter__()
         return self.cast_inputs(args, kwargs)

@@ -4,7 +4,8 @@ sharded parameter, and how ``load_state_dict`` takes it back.
 Invariant: a state dict never holds a local shard under a full name as if it were the whole
 tensor. Each sharded parameter (and each optimizer state tensor shaped like its shard, e.g.
 AdamW's ``exp_avg``) appears as a ``DTensor`` with ``Shard(0)`` placement on a 1-D
-``DeviceMesh`` over the unit's process group; its local tensor is this rank's shard itself (no
+``DeviceMesh`` over the unit's process group (hybrid sharding: ``(Replicate(), Shard(0))`` on the
+2-D ``("replicate", "shard")`` mesh); its local tensor is this rank's shard itself (no
 copy) and its global shape the original one. Our row split (``ceil(D / world)`` rows per rank,
 trailing ranks short or empty) is ``torch.chunk``'s, which is DTensor's, so uneven and empty
 shards are described exactly. Hence ``torch.distributed.checkpoint`` saves, loads (into the
@@ -33,6 +34,7 @@ from typing import Optional
 
 import torch
 
+from .mesh import mesh_for_state_dicts
 from .registry import live_units
 
 
@@ -42,11 +44,10 @@ def _is_sharded(unit) -> bool:
 
 
 def _mesh(unit, device: torch.device):
-    from torch.distributed.device_mesh import DeviceMesh
-
+    """(DeviceMesh, placements) of the DTensors of ``unit``'s state on ``device`` (mesh.py)."""
     meshes = unit.state.device_meshes
     if device.type not in meshes:
-        meshes[device.type] = DeviceMesh.from_group(unit.state.group, device_type=device.type)
+        meshes[device.type] = mesh_for_state_dicts(unit.state.groups, device)
     return meshes[device.type]
 
 
@@ -56,18 +57,18 @@ def to_state_value(unit, index: int, local: torch.Tensor) -> torch.Tensor:
     full_shape = torch.Size(unit.orig_shapes[index])
     if not _is_sharded(unit) or len(full_shape) == 0:  # held whole (a 0-d one as (1,): layout.py)
         return local if local.shape == full_shape else local.view(full_shape)
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor
 
     stride = tuple(math.prod(full_shape[i + 1:]) for i in range(len(full_shape)))
-    mesh = _mesh(unit, local.device)
+    mesh, placements = _mesh(unit, local.device)
     if local.requires_grad:  # keep_vars=True: differentiable, built as usual
-        return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=full_shape, stride=stride)
+        return DTensor.from_local(local, mesh, placements, run_check=False, shape=full_shape, stride=stride)
     # A DTensor's wrapper copies its local tensor's storage offset, and DCP's async staging
     # (StateDictStager) takes a wrapper with a nonzero data_ptr for a plain tensor, failing
     # ("invalid python storage"). Our shards are views at offsets into the flat buffer: build
     # the wrapper from an offset-0 view of the same storage, then hold the shard itself.
     dtensor = DTensor.from_local(
-        local.as_strided(local.shape, local.stride(), 0), mesh, [Shard(0)], run_check=False,
+        local.as_strided(local.shape, local.stride(), 0), mesh, placements, run_check=False,
         shape=full_shape, stride=stride,
     )
     dtensor._local_tensor = local
@@ -77,21 +78,17 @@ def to_state_value(unit, index: int, local: torch.Tensor) -> torch.Tensor:
 def from_state_value(unit, index: int, value, key: str) -> torch.Tensor:
     """A state-dict value for parameter ``index`` of ``unit`` -> this rank's rows of it, in the
     shard's shape. Raises ``ValueError`` (naming ``key``) when it cannot be the parameter."""
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor
 
     full_shape = tuple(unit.orig_shapes[index])
     shard_shape = tuple(unit.layout.shard_shapes(unit.spec.rank)[index])
     if isinstance(value, DTensor):
         if tuple(value.shape) != full_shape:
             raise ValueError(_mismatch(key, value.shape, full_shape, "global shape"))
-        if (
-            _is_sharded(unit)
-            and value.placements == (Shard(0),)
-            and value.device_mesh.size() == unit.spec.world_size
-            and tuple(value.to_local().shape) == shard_shape
-            and value.device_mesh.get_group() is unit.state.group
-        ):
-            return value.to_local()
+        if _is_sharded(unit) and tuple(value.to_local().shape) == shard_shape:
+            mesh, placements = _mesh(unit, value.device)
+            if value.placements == placements and value.device_mesh == mesh:
+                return value.to_local()
         value = value.full_tensor()
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{key}: expected a tensor, got {type(value).__name__}")

@@ -19,10 +19,11 @@ unit annotation every node traced inside the gather carries.)
 After: the same nodes, with ``meta["recompute"]`` set on the whole chain (copy-in, all-gather,
 wait, copy-out, its getitems and the single-user views after them)::
 
-    FULL_SHARD     -> MUST_RECOMPUTE: the partitioner saves only the shards (primals) and the
-                      backward graph gathers again; the forward frees the full tensors after
-                      their last use.
-    SHARD_GRAD_OP  -> MUST_SAVE: the full tensors are saved; the backward has no all-gather.
+    FULL_SHARD, HYBRID_SHARD         -> MUST_RECOMPUTE: the partitioner saves only the shards
+                                        (primals) and the backward graph gathers again; the
+                                        forward frees the full tensors after their last use.
+    SHARD_GRAD_OP, HYBRID_SHARD_ZERO2 -> MUST_SAVE: the full tensors are saved; the backward
+                                        has no all-gather.
 
 NO_SHARD units have no all-gather and are left alone. Tagging the whole chain matters: a saved
 view after an untagged node would keep the gathered buffer alive (see ARCHITECTURE.md, lessons).
@@ -149,7 +150,7 @@ def tag_reshard(gm: torch.fx.GraphModule, strategy_of: Callable[[Optional[int]],
         strategy = strategy_of(unit)
         policy = (
             CheckpointPolicy.MUST_RECOMPUTE
-            if strategy == ShardingStrategy.FULL_SHARD
+            if strategy.reshards_after_forward
             else CheckpointPolicy.MUST_SAVE
         )
         for member in chain:

@@ -2,19 +2,24 @@
 
 An analysis pass (it never rewrites). Given a forward or backward graph::
 
-    ag  = _c10d_functional.all_gather_into_tensor(slot, 2, "0")        # 4 KiB in
+    ag  = _c10d_functional.all_gather_into_tensor(slot, 2, "1")        # 4 KiB in
     w   = _c10d_functional.wait_tensor(ag)
     ...
-    rs  = _c10d_functional.reduce_scatter_tensor(packed, "sum", 2, "0")
+    rs  = _c10d_functional.reduce_scatter_tensor(packed, "sum", 2, "1")
+    ar  = _c10d_functional.all_reduce(rs_waited, "sum", "2")             # hybrid sharding
 
-``collective_schedule`` returns ``[Collective("all_gather_into_tensor", 4096, ...),
-Collective("reduce_scatter_tensor", ...)]`` in program order. Ranks compile independently, so a
-rank-dependent decision anywhere in the compiler would reorder collectives and hang the job;
-``verify_schedule_across_ranks`` compares the fingerprints once per graph and raises instead.
+``collective_schedule(gm, roles={"1": "shard", "2": "replicate"})`` returns
+``[Collective("all_gather_into_tensor", 4096, "float32", "shard"), Collective("reduce_scatter_tensor",
+..., "shard"), Collective("all_reduce", ..., "replicate")]`` in program order. A group is named by
+its role: the shard groups of a 2-D mesh are different groups with different names on different
+ranks, but the same role. Ranks compile independently, so a rank-dependent decision anywhere in
+the compiler would reorder collectives and hang the job; ``verify_schedule_across_ranks``
+compares the fingerprints (kind, bytes, dtype, group role) once per graph and raises instead.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.fx
@@ -36,9 +41,14 @@ class Collective:
     kind: str  # the _c10d_functional op name
     input_bytes: int  # bytes this rank hands to the collective
     dtype: str
+    group: str = ""  # the group's role ("shard", "replicate"), else its name
 
     def __str__(self) -> str:
-        return f"{self.kind}({self.input_bytes} B {self.dtype})"
+        return f"{self.kind}({self.input_bytes} B {self.dtype} on {self.group})"
+
+    @property
+    def fingerprint(self) -> tuple:
+        return (self.kind, self.input_bytes, self.dtype, self.group)
 
 
 def collective_kind(node: torch.fx.Node):
@@ -63,17 +73,24 @@ def _input_bytes(node: torch.fx.Node) -> tuple[int, str]:
     return total, dtype
 
 
-def collective_schedule(gm: torch.fx.GraphModule) -> list[Collective]:
+def _group_name(node: torch.fx.Node) -> str:
+    """Every ``_c10d_functional`` collective takes its group name last."""
+    return str(node.kwargs.get("group_name", node.args[-1]))
+
+
+def collective_schedule(gm: torch.fx.GraphModule, roles: Optional[dict[str, str]] = None) -> list[Collective]:
+    """The collectives of ``gm`` in program order; ``roles`` maps group names to roles."""
     schedule = []
     for node in gm.graph.nodes:
         kind = collective_kind(node)
         if kind is not None:
-            schedule.append(Collective(kind, *_input_bytes(node)))
+            name = _group_name(node)
+            schedule.append(Collective(kind, *_input_bytes(node), (roles or {}).get(name, name)))
     return schedule
 
 
 def verify_schedule_across_ranks(schedule: list[Collective], group, what: str) -> None:
-    fingerprint = [(c.kind, c.input_bytes, c.dtype) for c in schedule]
+    fingerprint = [c.fingerprint for c in schedule]
     mismatch = first_mismatch_across_ranks(fingerprint, group)
     if mismatch is not None:
         rank, theirs = mismatch

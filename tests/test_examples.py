@@ -21,9 +21,10 @@ def _run(cmd: list[str]) -> str:
     return done.stdout
 
 
-def _check(out: str, steps: int, mode: str) -> None:
-    assert f"2 ranks on cpu (gloo), FULL_SHARD, {mode}" in out, out
-    lines = re.findall(r"^step +(\d+) +loss ([\d.]+) +\d+ tokens/s +memory/rank (\d+)MiB (\d+)MiB$", out, re.M)
+def _check(out: str, steps: int, mode: str, world: int = 2, strategy: str = "FULL_SHARD") -> None:
+    assert f"{world} ranks on cpu (gloo), {strategy}, {mode}" in out, out
+    memory = " ".join([r"(\d+)MiB"] * world)
+    lines = re.findall(rf"^step +(\d+) +loss ([\d.]+) +\d+ tokens/s +memory/rank {memory}$", out, re.M)
     assert [int(s) for s, *_ in lines] == list(range(steps)), out
     assert f"done: {steps} steps" in out
 
@@ -41,3 +42,13 @@ def test_plain_python_form_spawns_two_ranks():
     out = _run([sys.executable, str(EXAMPLE), "--steps", "3", "--eager", "--activation-checkpointing"])
     _check(out, 3, "eager")
     assert "activation checkpointing" in out
+
+
+def test_torchrun_hybrid_sharding_on_4_ranks(tmp_path):
+    """``--hsdp 2`` under torchrun: a 2 x 2 (replicate, shard) mesh, compiled, checkpointed."""
+    torchrun = shutil.which("torchrun")
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    out = _run([*launcher, "--nproc-per-node", "4", "--master-port", str(free_port()), str(EXAMPLE),
+                "--steps", "2", "--hsdp", "2", "--inner", "aot_eager", "--checkpoint-dir", str(tmp_path / "ckpt")])
+    _check(out, 2, "compiled (aot_eager), 2 replicas x 2 shards", world=4, strategy="HYBRID_SHARD")
+    assert (tmp_path / "ckpt" / ".metadata").exists()
