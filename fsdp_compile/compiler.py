@@ -9,7 +9,9 @@ Pipeline for one Dynamo graph:
    partitioner splits it according to the tags.
 3. ``passes.bucketing`` (with ``bucket_bytes``) merges adjacent small units' gathers before
    AOTAutograd; ``passes.reorder`` moves each all-gather ``prefetch`` gathers earlier in the
-   partitioned forward and backward graphs so that it overlaps compute.
+   partitioned forward and backward graphs so that it overlaps compute, and
+   ``passes.defer_reduce_waits`` lets each unit's gradient reduction overlap the next unit's
+   backward.
 4. ``passes.schedule_check`` records the collective schedule of each graph; the first call of
    each compiled graph compares the forward's and the backward's fingerprints across ranks (a
    clear error instead of a hang).
@@ -29,6 +31,7 @@ import torch._functorch.config as functorch_config
 import torch.fx
 
 from fsdp_compile.passes.bucketing import bucket_gathers
+from fsdp_compile.passes.defer_reduce_waits import defer_reduce_waits
 from fsdp_compile.passes.hoist_markers import hoist_markers
 from fsdp_compile.passes.insert_collectives import UnitGather, insert_collectives
 from fsdp_compile.passes.reorder import prefetch_all_gathers
@@ -56,13 +59,16 @@ class CompiledGraphs:
     joint_schedule: Optional[list[Collective]] = None  # forward then backward, before partitioning
     buckets: list[list[int]] = field(default_factory=list)  # unit ids merged per gather
     bucket_units: list = field(default_factory=list)  # keeps bucket Units alive (weak registry)
+    # units whose strategy reshards after forward but that stay gathered into backward here
+    kept_gathered: list[str] = field(default_factory=list)
 
 
 class FSDPBackend:
     """``torch.compile(model, backend=FSDPBackend(...))``; ``fsdp_compile.backend(...)`` builds one."""
 
     def __init__(
-        self, prefetch: int = 1, bucket_bytes: Optional[int] = None, inner: str = "inductor", copies: str = "auto"
+        self, prefetch: int = 1, bucket_bytes: Optional[int] = None, inner: str = "inductor", copies: str = "auto",
+        overlap_reductions: bool = True, keep_root_gathered: bool = True,
     ):
         if inner not in ("inductor", "aot_eager"):
             raise ValueError(f"fsdp_compile.backend: inner={inner!r}; use 'inductor' or 'aot_eager'")
@@ -73,6 +79,8 @@ class FSDPBackend:
         if bucket_bytes is not None and bucket_bytes <= 0:
             raise ValueError(f"fsdp_compile.backend: bucket_bytes={bucket_bytes} must be positive or None")
         self.prefetch = prefetch
+        self.overlap_reductions = bool(overlap_reductions)
+        self.keep_root_gathered = bool(keep_root_gathered)
         self.bucket_bytes = bucket_bytes
         self.inner = inner
         self.copies = None if copies == "auto" else copies
@@ -101,7 +109,15 @@ class FSDPBackend:
 
         def strategy_of(unit_id: Optional[int]) -> ShardingStrategy:
             if unit_id in units:
-                return units[unit_id].strategy
+                unit = units[unit_id]
+                if self.keep_root_gathered and unit.name == "" and unit.strategy.reshards_after_forward:
+                    if "" not in record.kept_gathered:
+                        record.kept_gathered.append("")
+                    # FSDP2's root: its parameters are the first backward needs (the output
+                    # head) and stay gathered through the forward anyway (the embedding is read
+                    # first): saving them costs no peak memory and saves one all-gather.
+                    return unit.strategy.kept_after_forward()
+                return unit.strategy
             strategies = {u.strategy for u in units.values()}
             if len(strategies) != 1:
                 raise RuntimeError(f"fsdp_compile: cannot tell which unit an all-gather belongs to ({strategies})")
@@ -117,6 +133,8 @@ class FSDPBackend:
 
         def on_graph(graph: torch.fx.GraphModule, is_backward: bool) -> None:
             prefetch_all_gathers(graph, self.prefetch)
+            if is_backward and self.overlap_reductions:
+                defer_reduce_waits(graph)
             name = "backward" if is_backward else "forward"
             setattr(record, name, graph)
             record.schedules[name] = collective_schedule(graph, roles)
@@ -195,14 +213,18 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
 
 
 def backend(
-    prefetch: int = 1, bucket_bytes: Optional[int] = None, inner: str = "inductor", copies: str = "auto"
+    prefetch: int = 1, bucket_bytes: Optional[int] = None, inner: str = "inductor", copies: str = "auto",
+    overlap_reductions: bool = True, keep_root_gathered: bool = True,
 ) -> FSDPBackend:
     """A configured backend: ``torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager"))``.
 
     ``copies``: what the copy-in/copy-out ops become in the compiled graphs: ``"auto"`` (by
     device), ``"triton"`` (``wrap_triton`` launches), ``"aten"`` (plain ATen ops Inductor
     generates code for) or ``"fused"`` (one opaque op per copy)."""
-    return FSDPBackend(prefetch=prefetch, bucket_bytes=bucket_bytes, inner=inner, copies=copies)
+    return FSDPBackend(
+        prefetch=prefetch, bucket_bytes=bucket_bytes, inner=inner, copies=copies,
+        overlap_reductions=overlap_reductions, keep_root_gathered=keep_root_gathered,
+    )
 
 
 def fsdp_compile_backend(gm: torch.fx.GraphModule, example_inputs) -> Callable:

@@ -34,6 +34,14 @@ class ShardingStrategy(enum.Enum):
     def hybrid(self) -> bool:
         return self in (ShardingStrategy.HYBRID_SHARD, ShardingStrategy.HYBRID_SHARD_ZERO2)
 
+    def kept_after_forward(self) -> "ShardingStrategy":
+        """The same sharding without the reshard after forward: FULL_SHARD -> SHARD_GRAD_OP,
+        HYBRID_SHARD -> HYBRID_SHARD_ZERO2 (what the compiled root unit uses, as FSDP2's root)."""
+        return {
+            ShardingStrategy.FULL_SHARD: ShardingStrategy.SHARD_GRAD_OP,
+            ShardingStrategy.HYBRID_SHARD: ShardingStrategy.HYBRID_SHARD_ZERO2,
+        }.get(self, self)
+
     def as_hybrid(self) -> "ShardingStrategy":
         """The strategy on a 2-D (replicate, shard) mesh: FULL_SHARD -> HYBRID_SHARD,
         SHARD_GRAD_OP -> HYBRID_SHARD_ZERO2 (FSDP2's "HSDP" when given a 2-D mesh)."""

@@ -87,6 +87,9 @@ def explain(model: nn.Module) -> str:
             lines.append(f"{role} group: global ranks {ranks}")
     for number, record in enumerate(state.compiled_graphs):
         lines.append(f"compiled graph {number} ({record.inner}): {len(record.gathers)} unit gathers")
+        if record.kept_gathered:
+            kept = ", ".join(repr(name or "<root>") for name in record.kept_gathered)
+            lines.append(f"  kept gathered from forward to backward (not gathered again): {kept}")
         for name in ("forward", "backward"):
             schedule = record.schedules.get(name)
             if schedule is None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
 
-import torch
 import torch.nn as nn
 
 from . import state_dict as _state_dict

@@ -183,8 +183,8 @@ def test_checkpointed_training_equals_ddp_with_the_same_checkpointing(results, k
 @pytest.mark.parametrize("kind,strategy", CASES)
 def test_compiled_checkpointing_keeps_one_gather_and_one_reduce_per_unit(results, kind, strategy):
     """The region's parameter reads are lifted out of it: per unit, forward 1 all-gather;
-    backward 1 all-gather (FULL_SHARD only) and 1 reduce-scatter; FULL_SHARD saves no gathered
-    buffer for backward; no graph break."""
+    backward 1 all-gather (FULL_SHARD only, all units but the root) and 1 reduce-scatter;
+    FULL_SHARD saves no block's gathered buffer for backward; no graph break."""
     for rank_results in results:
         got = _ok(rank_results, (kind, strategy, "aot_eager"))
         s = got["structure"]
@@ -196,8 +196,10 @@ def test_compiled_checkpointing_keeps_one_gather_and_one_reduce_per_unit(results
         assert s["forward"] == {"all_gather_into_tensor": n}
         expected_backward = {"reduce_scatter_tensor": n}
         if strategy == "FULL_SHARD":
-            expected_backward["all_gather_into_tensor"] = n
-            assert s["saved_gathered"] == 0, "FULL_SHARD saved a gathered parameter"
+            # every unit but the root, which stays gathered from forward to backward (FSDP2's
+            # root; backend(keep_root_gathered=True)): the only gathered parameters saved
+            expected_backward["all_gather_into_tensor"] = n - 1
+            assert s["saved_units"] == [""], "FULL_SHARD saved a block's gathered parameters"
         else:
             assert s["saved_gathered"] > 0, "SHARD_GRAD_OP keeps its gathered parameters for backward"
         assert s["backward"] == expected_backward

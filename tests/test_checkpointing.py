@@ -7,7 +7,6 @@ model's own tensors, and an uninterrupted run (resuming must give ``torch.equal`
 from __future__ import annotations
 
 import copy
-import traceback
 
 import pytest
 import torch
@@ -29,7 +28,7 @@ from torch.utils._pytree import tree_map_only
 import fsdp_compile
 from fsdp_compile import fully_shard
 from fsdp_compile.testing.loop import train_steps
-from fsdp_compile.testing.spawn import run_ranks
+from fsdp_compile.testing.spawn import case_result, run_case, run_ranks
 
 STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 
@@ -79,12 +78,6 @@ def _sharded(strategy="FULL_SHARD"):
     model = fully_shard(seeded_net(), policy={Block}, strategy=strategy)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
-
-def _guard(fn):
-    try:
-        return fn()
-    except Exception:  # noqa: BLE001 -- reported by the parent
-        return traceback.format_exc()
 
 
 # ---- world 2 ---------------------------------------------------------------------------------
@@ -259,17 +252,17 @@ def full_dicts(rank, world):
 
 def world2_cases(rank, world, tmp):
     out = {
-        "reported": _guard(lambda: the_reported_failure(rank, world, f"{tmp}/reported")),
-        "form": _guard(lambda: state_dict_form(rank, world)),
-        "load_forms": _guard(lambda: load_state_dict_forms(rank, world)),
-        "torch_api": _guard(lambda: torch_state_dict_api(rank, world)),
-        "full_dicts": _guard(lambda: full_dicts(rank, world)),
-        "save_for_resharding": _guard(lambda: save_for_resharding(rank, world, f"{tmp}/reshard")),
+        "reported": run_case(lambda: the_reported_failure(rank, world, f"{tmp}/reported")),
+        "form": run_case(lambda: state_dict_form(rank, world)),
+        "load_forms": run_case(lambda: load_state_dict_forms(rank, world)),
+        "torch_api": run_case(lambda: torch_state_dict_api(rank, world)),
+        "full_dicts": run_case(lambda: full_dicts(rank, world)),
+        "save_for_resharding": run_case(lambda: save_for_resharding(rank, world, f"{tmp}/reshard")),
     }
     for strategy in STRATEGIES:
         for mode in ("eager", "compiled"):
             path = f"{tmp}/resume_{strategy}_{mode}"
-            out[("resume", strategy, mode)] = _guard(
+            out[("resume", strategy, mode)] = run_case(
                 lambda: resume(rank, world, path, strategy, mode, async_save=mode == "eager" and strategy == "FULL_SHARD")
             )
     return out
@@ -290,7 +283,7 @@ def load_at_world3(rank, world, path):
             "local_shapes": local,
         }
 
-    return _guard(run)
+    return run_case(run)
 
 
 @pytest.fixture(scope="module")
@@ -298,10 +291,6 @@ def world2(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dcp")
     return tmp, run_ranks(world2_cases, 2, str(tmp), timeout=900)
 
-
-def _ok(value):
-    assert not isinstance(value, str), value
-    return value
 
 
 def _assert_equal_dicts(got, want, what=""):
@@ -326,7 +315,7 @@ def _plain(value):
 def test_the_reported_failure_saves_every_row(world2):
     tmp, results = world2
     for r in results:
-        got = _ok(r["reported"])
+        got = case_result(r["reported"])
         _assert_equal_dicts(got["loaded"], got["plain"])
     plain = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
     state = plain.state_dict()
@@ -336,7 +325,7 @@ def test_the_reported_failure_saves_every_row(world2):
 
 def test_state_dict_holds_dtensors_of_the_full_shape_viewing_the_shards(world2):
     full = {k: tuple(v.shape) for k, v in seeded_net().state_dict().items()}
-    for rank, r in enumerate(_ok(r) for r in (x["form"] for x in world2[1])):
+    for rank, r in enumerate(case_result(r) for r in (x["form"] for x in world2[1])):
         for strategy, entries in r.items():
             assert {k: e["shape"] for k, e in entries.items()} == full
             for key, e in entries.items():
@@ -352,7 +341,7 @@ def test_state_dict_holds_dtensors_of_the_full_shape_viewing_the_shards(world2):
 
 def test_load_state_dict_takes_dtensors_and_full_tensors_and_rejects_bad_input(world2):
     for r in world2[1]:
-        got = _ok(r["load_forms"])
+        got = case_result(r["load_forms"])
         _assert_equal_dicts(got["from_dtensors"], got["reference"])
         _assert_equal_dicts(got["from_full"], got["reference"])
         assert "Missing key(s)" in got["missing"] and "head.weight" in got["missing"]
@@ -363,7 +352,7 @@ def test_load_state_dict_takes_dtensors_and_full_tensors_and_rejects_bad_input(w
 
 def test_torch_state_dict_functions(world2):
     for rank, r in enumerate(world2[1]):
-        got = _ok(r["torch_api"])
+        got = case_result(r["torch_api"])
         assert got["model_kinds"]["blocks.0.fc1.weight"] == "DTensor"
         assert got["optim_kinds"]["blocks.0.fc1.weight"] == {"step": "Tensor", "exp_avg": "DTensor", "exp_avg_sq": "DTensor"}
         if rank == 0:
@@ -383,7 +372,7 @@ def test_torch_state_dict_functions(world2):
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 def test_dcp_resume_equals_an_uninterrupted_run(world2, strategy, mode):
     for r in world2[1]:
-        got = _ok(r[("resume", strategy, mode)])
+        got = case_result(r[("resume", strategy, mode)])
         assert not any("_orig_mod" in k for k in got["keys"])
         uninterrupted, resumed = got["losses"]
         assert resumed == uninterrupted
@@ -393,7 +382,7 @@ def test_dcp_resume_equals_an_uninterrupted_run(world2, strategy, mode):
 
 def test_full_state_dicts_and_rank0_only(world2):
     for rank, r in enumerate(world2[1]):
-        got = _ok(r["full_dicts"])
+        got = case_result(r["full_dicts"])
         full = {k: tuple(v.shape) for k, v in seeded_net().state_dict().items()}
         assert {k: tuple(v.shape) for k, v in got["everywhere"].items()} == full
         if rank == 0:
@@ -407,10 +396,10 @@ def test_full_state_dicts_and_rank0_only(world2):
 
 def test_reshard_world2_checkpoint_to_world3_world1_and_an_unsharded_model(world2):
     tmp, results = world2
-    saved = _ok(results[0]["save_for_resharding"])
+    saved = case_result(results[0]["save_for_resharding"])
     path = str(tmp / "reshard")
     for got in run_ranks(load_at_world3, 3, path, timeout=300):
-        got = _ok(got)
+        got = case_result(got)
         _assert_equal_dicts(got["model"], saved["model"], "world 3 model")
         _assert_equal_dicts(got["optim"], saved["optim"], "world 3 optimizer")
     assert got["local_shapes"]["head.weight"] == (0, 5)  # rank 2 of 3: 2 rows split 1, 1, 0

@@ -29,6 +29,7 @@ import fsdp_compile
 from fsdp_compile import collectives, fully_shard, sharding_info
 from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch
 from fsdp_compile.testing.gpt import param_groups as _param_groups
+from fsdp_compile.testing.reference import manual_mixed_precision
 from fsdp_compile.testing.spawn import run_ranks
 
 WORLD = 2
@@ -164,34 +165,9 @@ def test_ddp_parity_adamw_param_groups():
 BF16 = fsdp_compile.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def _manual_mixed_precision(rank, world, steps):
-    """What ``MixedPrecision(param_dtype=bf16, reduce_dtype=fp32)`` means, without fsdp_compile:
-    fp32 master parameters, a bf16 working copy refreshed from them before every forward, its
-    bf16 gradients cast to fp32, summed across ranks (all_reduce) and divided by the world size."""
-    master = _seeded()
-    work = copy.deepcopy(master).to(torch.bfloat16)
-    opt = torch.optim.AdamW(_param_groups(master))
-    losses = []
-    for step in range(steps):
-        with torch.no_grad():
-            for w, m in zip(work.parameters(), master.parameters()):
-                w.copy_(m)
-        loss = work(*gpt_batch(step, rank))
-        loss.backward()
-        for w, m in zip(work.parameters(), master.parameters()):
-            grad = w.grad.float()
-            dist.all_reduce(grad)
-            m.grad = grad / world
-            w.grad = None
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.detach())
-    return torch.stack(losses), _plain_params(master)
-
-
 def _mixed_precision_rank(rank, world, steps):
     _init_rank()
-    out = {"reference": _manual_mixed_precision(rank, world, steps)}
+    out = {"reference": manual_mixed_precision(_seeded(), _param_groups, lambda step: [gpt_batch(step, rank)], steps)}
     out["fp32_first_loss"] = _seeded()(*gpt_batch(0, rank)).detach()
     for strategy in STRATEGIES:
         model = fully_shard(_seeded(), policy={Block}, strategy=strategy, mixed_precision=BF16)

@@ -8,9 +8,7 @@ every case; each case returns plain data or its traceback, and the parent assert
 """
 from __future__ import annotations
 
-import copy
 import functools
-import traceback
 
 import pytest
 import torch
@@ -24,7 +22,8 @@ from torch.testing import assert_close
 import fsdp_compile
 from fsdp_compile import MixedPrecision, ShardingStrategy, fully_shard
 from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch, param_groups
-from fsdp_compile.testing.spawn import error_text, run_ranks
+from fsdp_compile.testing.reference import manual_mixed_precision
+from fsdp_compile.testing.spawn import case_result, error_text, run_case, run_ranks
 
 CFG = GPTConfig(vocab=37, dim=16, layers=2, heads=2, seq=8)  # 37 rows: 19 + 18 per shard rank
 HYBRID = ("HYBRID_SHARD", "HYBRID_SHARD_ZERO2")
@@ -46,12 +45,6 @@ def _seeded(dtype=torch.float64) -> GPT:
 def _batch(step: int, rank: int, micro: int = 0):
     return gpt_batch(10 * step + micro, rank, CFG, batch=2)
 
-
-def _guard(fn):
-    try:
-        return fn()
-    except Exception:  # noqa: BLE001 -- reported by the parent
-        return traceback.format_exc()
 
 
 def _train(forward, model, rank, sync_only_first=True):
@@ -109,38 +102,12 @@ def parity(rank):
     return out
 
 
-def manual_mixed_precision(rank, world):
-    """MixedPrecision(bf16, reduce fp32) by hand over all ranks: fp32 master parameters, a bf16
-    working copy refreshed before every forward, its gradients cast to fp32 (a no_sync
-    micro-batch's too: they accumulate in the reduce dtype), all-reduced over the world and
-    divided by its size."""
-    master = _seeded(torch.float32)
-    work = copy.deepcopy(master).to(torch.bfloat16)
-    opt = torch.optim.AdamW(param_groups(master))
-    losses = []
-    for step in range(STEPS):
-        with torch.no_grad():
-            for w, m in zip(work.parameters(), master.parameters()):
-                w.copy_(m)
-        accumulated = [0.0 for _ in master.parameters()]
-        if step > 0:
-            work(*_batch(step, rank, 1)).backward()
-            accumulated = [w.grad.float() for w in work.parameters()]
-            work.zero_grad()
-        loss = work(*_batch(step, rank))
-        loss.backward()
-        for w, m, earlier in zip(work.parameters(), master.parameters(), accumulated):
-            grad = w.grad.float() + earlier
-            dist.all_reduce(grad)
-            m.grad, w.grad = grad / world, None
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.detach())
-    return torch.stack(losses), {n: p.detach().clone() for n, p in master.named_parameters()}
-
-
 def mixed_precision(rank, world):
-    out = {"reference": manual_mixed_precision(rank, world)}
+    # no_sync micro-batches from step 1 on, as _train; they accumulate in the reduce dtype (fp32)
+    out = {"reference": manual_mixed_precision(
+        _seeded(torch.float32), param_groups,
+        lambda step: [_batch(step, rank, 1), _batch(step, rank)] if step else [_batch(step, rank)], STEPS,
+    )}
     for mode in MODES:
         model = _hybrid("HYBRID_SHARD", BF16, torch.float32)
         out[mode] = (_train(_compile(model, mode), model, rank)[0], _full(model))
@@ -188,10 +155,10 @@ def out_of_step(rank):
 def world4_cases(rank, world, tmp):
     torch.set_num_threads(1)
     return {
-        "parity": _guard(lambda: parity(rank)),
-        "mixed_precision": _guard(lambda: mixed_precision(rank, world)),
-        "checkpoint": _guard(lambda: save_checkpoint(rank, f"{tmp}/ckpt")),
-        "out_of_step": _guard(lambda: out_of_step(rank)),
+        "parity": run_case(lambda: parity(rank)),
+        "mixed_precision": run_case(lambda: mixed_precision(rank, world)),
+        "checkpoint": run_case(lambda: save_checkpoint(rank, f"{tmp}/ckpt")),
+        "out_of_step": run_case(lambda: out_of_step(rank)),
     }
 
 
@@ -217,7 +184,7 @@ def load_checkpoint(rank, world, path, mesh_shape):
         out["full"] = (fsdp_compile.full_state_dict(fresh), fsdp_compile.full_optim_state_dict(fresh, fresh_opt))
         return out
 
-    return _guard(run)
+    return run_case(run)
 
 
 @pytest.fixture(scope="module")
@@ -225,11 +192,6 @@ def world4(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hsdp")
     return tmp, run_ranks(world4_cases, 4, str(tmp), timeout=900)
 
-
-def _ok(result):
-    if isinstance(result, str):
-        pytest.fail(result)
-    return result
 
 
 def _assert_params(got, want, what):
@@ -240,7 +202,7 @@ def _assert_params(got, want, what):
 
 def test_both_hybrid_strategies_train_like_ddp_over_the_whole_world_eager_and_compiled(world4):
     for rank, result in enumerate(world4[1]):
-        out = _ok(result["parity"])
+        out = case_result(result["parity"])
         ddp_losses, ddp_params = out["ddp"]
         for strategy in HYBRID:
             for mode in MODES:
@@ -250,7 +212,7 @@ def test_both_hybrid_strategies_train_like_ddp_over_the_whole_world_eager_and_co
                 assert_close(got["losses"], ddp_losses, msg=lambda m: f"{what} losses: {m}")
                 _assert_params(got["params"], ddp_params, what)
     # Four different data streams: every rank's losses differ.
-    assert len({tuple(_ok(r["parity"])["ddp"][0].tolist()) for r in world4[1]}) == 4
+    assert len({tuple(case_result(r["parity"])["ddp"][0].tolist()) for r in world4[1]}) == 4
 
 
 def _kinds(schedule):
@@ -260,11 +222,12 @@ def _kinds(schedule):
 def test_compiled_graphs_gather_on_the_shard_group_and_reduce_on_both(world4):
     """Per unit (3: the root and two blocks): forward 1 all-gather on the shard group; backward
     1 reduce-scatter on the shard group, then 1 all-reduce of the reduced shard (a shard_size-th
-    of its input) on the replicate group, plus the regather for HYBRID_SHARD. A no_sync graph's
-    backward communicates on neither group."""
+    of its input) on the replicate group, plus the regather of each block for HYBRID_SHARD (the
+    root stays gathered from forward to backward, as FSDP2's). A no_sync graph's backward
+    communicates on neither group."""
     ag, rs, ar = "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce"
     for rank, result in enumerate(world4[1]):
-        out = _ok(result["parity"])
+        out = case_result(result["parity"])
         for strategy in HYBRID:
             got = out[(strategy, "aot_eager")]
             graphs = dict(zip(map(tuple, got["modes"]), got["schedules"]))
@@ -278,7 +241,8 @@ def test_compiled_graphs_gather_on_the_shard_group_and_reduce_on_both(world4):
             regathers = [c for c in backward if c.kind == ag]
             assert all(c.group == "shard" for c in regathers)
             if strategy == "HYBRID_SHARD":
-                assert len(regathers) >= 2, (rank, strategy, _kinds(backward))  # both blocks
+                # both blocks; the root stays gathered from forward (keep_root_gathered)
+                assert len(regathers) == 2, (rank, strategy, _kinds(backward))
             else:
                 assert regathers == [], (rank, strategy)
             no_sync = graphs[(1, 1, 1)]
@@ -289,7 +253,7 @@ def test_compiled_graphs_gather_on_the_shard_group_and_reduce_on_both(world4):
 
 
 def test_explain_names_the_group_of_each_collective(world4):
-    text = _ok(world4[1][0]["parity"])[("HYBRID_SHARD", "aot_eager")]["explain"]
+    text = case_result(world4[1][0]["parity"])[("HYBRID_SHARD", "aot_eager")]["explain"]
     assert "HYBRID_SHARD, world 2 x 2 replicas" in text
     assert "shard group: global ranks [0, 1]" in text
     assert "replicate group: global ranks [0, 2]" in text
@@ -298,7 +262,7 @@ def test_explain_names_the_group_of_each_collective(world4):
 
 def test_mixed_precision_hybrid_matches_a_hand_written_bf16_reference(world4):
     for rank, result in enumerate(world4[1]):
-        out = _ok(result["mixed_precision"])
+        out = case_result(result["mixed_precision"])
         ref_losses, ref_params = out["reference"]
         for mode in MODES:
             losses, params = out[mode]
@@ -310,7 +274,7 @@ def test_mixed_precision_hybrid_matches_a_hand_written_bf16_reference(world4):
 
 def test_ranks_out_of_step_raise_on_every_rank_of_both_groups(world4):
     for rank, result in enumerate(world4[1]):
-        out = _ok(result["out_of_step"])
+        out = case_result(result["out_of_step"])
         assert "ranks are out of step" in out["no_sync"], (rank, out["no_sync"])
         assert "rank 3" in out["no_sync"] or rank == 3, (rank, out["no_sync"])
         assert "issues collectives" in out["frozen"], (rank, out["frozen"])
@@ -318,7 +282,7 @@ def test_ranks_out_of_step_raise_on_every_rank_of_both_groups(world4):
 
 
 def test_state_dicts_hold_dtensors_on_the_2d_mesh(world4):
-    placements = _ok(world4[1][0]["checkpoint"])["placements"]
+    placements = case_result(world4[1][0]["checkpoint"])["placements"]
     assert placements["blocks.0.fc1.weight"] == "(Replicate(), Shard(dim=0))"
     assert placements["tok_emb.weight"] == "(Replicate(), Shard(dim=0))"
 
@@ -326,10 +290,10 @@ def test_state_dicts_hold_dtensors_on_the_2d_mesh(world4):
 @pytest.mark.parametrize("world, mesh_shape", [(3, (1, 3)), (2, None)], ids=["mesh_1x3", "world2_1d"])
 def test_a_2x2_checkpoint_loads_on_a_1x3_mesh_and_a_1d_world_of_2(world4, world, mesh_shape):
     tmp, results = world4
-    saved = _ok(results[0]["checkpoint"])
+    saved = case_result(results[0]["checkpoint"])
     want = "HYBRID_SHARD" if mesh_shape else "FULL_SHARD"
     for rank, got in enumerate(run_ranks(load_checkpoint, world, f"{tmp}/ckpt", mesh_shape, timeout=300)):
-        got = _ok(got)
+        got = case_result(got)
         assert got["strategies"] == {want}
         for how in ("dcp", "full"):
             model, optim = got[how]

@@ -29,7 +29,9 @@ def long_run(rank: int, world: int) -> dict:
     out = {}
     for name in ("eager", "compiled"):
         torch.manual_seed(0)
-        model = fsdp_compile.fully_shard(GPT(), policy={Block})
+        # check_ranks=False: 2,000 steps of one process pair in lockstep by construction; the
+        # per-unit exchange would add a fifth to the eager steps and nothing to what is tested
+        model = fsdp_compile.fully_shard(GPT(), policy={Block}, check_ranks=False)
         forward = model
         if name == "compiled":
             forward = torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager"), fullgraph=True)

@@ -187,6 +187,50 @@ def test_prefetch_issues_next_all_gather_before_previous_compute():
     ]
 
 
+def _two_reductions_graph(hybrid: bool = False):
+    """The backward of two units: unit 2's gradients are reduced (reduce-scatter -> wait ->
+    divide; with ``hybrid`` then an all-reduce on the replicate group -> wait), then unit 1's
+    backward compute runs and unit 1's gradients are reduced the same way."""
+    graph = torch.fx.Graph()
+    grads = graph.placeholder("grad_2")
+    names = {}
+    for tag, unit in (("2", 2), ("1", 1)):
+        copy_in = graph.call_function(torch.ops.aten.mul.Tensor, (grads, 1.0))
+        rs = graph.call_function(c10d.reduce_scatter_tensor.default, (copy_in, "sum", 2, "shard"))
+        wait = graph.call_function(c10d.wait_tensor.default, (rs,))
+        nodes = {"copy_in": copy_in, "rs": rs, "wait": wait}
+        if hybrid:
+            ar = graph.call_function(c10d.all_reduce.default, (wait, "sum", "replicate"))
+            nodes.update(ar=ar, ar_wait=graph.call_function(c10d.wait_tensor.default, (ar,)))
+        nodes["div"] = graph.call_function(torch.ops.aten.div.Tensor, (list(nodes.values())[-1], 2))
+        for node in nodes.values():  # as traced inside gather_unit's backward (its annotation)
+            node.meta["custom"] = {"fsdp_unit": unit}
+        names.update({f"{k}_{tag}": v for k, v in nodes.items()})
+        if tag == "2":
+            grads = names["compute_1"] = graph.call_function(torch.ops.aten.relu.default, (grads,))
+    graph.output((names["div_2"], names["div_1"]))
+    return torch.fx.GraphModule(nn.Module(), graph), names
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["1d", "hybrid"])
+def test_defer_reduce_waits_overlaps_each_reduction_with_the_next_units_backward(hybrid):
+    from fsdp_compile.passes.defer_reduce_waits import defer_reduce_waits
+
+    gm, n = _two_reductions_graph(hybrid)
+    collectives_before = [node.name for node in gm.graph.nodes if "c10d" in str(node.target) and "wait" not in str(node.target)]
+    assert defer_reduce_waits(gm) == 1
+    names = {v.name: k for k, v in n.items()}
+    unit2_chain = ["wait_2", "ar_2", "ar_wait_2", "div_2"] if hybrid else ["wait_2", "div_2"]
+    unit1_chain = ["rs_1", "wait_1", "ar_1", "ar_wait_1", "div_1"] if hybrid else ["rs_1", "wait_1", "div_1"]
+    assert [names.get(node.name, node.op) for node in gm.graph.nodes] == [
+        "placeholder", "copy_in_2", "rs_2",
+        "compute_1", "copy_in_1",  # unit 2's reduction is in flight during unit 1's backward
+        *unit2_chain, *unit1_chain, "output",
+    ]
+    collectives_after = [node.name for node in gm.graph.nodes if "c10d" in str(node.target) and "wait" not in str(node.target)]
+    assert collectives_after == collectives_before  # the collectives keep their order
+
+
 def _two_units():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))

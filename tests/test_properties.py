@@ -151,7 +151,7 @@ WORLD_FOUR = {
 }
 
 
-@settings(max_examples=9, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(model_specs())
 @example(WORLD_FOUR)
 @example({**WORLD_FOUR, "strategy": "SHARD_GRAD_OP", "embedding": None, "world": 3})

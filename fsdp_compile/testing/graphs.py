@@ -9,8 +9,9 @@ import torch.fx
 
 
 def graph_structure(record) -> dict:
-    """``record``: a ``CompiledGraphs`` (``explain``'s source) -> collective counts per graph and
-    ``saved_gathered``, the forward's outputs (saved for backward) that are gathered parameters."""
+    """``record``: a ``CompiledGraphs`` (``explain``'s source) -> collective counts per graph,
+    ``saved_gathered``, the forward's outputs (saved for backward) that are gathered parameters,
+    and ``saved_units``, the names of the units they belong to ("" for the root)."""
 
     def count(name):
         return dict(collections.Counter(c.kind for c in record.schedules.get(name, [])))
@@ -21,7 +22,25 @@ def graph_structure(record) -> dict:
         "forward": count("forward"),
         "backward": count("backward"),
         "saved_gathered": sum(comes_from_gather(o) for o in saved),
+        "saved_units": sorted({_unit_name(o) for o in saved if comes_from_gather(o)}),
     }
+
+
+def _unit_name(node: torch.fx.Node) -> str:
+    """The name of the unit a gathered node was traced in (its annotation, or its inputs')."""
+    from fsdp_compile.passes.reshard import unit_of
+    from fsdp_compile.registry import get_unit
+
+    frontier, seen = [node], set()
+    while frontier:
+        current = frontier.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if unit_of(current) is not None:
+            return get_unit(unit_of(current)).name
+        frontier.extend(current.all_input_nodes)
+    return "?"
 
 
 def comes_from_gather(node: torch.fx.Node) -> bool:

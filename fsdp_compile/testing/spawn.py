@@ -112,3 +112,27 @@ def error_text(fn: Callable[[], Any], kinds: tuple[type[BaseException], ...] = (
     except kinds as e:
         return str(e)
     return "no error"
+
+
+@dataclass(frozen=True)
+class CaseFailed:
+    """What ``run_case`` returns for a case that raised: its traceback, for the parent to show."""
+
+    traceback: str
+
+
+def run_case(fn: Callable[[], Any]) -> Any:
+    """``fn()``, or ``CaseFailed`` with its traceback: one rank runs many cases in one spawn, and a
+    failing case must not hide the others (the parent asserts on each with ``case_result``)."""
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001 -- reported to the parent
+        return CaseFailed(traceback.format_exc())
+
+
+def case_result(value: Any) -> Any:
+    """A case's result in the parent; a ``CaseFailed`` fails the test with the rank's traceback."""
+    if isinstance(value, CaseFailed):
+        raise AssertionError(f"the case failed on its rank:\n{value.traceback}")
+    return value
+
