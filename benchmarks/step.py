@@ -35,8 +35,8 @@ Configurations (``--only`` takes these names), each trained from the same seed o
                       ``--baseline`` prepares both.
   fsdp_compile_aten   fsdp_compile with fsdp_compile.backend(copies="aten"): Inductor generates the
                       copy-in/copy-out code itself instead of calling one opaque op per copy
-  fsdp_compile_no_overlap     backend(overlap_reductions=False): each reduction waits right
-                      after it is issued (passes/defer_reduce_waits.py off)
+  fsdp_compile_overlap        backend(overlap_reductions=True): each reduction waits only when
+                      the next unit's is issued (passes/defer_reduce_waits.py, opt-in)
   fsdp_compile_regather_root  backend(keep_root_gathered=False): the root unit is freed after
                       forward and gathered again in backward like the others
 
@@ -136,21 +136,21 @@ CONFIGS = [
     "fsdp_compile_prefetch0",
     "fsdp_compile_bucket1mb",
     "fsdp_compile_aten",
-    "fsdp_compile_no_overlap",
+    "fsdp_compile_overlap",
     "fsdp_compile_regather_root",
     "fsdp_compile_baseline",
 ]
 COMPILED = {
     "ddp_compile", "fsdp2_compile", "simplefsdp_compile", "fsdp_compile",
     "fsdp_compile_prefetch0", "fsdp_compile_bucket1mb", "fsdp_compile_aten", "fsdp_compile_baseline",
-    "fsdp_compile_no_overlap", "fsdp_compile_regather_root",
+    "fsdp_compile_overlap", "fsdp_compile_regather_root",
 }
 FSDP_COMPILE_BACKENDS = {  # name -> fsdp_compile.backend(...) options
     "fsdp_compile": {},
     "fsdp_compile_prefetch0": {"prefetch": 0},
     "fsdp_compile_bucket1mb": {"bucket_bytes": 1 << 20},
     "fsdp_compile_aten": {"copies": "aten"},
-    "fsdp_compile_no_overlap": {"overlap_reductions": False},
+    "fsdp_compile_overlap": {"overlap_reductions": True},
     "fsdp_compile_regather_root": {"keep_root_gathered": False},
     "fsdp_compile_baseline": {},
 }

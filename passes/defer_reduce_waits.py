@@ -24,6 +24,9 @@ moving them later is always valid. At most one reduction per unit is in flight b
 being issued, so the extra memory is one packed gradient buffer. The order of the collectives
 is unchanged and the move is a pure function of the graph: every rank issues the same schedule.
 Entry point ``defer_reduce_waits``.
+
+Opt-in (``fsdp_compile.backend(overlap_reductions=True)``): one of several 1,000-step runs with
+it on died of a heap corruption on gloo; the cause is not established (benchmarks/README.md).
 """
 from __future__ import annotations
 
