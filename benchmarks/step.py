@@ -39,6 +39,9 @@ Configurations (``--only`` takes these names), each trained from the same seed o
                       the next unit's is issued (passes/defer_reduce_waits.py, opt-in)
   fsdp_compile_regather_root  backend(keep_root_gathered=False): the root unit is freed after
                       forward and gathered again in backward like the others
+  fsdp_compile_native_rs  gradients reduce-scattered by gloo's reduce_scatter_tensor (an
+                      all-reduce of the whole input) instead of the default all_to_all_single +
+                      local sum (fsdp_compile/collectives.py)
 
 Every configuration runs in its own freshly spawned pair of processes with a new gloo process
 group (``fsdp_compile.testing.spawn.run_ranks``), each rank with one intra-op thread, inductor
@@ -138,12 +141,13 @@ CONFIGS = [
     "fsdp_compile_aten",
     "fsdp_compile_overlap",
     "fsdp_compile_regather_root",
+    "fsdp_compile_native_rs",
     "fsdp_compile_baseline",
 ]
 COMPILED = {
     "ddp_compile", "fsdp2_compile", "simplefsdp_compile", "fsdp_compile",
     "fsdp_compile_prefetch0", "fsdp_compile_bucket1mb", "fsdp_compile_aten", "fsdp_compile_baseline",
-    "fsdp_compile_overlap", "fsdp_compile_regather_root",
+    "fsdp_compile_overlap", "fsdp_compile_regather_root", "fsdp_compile_native_rs",
 }
 FSDP_COMPILE_BACKENDS = {  # name -> fsdp_compile.backend(...) options
     "fsdp_compile": {},
@@ -152,6 +156,7 @@ FSDP_COMPILE_BACKENDS = {  # name -> fsdp_compile.backend(...) options
     "fsdp_compile_aten": {"copies": "aten"},
     "fsdp_compile_overlap": {"overlap_reductions": True},
     "fsdp_compile_regather_root": {"keep_root_gathered": False},
+    "fsdp_compile_native_rs": {},
     "fsdp_compile_baseline": {},
 }
 OPTIONAL = {"simplefsdp_compile"}
@@ -233,6 +238,11 @@ def _build(name: str, rank: int, world: int, cfg):
         import fsdp_compile
 
         fsdp_compile.fully_shard(model, policy={Block})
+        if name == "fsdp_compile_native_rs":
+            from dataclasses import replace
+
+            for unit in fsdp_compile.sharding_info(model).units:
+                unit.spec = replace(unit.spec, reduce_scatter="native")
         if name in FSDP_COMPILE_BACKENDS:
             model = torch.compile(model, backend=fsdp_compile.backend(**FSDP_COMPILE_BACKENDS[name]))
     else:

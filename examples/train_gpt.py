@@ -20,6 +20,10 @@ from fsdp_compile.testing.gpt import GPT, Block, GPTConfig
 from fsdp_compile.testing.spawn import run_ranks
 
 
+# what a collective stands for, where its name does not say it
+_ROLE = {"all_to_all_single": " (the reduce-scatter on gloo)"}
+
+
 def _storage_bytes(tensors) -> int:
     seen = {}
     for t in tensors:
@@ -102,7 +106,7 @@ def main() -> None:
         kinds = {}
         for item in items:
             kinds[item.split("(")[0]] = kinds.get(item.split("(")[0], 0) + 1
-        print(f"  {graph}: " + ", ".join(f"{n} x {k}" for k, n in kinds.items()))
+        print(f"  {graph}: " + ", ".join(f"{n} x {k}{_ROLE.get(k, '')}" for k, n in kinds.items()))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import params as _params
-from .collectives import CommSpec
+from .collectives import CommSpec, reduce_scatter_kind
 from .consistency import first_mismatch_across_ranks
 from .deferred_init import materialize_and_shard
 from .state_dict import install_optimizer_hooks
@@ -277,6 +277,7 @@ def _build_unit(path, module, members, strategy, mp, groups, compute_device, sta
     spec = CommSpec(
         groups.shard_name, groups.shard_size, groups.shard_rank, replicated, mp.param_dtype, mp.reduce_dtype,
         groups.replicate_name, groups.replicate_size,
+        reduce_scatter_kind(groups.shard, torch.device(compute_device)),
     )
     holders = [[(m, attr) for _, m, _, attr in entries] for entries in members]
     unit = Unit(path, module, holders, layout, [p.shape for p in params], strategy, spec, compute_device, state)

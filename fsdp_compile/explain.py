@@ -102,5 +102,8 @@ def explain(model: nn.Module) -> str:
                 if backend == "gloo" and c.kind == "reduce_scatter_tensor":
                     # gloo has no native reduce-scatter: it all-reduces the whole input.
                     note = f"  (gloo: emulated by an all-reduce of all {_fmt_bytes(c.input_bytes)})"
+                elif c.kind == "all_to_all_single":
+                    note = ("  (the reduce-scatter: gloo has none, its reduce_scatter_tensor is an all-reduce"
+                            " of the whole input; each slot goes to its rank and is summed there)")
                 lines.append(f"    {c.kind:<24} {_fmt_bytes(c.input_bytes):>10} {c.dtype} on {c.group} group{note}")
     return "\n".join(lines)

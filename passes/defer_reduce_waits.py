@@ -23,7 +23,8 @@ its wait), in their order. They depend only on the wait and on nodes already com
 moving them later is always valid. At most one reduction per unit is in flight besides the one
 being issued, so the extra memory is one packed gradient buffer. The order of the collectives
 is unchanged and the move is a pure function of the graph: every rank issues the same schedule.
-Entry point ``defer_reduce_waits``.
+A reduction is a ``reduce_scatter_tensor``, the ``all_to_all_single`` that stands for it on gloo
+groups (``collectives.py``), or an ``all_reduce``. Entry point ``defer_reduce_waits``.
 
 Opt-in (``fsdp_compile.backend(overlap_reductions=True)``): one of several 1,000-step runs with
 it on died of a heap corruption on gloo; the cause is not established (benchmarks/README.md).
@@ -36,7 +37,7 @@ import torch.fx
 from fsdp_compile.passes.reshard import is_wait_tensor, unit_of
 
 _c10d = torch.ops._c10d_functional
-_REDUCTIONS = (_c10d.reduce_scatter_tensor.default, _c10d.all_reduce.default)
+_REDUCTIONS = (_c10d.reduce_scatter_tensor.default, _c10d.all_to_all_single.default, _c10d.all_reduce.default)
 
 
 def _is_reduction(node: torch.fx.Node) -> bool:

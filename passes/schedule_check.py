@@ -29,6 +29,7 @@ from fsdp_compile.consistency import first_mismatch_across_ranks
 _COLLECTIVES = {
     "all_gather_into_tensor": 0,
     "reduce_scatter_tensor": 0,
+    "all_to_all_single": 0,  # the reduce-scatter on gloo groups (collectives.py)
     "all_reduce": 0,
     "all_gather_into_tensor_coalesced": 0,
     "reduce_scatter_tensor_coalesced": 0,

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 
 import fsdp_compile
 from fsdp_compile import collectives, fully_shard
-from fsdp_compile.testing.graphs import graph_structure
+from fsdp_compile.testing.graphs import REDUCE_SCATTER, graph_structure
 from fsdp_compile.testing.loop import train_steps
 from fsdp_compile.testing.memory import profile_step
 from fsdp_compile.testing.spawn import run_ranks
@@ -194,7 +194,7 @@ def test_compiled_checkpointing_keeps_one_gather_and_one_reduce_per_unit(results
             assert s["forward"] == {} and s["backward"] == {"all_reduce": n}
             continue
         assert s["forward"] == {"all_gather_into_tensor": n}
-        expected_backward = {"reduce_scatter_tensor": n}
+        expected_backward = {REDUCE_SCATTER: n}
         if strategy == "FULL_SHARD":
             # every unit but the root, which stays gathered from forward to backward (FSDP2's
             # root; backend(keep_root_gathered=True)): the only gathered parameters saved

@@ -14,7 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fsdp_compile
-from fsdp_compile.testing.graphs import graph_structure
+from fsdp_compile.testing.graphs import REDUCE_SCATTER, graph_structure
 from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch, param_groups
 from fsdp_compile.testing.spawn import error_text, run_ranks
 
@@ -91,8 +91,8 @@ EXPECTED = {
     # forward collectives, backward collectives (per unit), whose gathered params are saved for
     # backward. FULL_SHARD keeps the root unit gathered from forward to backward (as FSDP2 does;
     # backend(keep_root_gathered=True)): the blocks are gathered again, the root is not.
-    "FULL_SHARD": ({"all_gather_into_tensor": 1}, {"all_gather_into_tensor": 1, "reduce_scatter_tensor": 1}, "root"),
-    "SHARD_GRAD_OP": ({"all_gather_into_tensor": 1}, {"reduce_scatter_tensor": 1}, "all"),
+    "FULL_SHARD": ({"all_gather_into_tensor": 1}, {"all_gather_into_tensor": 1, REDUCE_SCATTER: 1}, "root"),
+    "SHARD_GRAD_OP": ({"all_gather_into_tensor": 1}, {REDUCE_SCATTER: 1}, "all"),
     "NO_SHARD": ({}, {"all_reduce": 1}, "none"),
 }
 
@@ -206,7 +206,8 @@ def test_decorated_class_compiles_and_trains_like_ddp_and_explain_lists_collecti
         # backward: the two blocks gathered again, the root kept gathered since forward
         assert "forward: 3 collectives" in text and "backward: 5 collectives" in text
         assert "kept gathered from forward to backward (not gathered again): '<root>'" in text
-        assert text.count("all_gather_into_tensor") == 5 and text.count("reduce_scatter_tensor") == 3
+        assert text.count("all_gather_into_tensor") == 5 and text.count(REDUCE_SCATTER) == 3
+        assert text.count("(the reduce-scatter: gloo has none") == 3  # says what the all-to-all is
         assert "on shard group" in text and "replicate" not in text
         assert "rank 1's issues" in res["mismatch"] or "rank 0's issues" in res["mismatch"]
 
@@ -232,7 +233,7 @@ def test_bucketing_merges_all_units_into_one_collective_and_keeps_parity():
         assert res["buckets"] == [3]  # the root and both blocks: adjacent, same strategy
         assert res["schedules"] == {
             "forward": ["all_gather_into_tensor"],
-            "backward": ["all_gather_into_tensor", "reduce_scatter_tensor"],
+            "backward": ["all_gather_into_tensor", REDUCE_SCATTER],
         }
         torch.testing.assert_close(res["bucketed"], res["eager"], **TOL)
         for key, value in res["params"][0].items():
@@ -362,7 +363,7 @@ def frozen_on_one_rank(rank: int, world: int) -> str:
 
 def test_ranks_with_different_backward_graphs_fail_before_the_backward_runs():
     for message in run_ranks(frozen_on_one_rank, 2, timeout=180):
-        assert "compiled forward+backward (joint) graph" in message and "reduce_scatter_tensor" in message, message
+        assert "compiled forward+backward (joint) graph" in message and REDUCE_SCATTER in message, message
 
 
 class GathersActivations(torch.nn.Module):

@@ -22,6 +22,7 @@ from torch.testing import assert_close
 import fsdp_compile
 from fsdp_compile import MixedPrecision, ShardingStrategy, fully_shard
 from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch, param_groups
+from fsdp_compile.testing.graphs import REDUCE_SCATTER
 from fsdp_compile.testing.reference import manual_mixed_precision
 from fsdp_compile.testing.spawn import case_result, error_text, run_case, run_ranks
 
@@ -225,7 +226,7 @@ def test_compiled_graphs_gather_on_the_shard_group_and_reduce_on_both(world4):
     of its input) on the replicate group, plus the regather of each block for HYBRID_SHARD (the
     root stays gathered from forward to backward, as FSDP2's). A no_sync graph's backward
     communicates on neither group."""
-    ag, rs, ar = "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce"
+    ag, rs, ar = "all_gather_into_tensor", REDUCE_SCATTER, "all_reduce"
     for rank, result in enumerate(world4[1]):
         out = case_result(result["parity"])
         for strategy in HYBRID:

@@ -30,6 +30,7 @@ from torch.testing import assert_close
 
 import fsdp_compile
 from fsdp_compile import MixedPrecision, collectives, fully_shard, load_full_state_dict, no_sync, summon_full_params
+from fsdp_compile.testing.graphs import REDUCE_SCATTER
 from fsdp_compile.testing.spawn import run_ranks
 
 WORLD = 2
@@ -524,7 +525,7 @@ def summon(rank, strategy, mode):
 
 
 # ---- behaviour 9: no_sync ------------------------------------------------------------------------------
-REDUCTIONS = {"reduce_scatter_tensor", "all_reduce", "reduce_scatter_tensor_coalesced", "all_reduce_coalesced"}
+REDUCTIONS = {"reduce_scatter_tensor", REDUCE_SCATTER, "all_reduce", "reduce_scatter_tensor_coalesced", "all_reduce_coalesced"}
 
 
 def _grads(model) -> dict:

@@ -7,6 +7,10 @@ import collections
 import torch
 import torch.fx
 
+# The reduce-scatter's collective in graphs whose shard group is a gloo group (every test's):
+# an ``all_to_all_single`` followed by a local sum (see fsdp_compile/collectives.py).
+REDUCE_SCATTER = "all_to_all_single"
+
 
 def graph_structure(record) -> dict:
     """``record``: a ``CompiledGraphs`` (``explain``'s source) -> collective counts per graph,
