@@ -29,6 +29,7 @@ import fsdp_compile
 from fsdp_compile import collectives, fully_shard, sharding_info
 from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch
 from fsdp_compile.testing.gpt import param_groups as _param_groups
+from fsdp_compile.testing.loop import optimizer_step
 from fsdp_compile.testing.reference import manual_mixed_precision
 from fsdp_compile.testing.spawn import run_ranks
 
@@ -113,13 +114,7 @@ def _assert_same(got: dict, want: dict, what: str):
 def _train_adamw(model, forward, rank, steps, foreach=None):
     """``steps`` AdamW steps over the GPT's three parameter groups -> (losses, optimizer)."""
     opt = torch.optim.AdamW(_param_groups(model), foreach=foreach)
-    losses = []
-    for step in range(steps):
-        loss = forward(*gpt_batch(step, rank))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.detach())
+    losses = [optimizer_step(forward, opt, *gpt_batch(step, rank)) for step in range(steps)]
     return torch.stack(losses), opt
 
 

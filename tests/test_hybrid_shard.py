@@ -23,6 +23,7 @@ import fsdp_compile
 from fsdp_compile import MixedPrecision, ShardingStrategy, fully_shard
 from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch, param_groups
 from fsdp_compile.testing.graphs import REDUCE_SCATTER
+from fsdp_compile.testing.loop import optimizer_step
 from fsdp_compile.testing.reference import manual_mixed_precision
 from fsdp_compile.testing.spawn import case_result, error_text, run_case, run_ranks
 
@@ -57,11 +58,7 @@ def _train(forward, model, rank, sync_only_first=True):
         if step > 0 or not sync_only_first:
             with model.no_sync() if isinstance(model, DDP) else fsdp_compile.no_sync(model):
                 forward(*_batch(step, rank, 1)).backward()
-        loss = forward(*_batch(step, rank))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.detach())
+        losses.append(optimizer_step(forward, opt, *_batch(step, rank)))
     return torch.stack(losses), opt
 
 

@@ -41,3 +41,13 @@ def train_steps(
         if no_recompiles_after_first:
             torch._dynamo.config.error_on_recompile = False
     return losses
+
+
+def optimizer_step(forward: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer, *args) -> torch.Tensor:
+    """One step on one batch: ``forward(*args)`` is the loss; backward, step, zero the
+    gradients. Returns the loss, detached (its own dtype, for exact comparisons)."""
+    loss = forward(*args)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.detach()
