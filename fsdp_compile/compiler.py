@@ -107,17 +107,21 @@ class FSDPBackend:
         group = state.groups.everyone if state is not None and state.groups is not None else None
         roles = state.groups.roles if state is not None and state.groups is not None else {}
 
+        # FSDP2's root: its parameters are the first backward needs (the output head) and stay
+        # gathered through the forward anyway (the embedding is read first): saving them costs
+        # no peak memory and saves one all-gather. (A bucketed root is gathered by its bucket.)
+        bucketed = {i for bucket in record.buckets for i in bucket}
+        kept_root = next((
+            u for i, u in units.items()
+            if self.keep_root_gathered and u.name == "" and i not in bucketed and u.strategy.reshards_after_forward
+        ), None)
+        if kept_root is not None:
+            record.kept_gathered.append("")
+
         def strategy_of(unit_id: Optional[int]) -> ShardingStrategy:
             if unit_id in units:
                 unit = units[unit_id]
-                if self.keep_root_gathered and unit.name == "" and unit.strategy.reshards_after_forward:
-                    if "" not in record.kept_gathered:
-                        record.kept_gathered.append("")
-                    # FSDP2's root: its parameters are the first backward needs (the output
-                    # head) and stay gathered through the forward anyway (the embedding is read
-                    # first): saving them costs no peak memory and saves one all-gather.
-                    return unit.strategy.kept_after_forward()
-                return unit.strategy
+                return unit.strategy.kept_after_forward() if unit is kept_root else unit.strategy
             strategies = {u.strategy for u in units.values()}
             if len(strategies) != 1:
                 raise RuntimeError(f"fsdp_compile: cannot tell which unit an all-gather belongs to ({strategies})")

@@ -187,16 +187,20 @@ def test_prefetch_issues_next_all_gather_before_previous_compute():
     ]
 
 
-def _two_reductions_graph(hybrid: bool = False):
+def _two_reductions_graph(hybrid: bool = False, gloo: bool = False):
     """The backward of two units: unit 2's gradients are reduced (reduce-scatter -> wait ->
     divide; with ``hybrid`` then an all-reduce on the replicate group -> wait), then unit 1's
-    backward compute runs and unit 1's gradients are reduced the same way."""
+    backward compute runs and unit 1's gradients are reduced the same way. ``gloo``: the
+    reduce-scatter is the ``all_to_all_single`` collectives.py issues on gloo groups."""
     graph = torch.fx.Graph()
     grads = graph.placeholder("grad_2")
     names = {}
     for tag, unit in (("2", 2), ("1", 1)):
         copy_in = graph.call_function(torch.ops.aten.mul.Tensor, (grads, 1.0))
-        rs = graph.call_function(c10d.reduce_scatter_tensor.default, (copy_in, "sum", 2, "shard"))
+        if gloo:
+            rs = graph.call_function(c10d.all_to_all_single.default, (copy_in, [4, 4], [4, 4], "shard"))
+        else:
+            rs = graph.call_function(c10d.reduce_scatter_tensor.default, (copy_in, "sum", 2, "shard"))
         wait = graph.call_function(c10d.wait_tensor.default, (rs,))
         nodes = {"copy_in": copy_in, "rs": rs, "wait": wait}
         if hybrid:
@@ -212,11 +216,12 @@ def _two_reductions_graph(hybrid: bool = False):
     return torch.fx.GraphModule(nn.Module(), graph), names
 
 
+@pytest.mark.parametrize("gloo", [False, True], ids=["reduce_scatter", "all_to_all"])
 @pytest.mark.parametrize("hybrid", [False, True], ids=["1d", "hybrid"])
-def test_defer_reduce_waits_overlaps_each_reduction_with_the_next_units_backward(hybrid):
+def test_defer_reduce_waits_overlaps_each_reduction_with_the_next_units_backward(hybrid, gloo):
     from fsdp_compile.passes.defer_reduce_waits import defer_reduce_waits
 
-    gm, n = _two_reductions_graph(hybrid)
+    gm, n = _two_reductions_graph(hybrid, gloo)
     collectives_before = [node.name for node in gm.graph.nodes if "c10d" in str(node.target) and "wait" not in str(node.target)]
     assert defer_reduce_waits(gm) == 1
     names = {v.name: k for k, v in n.items()}
