@@ -42,6 +42,8 @@ Configurations (``--only`` takes these names), each trained from the same seed o
   fsdp_compile_native_rs  gradients reduce-scattered by gloo's reduce_scatter_tensor (an
                       all-reduce of the whole input) instead of the default all_to_all_single +
                       local sum (fsdp_compile/collectives.py)
+  fsdp_compile_inductor_reorder  backend(inductor_options={"reorder_for_peak_memory": True}):
+                      Inductor's peak-memory reordering on (off by default: it moves our waits)
 
 Every configuration runs in its own freshly spawned pair of processes with a new gloo process
 group (``fsdp_compile.testing.spawn.run_ranks``), each rank with one intra-op thread, inductor
@@ -142,12 +144,13 @@ CONFIGS = [
     "fsdp_compile_overlap",
     "fsdp_compile_regather_root",
     "fsdp_compile_native_rs",
+    "fsdp_compile_inductor_reorder",
     "fsdp_compile_baseline",
 ]
 COMPILED = {
     "ddp_compile", "fsdp2_compile", "simplefsdp_compile", "fsdp_compile",
     "fsdp_compile_prefetch0", "fsdp_compile_bucket1mb", "fsdp_compile_aten", "fsdp_compile_baseline",
-    "fsdp_compile_overlap", "fsdp_compile_regather_root", "fsdp_compile_native_rs",
+    "fsdp_compile_overlap", "fsdp_compile_regather_root", "fsdp_compile_native_rs", "fsdp_compile_inductor_reorder",
 }
 FSDP_COMPILE_BACKENDS = {  # name -> fsdp_compile.backend(...) options
     "fsdp_compile": {},
@@ -157,6 +160,7 @@ FSDP_COMPILE_BACKENDS = {  # name -> fsdp_compile.backend(...) options
     "fsdp_compile_overlap": {"overlap_reductions": True},
     "fsdp_compile_regather_root": {"keep_root_gathered": False},
     "fsdp_compile_native_rs": {},
+    "fsdp_compile_inductor_reorder": {"inductor_options": {"reorder_for_peak_memory": True}},
     "fsdp_compile_baseline": {},
 }
 OPTIONAL = {"simplefsdp_compile"}

@@ -15,7 +15,8 @@ Pipeline for one Dynamo graph:
 4. ``passes.schedule_check`` records the collective schedule of each graph; the first call of
    each compiled graph compares the forward's and the backward's fingerprints across ranks (a
    clear error instead of a hang).
-5. The inner compiler (Inductor, or ``aot_eager`` for debugging) compiles both graphs.
+5. The inner compiler (Inductor, or ``aot_eager`` for debugging) compiles both graphs; Inductor
+   with ``INDUCTOR_DEFAULTS`` (its peak-memory reordering off: it would move our waits).
 
 No pass reads or writes state per step: the only per-call work is clearing a unit's pending
 ``no_sync`` gradients once a graph has captured them.
@@ -63,12 +64,24 @@ class CompiledGraphs:
     kept_gathered: list[str] = field(default_factory=list)
 
 
+# Inductor options our graphs compile with (``backend(inductor_options=...)`` overrides them).
+# ``reorder_for_peak_memory`` off: our passes place each gather, wait and reduction on purpose
+# (passes/reorder.py, passes/defer_reduce_waits.py); Inductor's peak-memory reordering moved
+# them (it pulled the first backward gather's wait in front of the output head's backward, and
+# sank every deferred reduction's wait to the end of the backward). Off (with the backward's
+# first gather issued early), the 8x512 GPT's step was 0.87-1.05x of before over 7 interleaved
+# rounds, median 0.97x, at the same total memory; left on, the early gather cost +10%
+# (benchmarks/README.md).
+INDUCTOR_DEFAULTS = {"reorder_for_peak_memory": False}
+
+
 class FSDPBackend:
     """``torch.compile(model, backend=FSDPBackend(...))``; ``fsdp_compile.backend(...)`` builds one."""
 
     def __init__(
         self, prefetch: int = 1, bucket_bytes: Optional[int] = None, inner: str = "inductor", copies: str = "auto",
         overlap_reductions: bool = False, keep_root_gathered: bool = True,
+        inductor_options: Optional[dict] = None,
     ):
         if inner not in ("inductor", "aot_eager"):
             raise ValueError(f"fsdp_compile.backend: inner={inner!r}; use 'inductor' or 'aot_eager'")
@@ -78,6 +91,9 @@ class FSDPBackend:
             raise ValueError(f"fsdp_compile.backend: prefetch={prefetch} must be >= 0")
         if bucket_bytes is not None and bucket_bytes <= 0:
             raise ValueError(f"fsdp_compile.backend: bucket_bytes={bucket_bytes} must be positive or None")
+        if inductor_options is not None:
+            _check_inductor_options(inductor_options, inner)
+        self.inductor_options = {**INDUCTOR_DEFAULTS, **(inductor_options or {})}
         self.prefetch = prefetch
         self.overlap_reductions = bool(overlap_reductions)
         self.keep_root_gathered = bool(keep_root_gathered)
@@ -144,11 +160,23 @@ class FSDPBackend:
             record.schedules[name] = collective_schedule(graph, roles)
 
         with functorch_config.patch(joint_custom_pass=joint_pass), lowering_for_trace(self.copies):
-            compiled = _compile_inner(self.inner, gm, example_inputs, on_graph)
+            compiled = _compile_inner(self.inner, gm, example_inputs, on_graph, self.inductor_options)
         return _wrap_call(compiled, record, units, group)
 
 
-def _compile_inner(inner: str, gm, example_inputs, on_graph) -> Callable:
+def _check_inductor_options(options: dict, inner: str) -> None:
+    import torch._inductor.config as inductor_config
+
+    if inner != "inductor":
+        raise ValueError(f"fsdp_compile.backend: inductor_options apply to inner='inductor', not inner={inner!r}")
+    unknown = sorted(k for k in options if k not in inductor_config._config)
+    if unknown:
+        raise ValueError(
+            f"fsdp_compile.backend: inductor_options has unknown torch._inductor.config keys {unknown}"
+        )
+
+
+def _compile_inner(inner: str, gm, example_inputs, on_graph, inductor_options: Optional[dict] = None) -> Callable:
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     if inner == "aot_eager":
@@ -175,7 +203,8 @@ def _compile_inner(inner: str, gm, example_inputs, on_graph) -> Callable:
         on_graph(graph, bool(kwargs.get("is_backward", False)))
         return compile_fx_inner(graph, inputs, **kwargs)
 
-    return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+    # config_patches also reach the backward, which Inductor compiles lazily at its first call
+    return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=inductor_options or None)
 
 
 def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -> Callable:
@@ -218,7 +247,7 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
 
 def backend(
     prefetch: int = 1, bucket_bytes: Optional[int] = None, inner: str = "inductor", copies: str = "auto",
-    overlap_reductions: bool = False, keep_root_gathered: bool = True,
+    overlap_reductions: bool = False, keep_root_gathered: bool = True, inductor_options: Optional[dict] = None,
 ) -> FSDPBackend:
     """A configured backend: ``torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager"))``.
 
@@ -227,13 +256,17 @@ def backend(
     generates code for) or ``"fused"`` (one opaque op per copy).
 
     ``overlap_reductions`` (off by default, experimental): ``passes.defer_reduce_waits`` lets each
-    unit's gradient reduction overlap the next unit's backward. One of several 1,000-step runs
-    with it on crashed with a heap corruption on gloo ("malloc(): unaligned tcache chunk");
-    the cause is not established, so it stays opt-in. ``keep_root_gathered``: the root unit
-    stays gathered from forward to backward (FSDP2's root)."""
+    unit's gradient reduction overlap the next unit's backward. 1,000-step runs with it on
+    crash with a heap corruption on gloo ("malloc(): unaligned tcache chunk"): once of several
+    under ``aot_eager``, and in the second of two under Inductor (2026-12-01). The cause is not
+    established, so it stays opt-in. ``keep_root_gathered``: the root unit
+    stays gathered from forward to backward (FSDP2's root). ``inductor_options``: entries of
+    ``torch._inductor.config`` for our graphs' Inductor compile, over ``INDUCTOR_DEFAULTS``
+    (``{"reorder_for_peak_memory": False}``: Inductor would move the waits our passes place)."""
     return FSDPBackend(
         prefetch=prefetch, bucket_bytes=bucket_bytes, inner=inner, copies=copies,
         overlap_reductions=overlap_reductions, keep_root_gathered=keep_root_gathered,
+        inductor_options=inductor_options,
     )
 
 

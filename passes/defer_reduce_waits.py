@@ -26,8 +26,12 @@ is unchanged and the move is a pure function of the graph: every rank issues the
 A reduction is a ``reduce_scatter_tensor``, the ``all_to_all_single`` that stands for it on gloo
 groups (``collectives.py``), or an ``all_reduce``. Entry point ``defer_reduce_waits``.
 
-Opt-in (``fsdp_compile.backend(overlap_reductions=True)``): one of several 1,000-step runs with
-it on died of a heap corruption on gloo; the cause is not established (benchmarks/README.md).
+Opt-in (``fsdp_compile.backend(overlap_reductions=True)``): 1,000-step runs with it on die of
+a heap corruption on gloo ("malloc(): unaligned tcache chunk detected"), once under
+``aot_eager`` and, on 2026-12-01, in the second of two runs under Inductor. In that Inductor run
+the generated backward did not keep the order set here: Inductor's scheduler sank every
+reduction's wait to the end of the graph (seven reductions in flight, waited after all the
+gathers). The cause of the corruption is not established (benchmarks/README.md).
 """
 from __future__ import annotations
 

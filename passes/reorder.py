@@ -13,10 +13,19 @@ After (prefetch=1: unit 2's gather is in flight while unit 1 computes)::
     ...compute unit 1...
     w2 = wait(ag2); ...compute unit 2...
 
+The first ``prefetch`` gathers have no earlier gather to follow: they move as early as their
+inputs allow (after the graph's inputs and the gather before them). That matters in backward
+graphs whose first gather comes after compute, e.g. the last block's regather behind the output
+head's backward when the root stays gathered::
+
+    ...head backward...; slot8 = copy_in(p8); ag8 = all_gather(slot8); w8 = wait(ag8)
+    -> slot8 = copy_in(p8); ag8 = all_gather(slot8); ...head backward...; w8 = wait(ag8)
+
 Only the copy-in (one op, or its decomposition) and the all-gather move (to right after the
-wait of the gather ``prefetch`` places earlier), never a wait; the order of all-gathers among
-themselves is unchanged, and the move is a pure function of the graph, so every rank issues the
-same schedule. A node moves only if all its inputs are already computed at its new place
+wait of the gather ``prefetch`` places earlier, or as above), never a wait; the order of
+all-gathers among themselves is unchanged, and the move is a pure function of the graph, so
+every rank issues the same schedule. Inductor keeps this placement only with its peak-memory
+reordering off, which is the backend's default (``compiler.INDUCTOR_DEFAULTS``). A node moves only if all its inputs are already computed at its new place
 (shards are graph inputs).
 Entry point ``prefetch_all_gathers``.
 """
@@ -35,22 +44,35 @@ def prefetch_all_gathers(gm: torch.fx.GraphModule, prefetch: int) -> int:
     """Move all-gathers earlier in ``gm`` in place; returns how many moved."""
     if prefetch <= 0:
         return 0
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
     gathers = [n for n in gm.graph.nodes if is_all_gather(n) and unit_of(n) is not None]  # ours only
+    last_placeholder = next((n for n in reversed(gm.graph.nodes) if n.op == "placeholder"), None)
     moved = 0
-    for i in range(prefetch, len(gathers)):
-        anchor = _wait_of(gathers[i - prefetch])
-        ag = gathers[i]
+    for i, ag in enumerate(gathers):
+        order = {node: j for j, node in enumerate(gm.graph.nodes)}
+        chain = copy_in_nodes(ag) + [ag]
+        if i >= prefetch:
+            anchor = _wait_of(gathers[i - prefetch])
+        else:  # nothing of ours in flight yet: as early as the inputs allow, after the gather before it
+            inputs = [x for node in chain for x in node.all_input_nodes if x not in chain]
+            earliest = [n for n in (last_placeholder, gathers[i - 1] if i else None) if n is not None]
+            anchor = max(earliest + inputs, key=order.__getitem__, default=None)
         if anchor is None or order[ag] < order[anchor]:
             continue
-        to_move = [n for n in copy_in_nodes(ag) if order[n] > order[anchor]] + [ag]
-        inputs = {x for node in to_move for x in node.all_input_nodes if x not in to_move}
-        if any(order[x] > order[anchor] for x in inputs):
-            continue
-        for node in reversed(to_move):
-            anchor.append(node)
-        moved += 1
-        order = {node: j for j, node in enumerate(gm.graph.nodes)}
+        moved += _issue_after(anchor, chain, order)
     gm.graph.lint()
     gm.recompile()
     return moved
+
+
+def _issue_after(anchor: torch.fx.Node, chain: list[torch.fx.Node], order: dict) -> bool:
+    """Move ``chain`` (a gather's copy-in nodes and the all-gather, in graph order) to right
+    after ``anchor`` if every input is computed by then; False if it cannot move or is there."""
+    to_move = [n for n in chain if order[n] > order[anchor]]
+    inputs = {x for node in to_move for x in node.all_input_nodes if x not in to_move}
+    if any(order[x] > order[anchor] for x in inputs):
+        return False
+    if [order[n] for n in to_move] == list(range(order[anchor] + 1, order[anchor] + 1 + len(to_move))):
+        return False  # already right after the anchor
+    for node in reversed(to_move):
+        anchor.append(node)
+    return True

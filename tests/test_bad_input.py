@@ -120,6 +120,14 @@ def _bad_inner():
     fsdp_compile.backend(inner="eager")
 
 
+def _unknown_inductor_option():
+    fsdp_compile.backend(inductor_options={"reorder_for_peak_memroy": False})
+
+
+def _inductor_options_without_inductor():
+    fsdp_compile.backend(inner="aot_eager", inductor_options={"reorder_for_peak_memory": True})
+
+
 def _not_a_module():
     fully_shard(torch.ones(3))
 
@@ -147,6 +155,8 @@ TABLE = [
     (_bad_prefetch, ValueError, ["prefetch=-1", ">= 0"]),
     (_bad_bucket_bytes, ValueError, ["bucket_bytes=0", "positive"]),
     (_bad_inner, ValueError, ["inner='eager'", "'inductor' or 'aot_eager'"]),
+    (_unknown_inductor_option, ValueError, ["inductor_options", "'reorder_for_peak_memroy'", "torch._inductor.config"]),
+    (_inductor_options_without_inductor, ValueError, ["inductor_options", "inner='aot_eager'"]),
     (_not_a_module, TypeError, ["nn.Module", "Tensor"]),
     (_bad_copies, ValueError, ["copies='cuda'", "'auto'", "aten"]),
 ]

@@ -413,3 +413,45 @@ def test_passes_leave_a_users_collectives_alone_and_other_backends_warn_once():
         assert sorted(got["ours_tagged"]) == [False, True], got["ours_tagged"]
         torch.testing.assert_close(got["other_backend"][0], got["losses"][1], **TOL)
         assert len(got["warnings"]) == 1 and "backend='fsdp_compile'" in got["warnings"][0]
+
+
+def inductor_options_seen(rank: int, world: int) -> dict:
+    """Which ``reorder_for_peak_memory`` Inductor compiled each graph with, by backend options."""
+    import torch._inductor.compile_fx as compile_fx
+    import torch._inductor.config as inductor_config
+
+    inner = compile_fx.compile_fx_inner
+    seen = []
+
+    def spy(graph, inputs, **kwargs):
+        seen.append(("backward" if kwargs.get("is_backward") else "forward", inductor_config.reorder_for_peak_memory))
+        return inner(graph, inputs, **kwargs)
+
+    compile_fx.compile_fx_inner = spy  # what compiler._compile_inner calls
+    out, losses = {}, []
+    try:
+        for name, options in (("default", None), ("override", {"reorder_for_peak_memory": True})):
+            torch._dynamo.reset()
+            seen.clear()
+            torch.manual_seed(0)
+            model = fsdp_compile.fully_shard(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)))
+            compiled = torch.compile(model, backend=fsdp_compile.backend(inductor_options=options), fullgraph=True)
+            loss = compiled(torch.ones(2, 8)).sum()
+            loss.backward()
+            losses.append(loss.item())
+            out[name] = list(seen)
+    finally:
+        compile_fx.compile_fx_inner = inner
+    out["losses"] = losses
+    return out
+
+
+def test_inductor_compiles_both_graphs_with_our_defaults_unless_overridden():
+    """Inductor's peak-memory reordering is off in the forward and in the backward (compiled
+    lazily, outside the backend call): it would move the waits our passes place. A user's
+    ``inductor_options`` entry wins."""
+    assert fsdp_compile.backend().inductor_options == {"reorder_for_peak_memory": False}
+    for got in run_ranks(inductor_options_seen, 2, timeout=600):
+        assert got["default"] == [("forward", False), ("backward", False)], got
+        assert got["override"] == [("forward", True), ("backward", True)], got
+        assert got["losses"][0] == got["losses"][1]

@@ -187,6 +187,31 @@ def test_prefetch_issues_next_all_gather_before_previous_compute():
     ]
 
 
+def test_prefetch_issues_first_all_gather_before_the_compute_in_front_of_it():
+    """A backward graph whose first gather follows compute (the head's backward when the root
+    stays gathered): the gather is issued right after the graph's inputs, its wait stays."""
+    from fsdp_compile.passes.reorder import prefetch_all_gathers
+
+    gm, n = _two_gathers_graph()
+    graph = gm.graph
+    first_copy_in = n["copy_in_a"]
+    with graph.inserting_before(first_copy_in):
+        head = graph.call_function(torch.ops.aten.neg.default, (first_copy_in.args[0][0],))
+    n["compute_a"].args = (*n["compute_a"].args, head)
+    n["compute_a"].target = torch.ops.aten.add.Tensor
+    gm.recompile()
+    names = {v.name: k for k, v in n.items()}
+    names[head.name] = "head"
+    assert [names.get(node.name, node.op) for node in gm.graph.nodes][2:5] == ["head", "copy_in_a", "ag_a"]
+    assert prefetch_all_gathers(gm, 1) == 2  # A's gather moves ahead of the head, B's ahead of A's compute
+    assert [names.get(node.name, node.op) for node in gm.graph.nodes] == [
+        "placeholder", "placeholder",
+        "copy_in_a", "ag_a", "head", "wait_a", "copy_in_b", "ag_b",
+        "compute_a", "wait_b", "compute_b", "output",
+    ]
+    assert prefetch_all_gathers(gm, 1) == 0  # a second run finds everything in place
+
+
 def _two_reductions_graph(hybrid: bool = False, gloo: bool = False):
     """The backward of two units: unit 2's gradients are reduced (reduce-scatter -> wait ->
     divide; with ``hybrid`` then an all-reduce on the replicate group -> wait), then unit 1's
