@@ -128,14 +128,21 @@ def _reduce_scatter(packed: torch.Tensor, spec: CommSpec) -> torch.Tensor:
     return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(packed, "sum", spec.world_size, spec.group_name))
 
 
+def served_by_gloo(group, device: torch.device) -> bool:
+    """Whether gloo is the backend of ``group`` (a group or a group name) for ``device``."""
+    if group is None:
+        return False
+    if isinstance(group, str):
+        group = dist.distributed_c10d._resolve_process_group(group)
+    backend = str(dist.get_backend(group))
+    by_device = dict(part.split(":", 1) for part in backend.split(",") if ":" in part)
+    return by_device.get(device.type, backend) == "gloo"
+
+
 def reduce_scatter_kind(group, device: torch.device) -> str:
     """``CommSpec.reduce_scatter`` for ``group`` on ``device``: "all_to_all" where the backend
     serving ``device`` is gloo (no native reduce-scatter), else "native"."""
-    if group is None:
-        return "native"
-    backend = str(dist.get_backend(group))
-    by_device = dict(part.split(":", 1) for part in backend.split(",") if ":" in part)
-    return "all_to_all" if by_device.get(device.type, backend) == "gloo" else "native"
+    return "all_to_all" if served_by_gloo(group, device) else "native"
 
 
 def _split_shards(

@@ -31,7 +31,9 @@ a heap corruption on gloo ("malloc(): unaligned tcache chunk detected"), once un
 ``aot_eager`` and, on 2026-12-01, in the second of two runs under Inductor. In that Inductor run
 the generated backward did not keep the order set here: Inductor's scheduler sank every
 reduction's wait to the end of the graph (seven reductions in flight, waited after all the
-gathers). The cause of the corruption is not established (benchmarks/README.md).
+gathers). With that reordering off (the backend's default now) it still crashed in 3 of 8
+runs. The cause of the corruption is not established (benchmarks/README.md); the backend warns
+when the option meets a gloo group.
 """
 from __future__ import annotations
 
