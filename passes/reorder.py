@@ -47,8 +47,8 @@ def prefetch_all_gathers(gm: torch.fx.GraphModule, prefetch: int) -> int:
     gathers = [n for n in gm.graph.nodes if is_all_gather(n) and unit_of(n) is not None]  # ours only
     last_placeholder = next((n for n in reversed(gm.graph.nodes) if n.op == "placeholder"), None)
     moved = 0
+    order = {node: j for j, node in enumerate(gm.graph.nodes)}
     for i, ag in enumerate(gathers):
-        order = {node: j for j, node in enumerate(gm.graph.nodes)}
         chain = copy_in_nodes(ag) + [ag]
         if i >= prefetch:
             anchor = _wait_of(gathers[i - prefetch])
@@ -58,7 +58,9 @@ def prefetch_all_gathers(gm: torch.fx.GraphModule, prefetch: int) -> int:
             anchor = max(earliest + inputs, key=order.__getitem__, default=None)
         if anchor is None or order[ag] < order[anchor]:
             continue
-        moved += _issue_after(anchor, chain, order)
+        if _issue_after(anchor, chain, order):
+            moved += 1
+            order = {node: j for j, node in enumerate(gm.graph.nodes)}  # positions changed
     gm.graph.lint()
     gm.recompile()
     return moved
