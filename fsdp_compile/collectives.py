@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import kernels
+from .gloo_worker import served_by_gloo
 from .layout import UnitLayout
 
 _c10d = torch.ops._c10d_functional
@@ -126,17 +127,6 @@ def _reduce_scatter(packed: torch.Tensor, spec: CommSpec) -> torch.Tensor:
         received = _c10d.wait_tensor(_c10d.all_to_all_single(packed, sizes, sizes, spec.group_name))
         return received.view(spec.world_size, -1).sum(0)
     return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(packed, "sum", spec.world_size, spec.group_name))
-
-
-def served_by_gloo(group, device: torch.device) -> bool:
-    """Whether gloo is the backend of ``group`` (a group or a group name) for ``device``."""
-    if group is None:
-        return False
-    if isinstance(group, str):
-        group = dist.distributed_c10d._resolve_process_group(group)
-    backend = str(dist.get_backend(group))
-    by_device = dict(part.split(":", 1) for part in backend.split(",") if ":" in part)
-    return by_device.get(device.type, backend) == "gloo"
 
 
 def reduce_scatter_kind(group, device: torch.device) -> str:

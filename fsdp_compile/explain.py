@@ -84,7 +84,10 @@ def explain(model: nn.Module) -> str:
     for role in ("shard", "replicate"):
         ranks = groups.ranks(role) if groups is not None else []
         if ranks:
-            lines.append(f"{role} group: global ranks {ranks}")
+            name = groups.shard_name if role == "shard" else groups.replicate_name
+            user = groups.shard if role == "shard" else groups.replicate
+            twin = "" if name in (None, user.group_name) else " (our collectives: its one-worker gloo twin)"
+            lines.append(f"{role} group: global ranks {ranks}{twin}")
     for number, record in enumerate(state.compiled_graphs):
         lines.append(f"compiled graph {number} ({record.inner}): {len(record.gathers)} unit gathers")
         if record.kept_gathered:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ShardingStrategy
+from .gloo_worker import one_worker_group_name, served_by_gloo
 
 HSDP_DIM_NAMES = ("replicate", "shard")
 
@@ -30,7 +31,7 @@ HSDP_DIM_NAMES = ("replicate", "shard")
 @dataclass(frozen=True)
 class Groups:
     shard: Optional[dist.ProcessGroup]  # None: no process group (a single process)
-    shard_name: Optional[str]  # None when the shard group has one rank (no collective runs)
+    shard_name: Optional[str]  # our collectives' group (None: one rank, no collective runs)
     shard_size: int
     shard_rank: int
     replicate: Optional[dist.ProcessGroup]
@@ -45,10 +46,13 @@ class Groups:
         """Process group name -> its role, ``"shard"`` or ``"replicate"`` (names differ between
         ranks of different shard groups; roles are what ranks can compare)."""
         roles = {}
-        if self.shard is not None:
-            roles[self.shard.group_name] = "shard"
-        if self.replicate is not None:
-            roles[self.replicate.group_name] = "replicate"
+        for group, name, role in (
+            (self.shard, self.shard_name, "shard"), (self.replicate, self.replicate_name, "replicate")
+        ):
+            if group is not None:
+                roles[group.group_name] = role
+            if name is not None:  # our collectives' group: the user's, or its one-worker twin
+                roles[name] = role
         return roles
 
     def ranks(self, role: str) -> list[int]:
@@ -74,8 +78,20 @@ def resolve_groups(process_group, device_mesh, strategy: ShardingStrategy, devic
             )
         device_mesh = _mesh_per_node(strategy, device_type)
     if device_mesh is None:
-        return _one_group(process_group, strategy)
-    return _from_mesh(device_mesh, strategy)
+        groups = _one_group(process_group, strategy)
+    else:
+        groups = _from_mesh(device_mesh, strategy)
+    return _through_one_worker_gloo(groups, torch.device(device_type))
+
+
+def _through_one_worker_gloo(groups: Groups, device: torch.device) -> Groups:
+    """Our collectives on a gloo group run through its one-worker twin (``gloo_worker.py``:
+    gloo's two workers corrupt the heap when they finish collectives at the same time)."""
+    swap = {}
+    for field, group in (("shard_name", groups.shard), ("replicate_name", groups.replicate)):
+        if getattr(groups, field) is not None and served_by_gloo(group, device):
+            swap[field] = one_worker_group_name(group)
+    return dataclasses.replace(groups, **swap) if swap else groups
 
 
 def _one_group(group, strategy: ShardingStrategy) -> Groups:

@@ -26,14 +26,11 @@ is unchanged and the move is a pure function of the graph: every rank issues the
 A reduction is a ``reduce_scatter_tensor``, the ``all_to_all_single`` that stands for it on gloo
 groups (``collectives.py``), or an ``all_reduce``. Entry point ``defer_reduce_waits``.
 
-Opt-in (``fsdp_compile.backend(overlap_reductions=True)``): 1,000-step runs with it on die of
-a heap corruption on gloo ("malloc(): unaligned tcache chunk detected"), once under
-``aot_eager`` and, on 2026-12-01, in the second of two runs under Inductor. In that Inductor run
-the generated backward did not keep the order set here: Inductor's scheduler sank every
-reduction's wait to the end of the graph (seven reductions in flight, waited after all the
-gathers). With that reordering off (the backend's default now) it still crashed in 3 of 8
-runs. The cause of the corruption is not established (benchmarks/README.md); the backend warns
-when the option meets a gloo group.
+Opt-in (``fsdp_compile.backend(overlap_reductions=True)``): on the 8x512 GPT it is within this
+machine's noise (benchmarks/README.md). Its 1,000-step runs on gloo used to die of a heap
+corruption. That was gloo's two worker threads finishing collectives at the same time, which
+the overlap makes more frequent; our collectives now run on one-worker twins of gloo groups
+(``fsdp_compile/gloo_worker.py``).
 """
 from __future__ import annotations
 

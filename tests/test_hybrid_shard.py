@@ -21,6 +21,7 @@ from torch.testing import assert_close
 
 import fsdp_compile
 from fsdp_compile import MixedPrecision, ShardingStrategy, fully_shard
+from fsdp_compile.gloo_worker import worker_threads
 from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch, param_groups
 from fsdp_compile.testing.graphs import REDUCE_SCATTER
 from fsdp_compile.testing.loop import optimizer_step
@@ -93,6 +94,11 @@ def parity(rank):
                 "losses": losses,
                 "params": _full(model),
                 "strategies": {u.strategy.name for u in info.units},
+                # gloo_worker.py: both groups' collectives run one at a time, on one-worker twins
+                "worker_threads": {
+                    (worker_threads(u.spec.group_name), worker_threads(u.spec.replicate_group_name))
+                    for u in info.units
+                },
                 "schedules": [dict(r.schedules) for r in info.compiled_graphs],
                 "modes": [[g.mode for g in r.gathers] for r in info.compiled_graphs],
                 "explain": fsdp_compile.explain(run) if rank == 0 and mode != "eager" else "",
@@ -207,6 +213,7 @@ def test_both_hybrid_strategies_train_like_ddp_over_the_whole_world_eager_and_co
                 got = out[(strategy, mode)]
                 what = f"rank {rank} {strategy} {mode}"
                 assert got["strategies"] == {strategy}, what
+                assert got["worker_threads"] == {(1, 1)}, what
                 assert_close(got["losses"], ddp_losses, msg=lambda m: f"{what} losses: {m}")
                 _assert_params(got["params"], ddp_params, what)
     # Four different data streams: every rank's losses differ.

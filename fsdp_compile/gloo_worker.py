@@ -1,0 +1,119 @@
+"""A one-worker-thread twin of each gloo process group our collectives run on.
+
+Why: ``ProcessGroupGloo`` executes collectives on two worker threads (``2 x devices``; neither
+``init_process_group`` nor ``new_group`` lets a caller change it). In torch 2.13, when a worker
+finishes a collective it assigns ``pgStatus_->lastCompletedWorkName`` after releasing its queue
+lock (``ProcessGroupGloo::runLoop``). When both workers finish at once, the two ``std::string``
+move-assignments race. A name longer than libstdc++'s 15-character inline buffer
+(``"ALLGATHER_COALESCED"``, the op of every functional ``all_gather_into_tensor``) lives on the
+heap, so one thread frees the buffer the other is still copying into. AddressSanitizer reports it
+as a heap-use-after-free of a 20-byte string, freed by one ``runLoop`` thread and written by the
+other. Without it the process dies later with ``malloc(): unaligned tcache chunk detected``.
+FSDP has two collectives in flight whenever a prefetched all-gather runs beside a gradient
+reduction, so a long run on gloo hits the race sooner or later (benchmarks/README.md, "The gloo
+heap corruption").
+
+Invariant: every collective fsdp_compile issues on a gloo group goes through that group's twin,
+a ``ProcessGroupGloo`` over the same ranks, devices and timeout with exactly one worker thread.
+Its collectives run and finish one at a time, in issue order (the same order on every rank). They
+stay asynchronous to the main thread, which keeps computing while they run.
+
+The twin is registered under its own group name, so functional collectives
+(``torch.ops._c10d_functional``) resolve it by name, traced or eager. The user's group is
+untouched; our state dicts and rank checks still use it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import _register_process_group
+
+# id(user group) -> (user group, its twin). The strong reference keeps the id from being reused.
+_twins: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+# group name -> how many twins this process has made for a group of that name (re-initialized
+# worlds reuse names; each twin needs fresh rendezvous keys in the store)
+_made: dict[str, int] = {}
+
+SUFFIX = "/fsdp_compile_one_worker"
+
+
+def one_worker_group_name(group: dist.ProcessGroup) -> str:
+    """The name of ``group``'s one-worker twin, made on first use.
+
+    Collective over ``group``'s ranks the first time (the twin's sockets connect through the
+    default store), like ``new_group``; every rank of ``group`` must call it in the same order.
+    """
+    _drop_destroyed()
+    hit = _twins.get(id(group))
+    if hit is not None and hit[0] is group:
+        return hit[1].group_name
+    twin = _make_twin(group)
+    _twins[id(group)] = (group, twin)
+    return twin.group_name
+
+
+def served_by_gloo(group, device: torch.device) -> bool:
+    """Whether gloo is the backend of ``group`` (a user's group or its name) for ``device``."""
+    if group is None:
+        return False
+    if isinstance(group, str):
+        group = dist.distributed_c10d._resolve_process_group(group)
+    backend = str(dist.get_backend(group))
+    by_device = dict(part.split(":", 1) for part in backend.split(",") if ":" in part)
+    return by_device.get(device.type, backend) == "gloo"
+
+
+def _make_twin(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    from torch.distributed import ProcessGroupGloo
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    n = _made.get(group.group_name, 0)
+    _made[group.group_name] = n + 1
+    name = f"{group.group_name}{SUFFIX}/{n}"
+    store = dist.PrefixStore(f"{name}/", _get_default_store())
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+
+    options = ProcessGroupGloo._Options()
+    theirs = _gloo_options(group)
+    if theirs is not None:
+        options._devices = theirs._devices
+        options._timeout = theirs._timeout
+    else:
+        options._devices = [ProcessGroupGloo.create_default_device()]
+    options._threads = 1
+    backend = ProcessGroupGloo(store, rank, size, options)
+
+    twin = dist.ProcessGroup(store, rank, size)
+    twin._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+    twin._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, backend)
+    twin._set_group_name(name)
+    _register_process_group(name, twin)
+    return twin
+
+
+def _gloo_options(group: dist.ProcessGroup):
+    """The user's gloo backend options (devices, timeout), or None when they cannot be read
+    (a debug wrapper around the backend, for instance)."""
+    try:
+        return group._get_backend(torch.device("cpu")).options
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _drop_destroyed() -> None:
+    """Forget twins of groups ``destroy_process_group`` has destroyed (their worker exits)."""
+    live = dist.distributed_c10d._world.pg_map if dist.is_initialized() else {}
+    for key, (group, _) in list(_twins.items()):
+        if group not in live:
+            del _twins[key]
+
+
+def worker_threads(group) -> Optional[int]:
+    """How many worker threads run the collectives of ``group`` (a group or a group name), or
+    None when its CPU backend is not a readable ``ProcessGroupGloo``."""
+    if isinstance(group, str):
+        group = dist.distributed_c10d._resolve_process_group(group)
+    options = _gloo_options(group)
+    return None if options is None else options._threads
