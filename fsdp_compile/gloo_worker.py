@@ -1,7 +1,7 @@
 """A one-worker-thread twin of each gloo process group our collectives run on.
 
-Why: ``ProcessGroupGloo`` executes collectives on two worker threads (``2 x devices``; neither
-``init_process_group`` nor ``new_group`` lets a caller change it). In torch 2.13, when a worker
+Why: ``ProcessGroupGloo`` executes collectives on two worker threads by default (neither
+``init_process_group`` nor ``new_group`` passes gloo options, so a caller cannot change it). In torch 2.13, when a worker
 finishes a collective it assigns ``pgStatus_->lastCompletedWorkName`` after releasing its queue
 lock (``ProcessGroupGloo::runLoop``). When both workers finish at once, the two ``std::string``
 move-assignments race. A name longer than libstdc++'s 15-character inline buffer
