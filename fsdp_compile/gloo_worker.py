@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import _register_process_group
 
-# id(user group) -> (user group, its twin). The strong reference keeps the id from being reused.
-_twins: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+# user group -> its twin
+_twins: dict[dist.ProcessGroup, dist.ProcessGroup] = {}
 # group name -> how many twins this process has made for a group of that name (re-initialized
 # worlds reuse names; each twin needs fresh rendezvous keys in the store)
 _made: dict[str, int] = {}
@@ -46,20 +46,15 @@ def one_worker_group_name(group: dist.ProcessGroup) -> str:
     default store), like ``new_group``; every rank of ``group`` must call it in the same order.
     """
     _drop_destroyed()
-    hit = _twins.get(id(group))
-    if hit is not None and hit[0] is group:
-        return hit[1].group_name
-    twin = _make_twin(group)
-    _twins[id(group)] = (group, twin)
-    return twin.group_name
+    if group not in _twins:
+        _twins[group] = _make_twin(group)
+    return _twins[group].group_name
 
 
 def served_by_gloo(group, device: torch.device) -> bool:
-    """Whether gloo is the backend of ``group`` (a user's group or its name) for ``device``."""
+    """Whether gloo is the backend of the user's ``group`` for ``device``."""
     if group is None:
         return False
-    if isinstance(group, str):
-        group = dist.distributed_c10d._resolve_process_group(group)
     backend = str(dist.get_backend(group))
     by_device = dict(part.split(":", 1) for part in backend.split(",") if ":" in part)
     return by_device.get(device.type, backend) == "gloo"
@@ -105,9 +100,8 @@ def _gloo_options(group: dist.ProcessGroup):
 def _drop_destroyed() -> None:
     """Forget twins of groups ``destroy_process_group`` has destroyed (their worker exits)."""
     live = dist.distributed_c10d._world.pg_map if dist.is_initialized() else {}
-    for key, (group, _) in list(_twins.items()):
-        if group not in live:
-            del _twins[key]
+    for group in [g for g in _twins if g not in live]:
+        del _twins[group]
 
 
 def worker_threads(group) -> Optional[int]:
