@@ -35,8 +35,9 @@ Configurations (``--only`` takes these names), each trained from the same seed o
                       ``--baseline`` prepares both.
   fsdp_compile_aten   fsdp_compile with fsdp_compile.backend(copies="aten"): Inductor generates the
                       copy-in/copy-out code itself instead of calling one opaque op per copy
-  fsdp_compile_overlap        backend(overlap_reductions=True): each reduction waits only when
-                      the next unit's is issued (passes/defer_reduce_waits.py, opt-in)
+  fsdp_compile_no_overlap     backend(overlap_reductions=False): each reduction is waited for
+                      right after its issue (the default defers the wait to the next unit's
+                      reduction, passes/defer_reduce_waits.py)
   fsdp_compile_regather_root  backend(keep_root_gathered=False): the root unit is freed after
                       forward and gathered again in backward like the others
   fsdp_compile_native_rs  gradients reduce-scattered by gloo's reduce_scatter_tensor (an
@@ -85,9 +86,10 @@ shared machine). The profiled steps measure:
   included). Max over ranks.
 
 * ``steady_bytes`` -- bytes of every live ``malloc`` block in the rank's process just before a
-  profiled step (glibc ``mallinfo2``: what the process holds between steps, whoever allocated it:
-  parameters, gradients, optimizer state, buffers a system keeps, Python, gloo). Max over ranks,
-  median over profiled steps. ``total_bytes`` = steady + step peak growth: the step's high-water
+  profiled step, after a ``gc.collect()`` (glibc ``mallinfo2``: what the process holds between
+  steps, whoever allocated it: parameters, gradients, optimizer state, buffers a system keeps,
+  Python, gloo; without the collection it also counted the previous profiled steps' results,
+  kept in reference cycles). Max over ranks, median over profiled steps. ``total_bytes`` = steady + step peak growth: the step's high-water
   mark. The same process baseline (torch, Python) is in every system's figure.
 * ``phases_ms`` -- where a step's wall time goes: ``forward``, ``backward`` and ``optimizer`` are
   timed around ``model(...)``, ``loss.backward()`` and ``opt.step()`` on the timed steps (median);
@@ -97,6 +99,11 @@ shared machine). The profiled steps measure:
   (``fsdp_compile::*`` copy ops, FSDP2's ``fsdp::*``/``FSDP::*copy*`` ops, ``*chunk_cat*``,
   ``split_with_sizes_copy``); ``compute`` is forward + backward minus both. Copies that Inductor
   generates inside a compiled graph have no profiler event of their own: they count as compute.
+  Beside them, from ``getrusage`` around each timed step (the whole process, every thread):
+  ``median_sys_ms``, the CPU time spent in the kernel, and ``median_page_faults``, the minor page
+  faults. A buffer above glibc's 32 MiB mmap ceiling is mapped fresh at every allocation and
+  faulted in page by page (8,260 faults and ~14 ms for a 32.25 MiB buffer, against none and
+  ~1 ms for a 12 MiB one that malloc reuses): these two columns show that cost.
 
 A plot (``<json stem>.png``: median step and total high-water per system) is written next to the
 JSON when matplotlib is installed (``pip install -e '.[bench]'``).
@@ -117,8 +124,10 @@ loss is divided by the world size before ``backward()`` to get DDP's average.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -141,7 +150,7 @@ CONFIGS = [
     "fsdp_compile_prefetch0",
     "fsdp_compile_bucket1mb",
     "fsdp_compile_aten",
-    "fsdp_compile_overlap",
+    "fsdp_compile_no_overlap",
     "fsdp_compile_regather_root",
     "fsdp_compile_native_rs",
     "fsdp_compile_inductor_reorder",
@@ -150,14 +159,14 @@ CONFIGS = [
 COMPILED = {
     "ddp_compile", "fsdp2_compile", "simplefsdp_compile", "fsdp_compile",
     "fsdp_compile_prefetch0", "fsdp_compile_bucket1mb", "fsdp_compile_aten", "fsdp_compile_baseline",
-    "fsdp_compile_overlap", "fsdp_compile_regather_root", "fsdp_compile_native_rs", "fsdp_compile_inductor_reorder",
+    "fsdp_compile_no_overlap", "fsdp_compile_regather_root", "fsdp_compile_native_rs", "fsdp_compile_inductor_reorder",
 }
 FSDP_COMPILE_BACKENDS = {  # name -> fsdp_compile.backend(...) options
     "fsdp_compile": {},
     "fsdp_compile_prefetch0": {"prefetch": 0},
     "fsdp_compile_bucket1mb": {"bucket_bytes": 1 << 20},
     "fsdp_compile_aten": {"copies": "aten"},
-    "fsdp_compile_overlap": {"overlap_reductions": True},
+    "fsdp_compile_no_overlap": {"overlap_reductions": False},
     "fsdp_compile_regather_root": {"keep_root_gathered": False},
     "fsdp_compile_native_rs": {},
     "fsdp_compile_inductor_reorder": {"inductor_options": {"reorder_for_peak_memory": True}},
@@ -371,20 +380,26 @@ def _worker(rank: int, world: int, name: str, steps: int, model_name: str) -> di
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
 
-    peaks, colls, steady, phases = [], [], [], []
+    peaks, colls, steady, phases, faults, sys_times = [], [], [], [], [], []
     n_profiled = min(PROFILED_STEPS, steps - 2)
     for i in range(steps):
         dist.barrier()
         if i >= steps - n_profiled:
+            # the previous profiled step's results sit in reference cycles (~3 MiB per profile of
+            # a small model, more with more events) until a collection: not what a system holds
+            gc.collect()
             steady.append(bytes_in_use())
             peak, coll = _profile(lambda: step(i, measure_state=i == steps - 1), phases)
             peaks.append(peak)
             colls.append(coll)
             continue
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, r0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
         step(i)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        faults.append(r1.ru_minflt - r0.ru_minflt)
+        sys_times.append(r1.ru_stime - r0.ru_stime)
 
     counters = torch._dynamo.utils.counters
     # A graph break that resumes in a new graph is counted in counters["graph_break"]; one that
@@ -403,7 +418,8 @@ def _worker(rank: int, world: int, name: str, steps: int, model_name: str) -> di
     }
     timed = timers[1 : steps - n_profiled]  # the timed steps (not the first, not the profiled ones)
     return {"losses": losses, "times": times, "cpu_times": cpu_times, "peaks": peaks, "collectives": colls,
-            "state": state, "dynamo": dynamo, "steady": steady, "phases": phases, "timers": timed}
+            "state": state, "dynamo": dynamo, "steady": steady, "phases": phases, "timers": timed,
+            "faults": faults, "sys_times": sys_times}
 
 
 def _worker_entry(rank: int, world: int, name: str, steps: int, model_name: str) -> dict:
@@ -420,6 +436,8 @@ def _summarize(name: str, ranks: list[dict], steps: int) -> dict:
     first = max(r["times"][0] for r in ranks) if ranks[0]["times"] else float("nan")
     per_step = [max(ts) for ts in zip(*(r["times"][1:] for r in ranks))]
     cpu_step = [max(ts) for ts in zip(*(r["cpu_times"][1:] for r in ranks))]
+    faults = [max(fs) for fs in zip(*(r["faults"][1:] for r in ranks))]
+    sys_step = [max(ts) for ts in zip(*(r["sys_times"][1:] for r in ranks))]
     coll_names = Counter()
     for r in ranks:
         for step_colls in r["collectives"]:
@@ -453,6 +471,10 @@ def _summarize(name: str, ranks: list[dict], steps: int) -> dict:
         "step_ms": [round(t * 1e3, 2) for t in per_step],
         "median_cpu_ms": statistics.median(cpu_step) * 1e3 if cpu_step else float("nan"),
         "cpu_ms": [round(t * 1e3, 2) for t in cpu_step],
+        "page_faults": faults,
+        "median_page_faults": statistics.median(faults) if faults else float("nan"),
+        "sys_ms": [round(t * 1e3, 2) for t in sys_step],
+        "median_sys_ms": statistics.median(sys_step) * 1e3 if sys_step else float("nan"),
         "peak_step_mem_bytes": peak_bytes,
         "steady_bytes": steady_bytes,
         "total_bytes": None if steady_bytes is None else steady_bytes + peak_bytes,
@@ -523,9 +545,10 @@ PHASES = ("forward", "backward", "optimizer", "compute", "collective", "copy")
 
 
 def _phase_table(results: list[dict]) -> str:
-    rows = [[r["name"], *(f"{r['phases_ms'].get(k, float('nan')):.1f}" for k in PHASES)]
+    rows = [[r["name"], *(f"{r['phases_ms'].get(k, float('nan')):.1f}" for k in PHASES),
+             f"{r['median_sys_ms']:.1f}", f"{r['median_page_faults']:.0f}"]
             for r in results if r["status"] == "ok" and r["name"] in BREAKDOWN]
-    return _fmt_table(["config (ms per step)", *PHASES], rows)
+    return _fmt_table(["config (ms per step)", *PHASES, "sys (kernel) cpu", "page faults"], rows)
 
 
 def _merge_rounds(name: str, rounds: list[dict]) -> dict:
@@ -542,6 +565,9 @@ def _merge_rounds(name: str, rounds: list[dict]) -> dict:
     merged["min_step_ms"] = min(merged["step_ms"])
     merged["cpu_ms"] = [t for r in ok for t in r["cpu_ms"]]
     merged["median_cpu_ms"] = statistics.median(merged["cpu_ms"])
+    for key, median_key in (("page_faults", "median_page_faults"), ("sys_ms", "median_sys_ms")):
+        merged[key] = [x for r in ok for x in r[key]]
+        merged[median_key] = statistics.median(merged[key]) if merged[key] else float("nan")
     merged["peak_step_mem_bytes_each"] = [b for r in ok for b in r["peak_step_mem_bytes_each"]]
     merged["peak_step_mem_bytes"] = int(statistics.median(merged["peak_step_mem_bytes_each"]))
     steadies = [r["steady_bytes"] for r in ok if r["steady_bytes"] is not None]

@@ -5,7 +5,7 @@
 - ``bucketing``: Dynamo graph, adjacent small units' gathers -> one gather (``bucket_bytes``).
 - ``reshard``: joint graph, tag each unit's gather chain to be recomputed (FULL_SHARD) or saved.
 - ``reorder``: forward/backward graphs, prefetch each all-gather ``prefetch`` gathers early.
-- ``defer_reduce_waits``: backward graphs (opt-in, ``backend(overlap_reductions=True)``), each
+- ``defer_reduce_waits``: backward graphs (unless ``backend(overlap_reductions=False)``), each
   unit's reduction waits just before the next unit's is issued.
 - ``schedule_check``: forward/backward/joint graphs, the collective schedule and its fingerprint.
 """

@@ -457,17 +457,26 @@ def test_inductor_compiles_both_graphs_with_our_defaults_unless_overridden():
         assert got["losses"][0] == got["losses"][1]
 
 
+def _reduction_waits(record) -> tuple[list[int], list[int], list[int]]:
+    """Positions in the backward graph of the reductions, their waits and the matmuls."""
+    nodes = list(record.backward.graph.nodes)
+    reductions = [i for i, n in enumerate(nodes) if str(n.target) == f"_c10d_functional.{REDUCE_SCATTER}.default"]
+    waits = [i for i, n in enumerate(nodes) if str(n.target) == "_c10d_functional.wait_tensor.default"
+             and str(n.args[0].target) == f"_c10d_functional.{REDUCE_SCATTER}.default"]
+    mms = [i for i, n in enumerate(nodes) if str(n.target).startswith("aten.mm")]
+    return reductions, waits, mms
+
+
 def overlapped_reductions_run(rank: int, world: int) -> dict:
-    """Three AdamW steps of a 2-block GPT, eager and compiled with overlap_reductions=True."""
+    """Three AdamW steps of a 2-block GPT: eager, compiled with the default backend options
+    (``overlap_reductions=True``) and compiled with ``overlap_reductions=False``."""
     out = {}
-    for name in ("eager", "overlap"):
+    for name, options in (("eager", None), ("default", {}), ("no_overlap", {"overlap_reductions": False})):
         torch.manual_seed(0)
         model = fsdp_compile.fully_shard(GPT(GPTConfig(layers=2)), policy={Block})
         forward = model
-        if name == "overlap":
-            forward = torch.compile(
-                model, backend=fsdp_compile.backend(inner="aot_eager", overlap_reductions=True), fullgraph=True
-            )
+        if options is not None:
+            forward = torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager", **options), fullgraph=True)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         losses = []
         for step in range(3):
@@ -477,23 +486,24 @@ def overlapped_reductions_run(rank: int, world: int) -> dict:
             opt.zero_grad()
             losses.append(loss.item())
         out[name] = losses
-    record = fsdp_compile.sharding_info(model).compiled_graphs[0]
-    nodes = list(record.backward.graph.nodes)
-    reductions = [i for i, n in enumerate(nodes) if str(n.target) == f"_c10d_functional.{REDUCE_SCATTER}.default"]
-    waits = [i for i, n in enumerate(nodes) if str(n.target) == "_c10d_functional.wait_tensor.default"
-             and str(n.args[0].target) == f"_c10d_functional.{REDUCE_SCATTER}.default"]
-    # units: block 1, block 0, root. Each reduction is waited for just before the next one is
-    # issued; block 1's only after block 0's backward matmuls (without the pass: right after it)
-    mms = [i for i, n in enumerate(nodes) if str(n.target).startswith("aten.mm")]
-    out["deferred"] = (
-        len(reductions) == 3
-        and all(r < w < r_next for r, w, r_next in zip(reductions, waits, reductions[1:]))
-        and any(reductions[0] < m < waits[0] for m in mms)
-    )
+        if options is None:
+            continue
+        reductions, waits, mms = _reduction_waits(fsdp_compile.sharding_info(model).compiled_graphs[0])
+        # units: block 1, block 0, root (three reductions, each with its wait)
+        assert len(reductions) == len(waits) == 3, (name, reductions, waits)
+        # deferred: each reduction is waited for just before the next one is issued, block 1's
+        # only after block 0's backward matmuls; not deferred: right after its issue
+        out[f"{name}_deferred"] = (
+            all(r < w < r_next for r, w, r_next in zip(reductions, waits, reductions[1:]))
+            and any(reductions[0] < m < waits[0] for m in mms)
+        )
+        out[f"{name}_waited_at_once"] = not any(r < m < w for r, w in zip(reductions, waits) for m in mms)
     return out
 
 
-def test_overlapped_reductions_train_like_eager():
+def test_reductions_overlap_the_next_units_backward_by_default_and_train_like_eager():
     for got in run_ranks(overlapped_reductions_run, 2, timeout=300):
-        assert got["overlap"] == got["eager"], got  # aot_eager runs eager's ops: exact
-        assert got["deferred"], got
+        assert got["default"] == got["eager"], got  # aot_eager runs eager's ops: exact
+        assert got["no_overlap"] == got["eager"], got
+        assert got["default_deferred"] and not got["default_waited_at_once"], got
+        assert got["no_overlap_waited_at_once"] and not got["no_overlap_deferred"], got
