@@ -187,6 +187,34 @@ def test_prefetch_issues_next_all_gather_before_previous_compute():
     ]
 
 
+def test_prefetch_issues_next_all_gather_after_previous_copy_out():
+    """With a copy-out, the next gather follows it (the gathered buffer's last reader), so the
+    buffer is freed before the next gather's buffers exist; the copy-out's outputs are used later."""
+    from fsdp_compile.passes.reorder import prefetch_all_gathers
+
+    gm, n = _two_gathers_graph()
+    graph = gm.graph
+    for tag in ("a", "b"):
+        wait = n[f"wait_{tag}"]
+        with graph.inserting_after(wait):
+            copy_out = graph.call_function(fc.all_gather_copy_out.default, (wait, [4], [1], 2))
+        with graph.inserting_after(copy_out):
+            full = graph.call_function(operator.getitem, (copy_out, 0))
+        copy_out.meta["custom"] = {"fsdp_unit": 0 if tag == "a" else 1}
+        compute = n[f"compute_{tag}"]
+        compute.args = (full, *compute.args[1:])
+        n[f"copy_out_{tag}"], n[f"full_{tag}"] = copy_out, full
+    gm.recompile()
+    assert prefetch_all_gathers(gm, 1) == 1
+    names = {v.name: k for k, v in n.items()}
+    assert [names.get(node.name, node.op) for node in gm.graph.nodes] == [
+        "placeholder", "placeholder",
+        "copy_in_a", "ag_a", "wait_a", "copy_out_a", "copy_in_b", "ag_b",  # after A's copy-out
+        "full_a", "compute_a", "wait_b", "copy_out_b", "full_b", "compute_b", "output",
+    ]
+    assert prefetch_all_gathers(gm, 1) == 0  # a second run finds everything in place
+
+
 def test_prefetch_issues_first_all_gather_before_the_compute_in_front_of_it():
     """A backward graph whose first gather follows compute (the head's backward when the root
     stays gathered): the gather is issued right after the graph's inputs, its wait stays."""
