@@ -41,8 +41,9 @@ Entry point ``prefetch_all_gathers``.
 from __future__ import annotations
 
 import torch.fx
+from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
 
-from fsdp_compile.passes.reshard import copy_in_nodes, is_all_gather, is_copy_out, is_view, is_wait_tensor, unit_of
+from fsdp_compile.passes.reshard import copy_in_nodes, is_all_gather, is_copy_out, is_wait_tensor, unit_of
 
 
 def _wait_of(all_gather: torch.fx.Node):
@@ -50,14 +51,14 @@ def _wait_of(all_gather: torch.fx.Node):
 
 
 def _unpacked(all_gather: torch.fx.Node, order: dict):
-    """Where the gathered buffer of ``all_gather`` has been unpacked: its copy-out (our op, or a
-    launch traced inside the unit's gather), the buffer's last reader; the wait when the copy-out
-    is decomposed into views and copies (``copies="aten"``), or None without a wait."""
+    """Where the gathered buffer of ``all_gather`` has been unpacked: its copy-out, one op that
+    reads the whole buffer (our ``*_fused`` op on CPU, a ``wrap_triton`` launch on CUDA); the
+    wait when the copy-out is decomposed into slices and copies (``copies="aten"``), which the
+    partitioner may place apart; None without a wait."""
     wait = _wait_of(all_gather)
     if wait is None:
         return None
-    unit = unit_of(wait) if unit_of(wait) is not None else unit_of(all_gather)
-    readers = [u for u in wait.users if is_copy_out(u) or (unit is not None and unit_of(u) == unit and not is_view(u))]
+    readers = [u for u in wait.users if is_copy_out(u) or u.target is triton_kernel_wrapper_functional]
     return max(readers, key=order.__getitem__, default=wait)
 
 

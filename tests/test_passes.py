@@ -187,9 +187,13 @@ def test_prefetch_issues_next_all_gather_before_previous_compute():
     ]
 
 
-def test_prefetch_issues_next_all_gather_after_previous_copy_out():
-    """With a copy-out, the next gather follows it (the gathered buffer's last reader), so the
-    buffer is freed before the next gather's buffers exist; the copy-out's outputs are used later."""
+@pytest.mark.parametrize("copy_out_kind", ["fused op", "wrap_triton launch"])
+def test_prefetch_issues_next_all_gather_after_previous_copy_out(copy_out_kind):
+    """With a copy-out (our op on CPU, a Triton launch on CUDA), the next gather follows it (the
+    gathered buffer's last reader), so the buffer is freed before the next gather's buffers
+    exist; the copy-out's outputs are used later."""
+    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
+
     from fsdp_compile.passes.reorder import prefetch_all_gathers
 
     gm, n = _two_gathers_graph()
@@ -197,7 +201,13 @@ def test_prefetch_issues_next_all_gather_after_previous_copy_out():
     for tag in ("a", "b"):
         wait = n[f"wait_{tag}"]
         with graph.inserting_after(wait):
-            copy_out = graph.call_function(fc.all_gather_copy_out.default, (wait, [4], [1], 2))
+            if copy_out_kind == "fused op":
+                copy_out = graph.call_function(fc.all_gather_copy_out.default, (wait, [4], [1], 2))
+            else:
+                copy_out = graph.call_function(triton_kernel_wrapper_functional, (), {
+                    "kernel_idx": 0, "constant_args_idx": 0, "grid": [(1, 1, 1)],
+                    "tma_descriptor_metadata": {}, "kwargs": {"src": wait}, "tensors_to_clone": [],
+                })
         with graph.inserting_after(copy_out):
             full = graph.call_function(operator.getitem, (copy_out, 0))
         copy_out.meta["custom"] = {"fsdp_unit": 0 if tag == "a" else 1}
