@@ -259,10 +259,10 @@ def backend(
     gradient reduction overlap the next unit's backward, at the cost of one more packed gradient
     buffer in flight (on this machine: 0.96x the step of ``False`` on the 8x512 GPT, at the same
     total memory; benchmarks/README.md). ``False`` waits for each reduction right after its
-    issue. ``keep_root_gathered``: the root unit
-    stays gathered from forward to backward (FSDP2's root). ``inductor_options``: entries of
-    ``torch._inductor.config`` for our graphs' Inductor compile, over ``INDUCTOR_DEFAULTS``
-    (``{"reorder_for_peak_memory": False}``: Inductor would move the waits our passes place)."""
+    issue. ``keep_root_gathered``: the root unit stays gathered from forward to backward
+    (FSDP2's root). ``inductor_options``: entries of ``torch._inductor.config`` for our graphs'
+    Inductor compile, over ``INDUCTOR_DEFAULTS`` (``{"reorder_for_peak_memory": False}``:
+    Inductor would move the waits our passes place)."""
     return FSDPBackend(
         prefetch=prefetch, bucket_bytes=bucket_bytes, inner=inner, copies=copies,
         overlap_reductions=overlap_reductions, keep_root_gathered=keep_root_gathered,
