@@ -3,9 +3,9 @@
     python benchmarks/memory_peak.py --model 8x512 --configs fsdp_compile fsdp2 fsdp1   # ~1 min each
 
 Each configuration (the names and models of ``step.py``) trains ``--steps`` steps on 2 gloo
-ranks; the last runs under ``torch.profiler.profile(profile_memory=True)``. Every allocation and
-free made through c10's CPU allocator during that step is replayed in time order from the
-profiler's event tree (which, unlike the flat event list, carries each block's address, so a free
+ranks; the last runs under ``fsdp_compile.testing.memory.profile_step`` (the profiler with
+``profile_memory=True``, as ``step.py`` runs it). Every allocation and free made through c10's
+CPU allocator during that step is replayed in time order from the profiler's event tree (which, unlike the flat event list, carries each block's address, so a free
 is matched to its allocation). The running sum's maximum is the step's peak growth, the same
 figure ``step.py`` reports; the blocks live at that moment are printed grouped by the ops that
 allocated them (the innermost ``--depth`` enclosing profiler events), largest first, with each
@@ -28,7 +28,9 @@ import argparse
 import collections
 import gc
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -58,57 +60,62 @@ def _site(names: tuple[str, ...], depth: int) -> str:
     return f"{phase}: " + " / ".join(n[:70] for n in names[-depth:])
 
 
+@dataclass
+class _Block:
+    size: int
+    names: tuple[str, ...]
+    born: int  # index of its allocation event
+    freed: Optional[int] = None  # index of its free event; None: live at the step's end
+
+
 def analyse(allocations, depth: int = 2, big_mib: float = 5.0) -> str:
     """The report for one rank's profiled step (see the module docstring)."""
     if not allocations:
         return "no allocation events"
     t0 = allocations[0][0]
-    ms = lambda t: (t - t0) / 1e6  # noqa: E731
-    live, running, peak, at_peak, peak_time = {}, 0, 0, {}, t0
-    lives, born = [], {}
-    for t, ptr, nbytes, names in allocations:
+    ms = lambda i: (allocations[i][0] - t0) / 1e6  # noqa: E731 -- event index -> ms into the step
+    blocks, open_blocks = [], {}  # every block allocated in the step; address -> its open block
+    running = peak = peak_at = 0
+    for i, (_, ptr, nbytes, names) in enumerate(allocations):
         if nbytes > 0:
-            live[ptr] = (nbytes, names, t)
-            born[ptr] = (t, nbytes, names)
-        else:
-            live.pop(ptr, None)
-            if ptr in born:
-                start, size, who = born.pop(ptr)
-                lives.append((start, t, size, who))
+            open_blocks[ptr] = len(blocks)
+            blocks.append(_Block(nbytes, names, i))
+        elif ptr in open_blocks:  # (a free of a block from before the step only lowers the sum)
+            blocks[open_blocks.pop(ptr)].freed = i
         running += nbytes
         if running > peak:
-            peak, at_peak, peak_time = running, dict(live), t
-    lives.extend((start, None, size, who) for start, size, who in born.values())
+            peak, peak_at = running, i
+    at_peak = [b for b in blocks if b.born <= peak_at and (b.freed is None or b.freed > peak_at)]
 
-    lines = [f"peak growth {peak / 2**20:.1f} MiB at {ms(peak_time):.0f} ms of the step; live then, by allocating op:"]
+    lines = [f"peak growth {peak / 2**20:.1f} MiB at {ms(peak_at):.0f} ms of the step; live then, by allocating op:"]
     sites = collections.defaultdict(list)
-    for nbytes, names, t in at_peak.values():
-        sites[_site(names, depth)].append((nbytes, t))
-    for site, blocks in sorted(sites.items(), key=lambda kv: -sum(b for b, _ in kv[1])):
-        total = sum(b for b, _ in blocks)
+    for b in at_peak:
+        sites[_site(b.names, depth)].append((b.size, b.born))
+    for site, sized in sorted(sites.items(), key=lambda kv: -sum(size for size, _ in kv[1])):
+        total = sum(size for size, _ in sized)
         if total < 2**20 / 4:
             continue
-        blocks.sort(reverse=True)
-        shown = " ".join(f"{b / 2**20:.2f}@{ms(t):.0f}" for b, t in blocks[:12] if b >= 2**16)
-        more = f" (+{len(blocks) - 12} more)" if len(blocks) > 12 else ""
-        lines.append(f"  {total / 2**20:7.2f} MiB in {len(blocks):3d} blocks  {site}")
+        sized.sort(reverse=True)
+        shown = " ".join(f"{size / 2**20:.2f}@{ms(i):.0f}" for size, i in sized[:12] if size >= 2**16)
+        more = f" (+{len(sized) - 12} more)" if len(sized) > 12 else ""
+        lines.append(f"  {total / 2**20:7.2f} MiB in {len(sized):3d} blocks  {site}")
         lines.append(f"        MiB@ms: {shown}{more}")
     lines.append(f"blocks of {big_mib:g} MiB or more, allocated -> freed (ms; '-': still live at the step's end):")
-    for start, end, size, names in sorted(lives):
-        if size >= big_mib * 2**20:
-            freed = "-" if end is None else f"{ms(end):.0f}"
-            lines.append(f"  {ms(start):6.0f} -> {freed:>6}  {size / 2**20:6.2f} MiB  {_site(names, depth)}")
+    for b in blocks:  # in allocation order
+        if b.size >= big_mib * 2**20:
+            freed = "-" if b.freed is None else f"{ms(b.freed):.0f}"
+            lines.append(f"  {ms(b.born):6.0f} -> {freed:>6}  {b.size / 2**20:6.2f} MiB  {_site(b.names, depth)}")
     return "\n".join(lines)
 
 
 def _worker(rank: int, world: int, name: str, model_name: str, steps: int, depth: int, big_mib: float) -> str:
     import torch
     import torch.distributed as dist
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import record_function
 
     import step as bench
     from fsdp_compile.testing.gpt import gpt_batch
-    from fsdp_compile.testing.memory import bytes_in_use
+    from fsdp_compile.testing.memory import bytes_in_use, profile_step
 
     torch.set_num_threads(1)
     held = {"process with its process group": bytes_in_use()}
@@ -132,9 +139,9 @@ def _worker(rank: int, world: int, name: str, model_name: str, steps: int, depth
         dist.barrier()
     gc.collect()
     held["+ optimizer state, compiled code, caches: steady"] = bytes_in_use()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        one_step(steps - 1)
-    return _held(held) + "\n" + analyse(_allocations(prof), depth, big_mib)
+    profiles = []  # step.py's profiler settings, so the peak is the one its table shows
+    profile_step(lambda: one_step(steps - 1), on_profile=profiles.append)
+    return _held(held) + "\n" + analyse(_allocations(profiles[0]), depth, big_mib)
 
 
 def _held(held: dict) -> str:

@@ -89,8 +89,9 @@ shared machine). The profiled steps measure:
   profiled step, after a ``gc.collect()`` (glibc ``mallinfo2``: what the process holds between
   steps, whoever allocated it: parameters, gradients, optimizer state, buffers a system keeps,
   Python, gloo; without the collection it also counted the previous profiled steps' results,
-  kept in reference cycles). Max over ranks, median over profiled steps. ``total_bytes`` = steady + step peak growth: the step's high-water
-  mark. The same process baseline (torch, Python) is in every system's figure.
+  kept in reference cycles). Max over ranks, median over profiled steps. ``total_bytes`` =
+  steady + step peak growth: the step's high-water mark. The same process baseline (torch,
+  Python) is in every system's figure.
 * ``phases_ms`` -- where a step's wall time goes: ``forward``, ``backward`` and ``optimizer`` are
   timed around ``model(...)``, ``loss.backward()`` and ``opt.step()`` on the timed steps (median);
   ``collective`` and ``copy`` come from the profiled steps: the wall time of the step thread's
@@ -103,7 +104,8 @@ shared machine). The profiled steps measure:
   ``median_sys_ms``, the CPU time spent in the kernel, and ``median_page_faults``, the minor page
   faults. A buffer above glibc's 32 MiB mmap ceiling is mapped fresh at every allocation and
   faulted in page by page (8,260 faults and ~14 ms for a 32.25 MiB buffer, against none and
-  ~1 ms for a 12 MiB one that malloc reuses): these two columns show that cost.
+  ~1 ms for a 12 MiB one that malloc reuses): these two columns show how much of that a step
+  pays (on this machine not what bounds it: benchmarks/README.md, "Page faults").
 
 A plot (``<json stem>.png``: median step and total high-water per system) is written next to the
 JSON when matplotlib is installed (``pip install -e '.[bench]'``).
@@ -434,10 +436,10 @@ def _worker_entry(rank: int, world: int, name: str, steps: int, model_name: str)
 # ---- the parent: run each configuration, summarize ------------------------------------------
 def _summarize(name: str, ranks: list[dict], steps: int) -> dict:
     first = max(r["times"][0] for r in ranks) if ranks[0]["times"] else float("nan")
-    per_step = [max(ts) for ts in zip(*(r["times"][1:] for r in ranks))]
-    cpu_step = [max(ts) for ts in zip(*(r["cpu_times"][1:] for r in ranks))]
-    faults = [max(fs) for fs in zip(*(r["faults"][1:] for r in ranks))]
-    sys_step = [max(ts) for ts in zip(*(r["sys_times"][1:] for r in ranks))]
+    # per timed step after the first (compile), the slowest rank's figure
+    per_step, cpu_step, faults, sys_step = (
+        [max(v) for v in zip(*(r[key][1:] for r in ranks))] for key in ("times", "cpu_times", "faults", "sys_times")
+    )
     coll_names = Counter()
     for r in ranks:
         for step_colls in r["collectives"]:

@@ -17,9 +17,8 @@ After (prefetch=1: unit 2's gather is in flight while unit 1 computes)::
 
 Unit 2's gather is issued after unit 1's copy-out, the last reader of unit 1's gathered buffer,
 so that buffer is freed before unit 2's copy-in, output and gloo's temporary are allocated: one
-gathered unit less at each boundary (12 MiB on the 8x512 GPT, whose step peak is such a boundary
-early in the backward), for the copy-out's time of delay on a gather that overlaps a whole unit's
-compute.
+gathered unit less at each boundary (12 MiB on the 8x512 GPT), for the copy-out's time of delay
+on a gather that overlaps a whole unit's compute.
 
 The first ``prefetch`` gathers have no earlier gather to follow: they move as early as their
 inputs allow (after the graph's inputs and the gather before them). That matters in backward
