@@ -14,13 +14,14 @@ lifetimes. Before that, what the process holds between steps (glibc ``mallinfo2`
 ``step.py``'s steady bytes): after ``init_process_group``, after wrapping the model, and before the
 profiled step.
 
-Reading it: the phase of the peak (forward ``FWD``, backward ``BWD``, optimizer ``OPT``) and what
-it holds, e.g. the forward's saved activations, the gathered parameters, the communication
-buffers in flight. Inductor reuses a dead buffer's block for a later tensor of the same size
-(``buf48 = buf28; del buf28  # reuse`` in its generated code), so in a compiled graph a block is
-listed under the op that first allocated it: a gathered weight's copy-out block can hold an
-activation of the same size by the time of the peak. Memory allocated before the step (parameters,
-optimizer state, a system's kept buffers) is not in the peak growth: ``step.py``'s steady bytes are.
+Reading it: the phase of the peak (``forward``, ``backward`` or ``optimizer``, the profiler ranges
+of ``step.train_step``) and what it holds, e.g. the forward's saved activations, the gathered
+parameters, the communication buffers in flight. Inductor reuses a dead buffer's block for a later
+tensor of the same size (``buf48 = buf28; del buf28  # reuse`` in its generated code), so in a
+compiled graph a block is listed under the op that first allocated it: a gathered weight's copy-out
+block can hold an activation of the same size by the time of the peak. Memory allocated before the
+step (parameters, optimizer state, a system's kept buffers) is not in the peak growth:
+``step.py``'s steady bytes are.
 """
 from __future__ import annotations
 
@@ -55,8 +56,11 @@ def _allocations(prof) -> list[tuple[int, int, int, str]]:
     return out
 
 
+PHASE_RANGES = ("forward", "backward", "optimizer")  # step.train_step's phase names
+
+
 def _site(names: tuple[str, ...], depth: int) -> str:
-    phase = next((n for n in names if n in ("FWD", "BWD", "OPT")), "-")
+    phase = next((n for n in names if n in PHASE_RANGES), "-")
     return f"{phase}: " + " / ".join(n[:70] for n in names[-depth:])
 
 
@@ -125,13 +129,7 @@ def _worker(rank: int, world: int, name: str, model_name: str, steps: int, depth
     opt = torch.optim.AdamW(model.parameters(), lr=bench.LR)
 
     def one_step(i):
-        idx, tgt = gpt_batch(i, rank, cfg)
-        with record_function("FWD"):
-            loss = model(idx, tgt)
-        with record_function("BWD"):
-            (loss * scale if scale != 1.0 else loss).backward()
-        with record_function("OPT"):
-            opt.step()
+        bench.train_step(model, opt, gpt_batch(i, rank, cfg), scale, phase=record_function)
         opt.zero_grad(set_to_none=True)
 
     for i in range(steps - 1):

@@ -1,4 +1,4 @@
-"""Training-step benchmark: a GPT on 2 gloo ranks (CPU), one run, eleven configurations.
+"""Training-step benchmark: a GPT on 2 gloo ranks (CPU), one run, the configurations listed below.
 
     python benchmarks/step.py [--model readme|8x512] [--rounds R] [--steps 20] [--quick]
                               [--only NAME[,NAME]] [--json PATH]
@@ -26,6 +26,7 @@ Configurations (``--only`` takes these names), each trained from the same seed o
   fsdp_compile_eager  fsdp_compile.fully_shard(model, policy={Block})
   fsdp_compile        the same, then torch.compile(model, backend="fsdp_compile")
   fsdp_compile_prefetch0   the same with fsdp_compile.backend(prefetch=0) (no all-gather prefetch)
+  fsdp_compile_prefetch2   the same with fsdp_compile.backend(prefetch=2) (two gathers ahead)
   fsdp_compile_bucket1mb   the same with fsdp_compile.backend(bucket_bytes=1 MiB) (units bucketed)
   fsdp_compile_baseline  fsdp_compile compiled, from the checkout given by ``--baseline PATH`` (an
                       earlier commit, e.g. ``git worktree add /tmp/base <commit>``): its ranks
@@ -126,6 +127,7 @@ loss is divided by the world size before ``backward()`` to get DDP's average.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -138,7 +140,7 @@ import time
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 CONFIGS = [
     "ddp",
@@ -150,6 +152,7 @@ CONFIGS = [
     "fsdp_compile_eager",
     "fsdp_compile",
     "fsdp_compile_prefetch0",
+    "fsdp_compile_prefetch2",
     "fsdp_compile_bucket1mb",
     "fsdp_compile_aten",
     "fsdp_compile_no_overlap",
@@ -160,12 +163,14 @@ CONFIGS = [
 ]
 COMPILED = {
     "ddp_compile", "fsdp2_compile", "simplefsdp_compile", "fsdp_compile",
-    "fsdp_compile_prefetch0", "fsdp_compile_bucket1mb", "fsdp_compile_aten", "fsdp_compile_baseline",
+    "fsdp_compile_prefetch0", "fsdp_compile_prefetch2", "fsdp_compile_bucket1mb", "fsdp_compile_aten",
+    "fsdp_compile_baseline",
     "fsdp_compile_no_overlap", "fsdp_compile_regather_root", "fsdp_compile_native_rs", "fsdp_compile_inductor_reorder",
 }
 FSDP_COMPILE_BACKENDS = {  # name -> fsdp_compile.backend(...) options
     "fsdp_compile": {},
     "fsdp_compile_prefetch0": {"prefetch": 0},
+    "fsdp_compile_prefetch2": {"prefetch": 2},
     "fsdp_compile_bucket1mb": {"bucket_bytes": 1 << 20},
     "fsdp_compile_aten": {"copies": "aten"},
     "fsdp_compile_no_overlap": {"overlap_reductions": False},
@@ -179,6 +184,7 @@ MODELS = ("readme", "8x512")  # GPTConfig() and GPT_8X512
 BREAKDOWN = ("ddp_compile", "fsdp2", "fsdp_compile", "fsdp_compile_aten")  # the systems whose step is broken into phases
 PROFILED_STEPS = 5  # the last steps, run under the profiler (not timed)
 LR = 1e-3
+_no_range = lambda name: contextlib.nullcontext()  # noqa: E731 -- train_step's default phase wrapper
 SEED = 0
 _COLLECTIVE_PREFIXES = ("gloo:", "nccl:", "c10d::", "_c10d_functional::", "c10d_functional::")
 
@@ -342,6 +348,24 @@ def _profile(step_fn, phases: list):
     return profile_step(step_fn, _COLLECTIVE_PREFIXES, on_profile=lambda prof: phases.append(_phase_ms(prof)))
 
 
+def train_step(model, opt, batch, scale: float, phase: Callable[[str], ContextManager] = _no_range):
+    """One forward, backward and optimizer step on ``batch = (idx, targets)`` (no ``zero_grad``).
+    Each phase runs inside ``phase(name)`` (``memory_peak.py`` passes profiler ranges).
+    Returns the loss and each phase's wall ms."""
+    idx, tgt = batch
+    t0 = time.perf_counter()
+    with phase("forward"):
+        loss = model(idx, tgt)
+    t1 = time.perf_counter()
+    with phase("backward"):
+        (loss * scale if scale != 1.0 else loss).backward()
+    t2 = time.perf_counter()
+    with phase("optimizer"):
+        opt.step()
+    t3 = time.perf_counter()
+    return loss, {"forward": (t1 - t0) * 1e3, "backward": (t2 - t1) * 1e3, "optimizer": (t3 - t2) * 1e3}
+
+
 def _worker(rank: int, world: int, name: str, steps: int, model_name: str) -> dict:
     import torch
     import torch._dynamo
@@ -367,16 +391,9 @@ def _worker(rank: int, world: int, name: str, steps: int, model_name: str) -> di
     state = {}
 
     def step(i, measure_state=False):
-        idx, tgt = gpt_batch(i, rank, cfg)
         with record_function(STEP_RANGE):
-            t0 = time.perf_counter()
-            loss = model(idx, tgt)
-            t1 = time.perf_counter()
-            (loss * scale if scale != 1.0 else loss).backward()
-            t2 = time.perf_counter()
-            opt.step()
-            t3 = time.perf_counter()
-        timers.append({"forward": (t1 - t0) * 1e3, "backward": (t2 - t1) * 1e3, "optimizer": (t3 - t2) * 1e3})
+            loss, phase_ms = train_step(model, opt, gpt_batch(i, rank, cfg), scale)
+        timers.append(phase_ms)
         if measure_state:  # no tensor is allocated here: safe inside the profiled step
             state.update(_state_bytes(model, opt))
         opt.zero_grad(set_to_none=True)

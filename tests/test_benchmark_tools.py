@@ -12,18 +12,18 @@ MiB = 2**20
 def test_memory_peak_matches_each_free_to_its_allocation_and_reports_the_blocks_live_at_the_peak():
     ms = 1_000_000  # ns
     allocations = [
-        (0 * ms, 0xA, 4 * MiB, ("FWD", "aten::mm")),
-        (1 * ms, 0xB, 8 * MiB, ("BWD", "fsdp_compile::all_gather_copy_out_fused", "aten::empty")),
+        (0 * ms, 0xA, 4 * MiB, ("forward", "aten::mm")),
+        (1 * ms, 0xB, 8 * MiB, ("backward", "fsdp_compile::all_gather_copy_out_fused", "aten::empty")),
         (2 * ms, 0xA, -4 * MiB, ()),
-        (3 * ms, 0xA, 3 * MiB, ("BWD", "aten::mm")),  # the same address again: a new block
+        (3 * ms, 0xA, 3 * MiB, ("backward", "aten::mm")),  # the same address again: a new block
         (4 * ms, 0xB, -8 * MiB, ()),
-        (5 * ms, 0xC, 1 * MiB, ("OPT", "aten::sqrt")),
+        (5 * ms, 0xC, 1 * MiB, ("optimizer", "aten::sqrt")),
     ]
     # running sum: 4, 12 (the peak, at 1 ms: blocks A and B), 8, 11, 3, 4
     report = memory_peak.analyse(allocations, depth=2, big_mib=5.0).splitlines()
     assert report[0] == "peak growth 12.0 MiB at 1 ms of the step; live then, by allocating op:"
-    assert report[1] == "     8.00 MiB in   1 blocks  BWD: fsdp_compile::all_gather_copy_out_fused / aten::empty"
+    assert report[1] == "     8.00 MiB in   1 blocks  backward: fsdp_compile::all_gather_copy_out_fused / aten::empty"
     assert report[2] == "        MiB@ms: 8.00@1"
-    assert report[3] == "     4.00 MiB in   1 blocks  FWD: FWD / aten::mm"
+    assert report[3] == "     4.00 MiB in   1 blocks  forward: forward / aten::mm"
     assert report[5] == "blocks of 5 MiB or more, allocated -> freed (ms; '-': still live at the step's end):"
-    assert report[6:] == ["       1 ->      4    8.00 MiB  BWD: fsdp_compile::all_gather_copy_out_fused / aten::empty"]
+    assert report[6:] == ["       1 ->      4    8.00 MiB  backward: fsdp_compile::all_gather_copy_out_fused / aten::empty"]
