@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fsdp_compile.testing.spawn import free_port
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_llama.py"
@@ -44,6 +46,7 @@ def test_plain_python_form_spawns_two_ranks():
     assert "activation checkpointing" in out
 
 
+@pytest.mark.slow  # 4 ranks on 2 cores, ~35 s; tests/test_hybrid_shard.py covers hybrid sharding in the default suite
 def test_torchrun_hybrid_sharding_on_4_ranks(tmp_path):
     """``--hsdp 2`` under torchrun: a 2 x 2 (replicate, shard) mesh, compiled, checkpointed."""
     torchrun = shutil.which("torchrun")

@@ -8,17 +8,19 @@ world size (1-4) and a strategy. Each example runs on real gloo ranks: 3 SGD ste
 reference) and of eager ``fully_shard`` (float64: equal to rounding), then 3 of the compiled
 (``aot_eager``) model against the eager one. ``derandomize=True`` makes the examples the same on
 every run (CI is deterministic); a failure shrinks to a minimal spec, printed as the example.
-The fixed examples (``@example``, Hypothesis's advice over a stored example database, whose
-format changes between versions) always run first: world 4 with every kind of layer, a tied
-weight, a frozen layer and units that shard 1-row parameters to empty shards.
+Two fixed specs run in the default suite (``test_fixed_specs_...``): world 4 with every kind of
+layer, a tied weight, a frozen layer and units that shard 1-row parameters to empty shards, and
+the same as SHARD_GRAD_OP on world 3 without the embedding. The random sweep (six drawn specs,
+about 10 s each) is marked ``slow``: ``.ci/run`` runs it after the rest.
 """
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.testing import assert_close
@@ -151,11 +153,13 @@ WORLD_FOUR = {
 }
 
 
-@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(model_specs())
-@example(WORLD_FOUR)
-@example({**WORLD_FOUR, "strategy": "SHARD_GRAD_OP", "embedding": None, "world": 3})
-def test_sharded_training_equals_ddp_and_compiled_equals_eager(spec):
+FIXED_SPECS = {
+    "world4-tied-frozen-empty-shards": WORLD_FOUR,
+    "world3-SHARD_GRAD_OP-no-embedding": {**WORLD_FOUR, "strategy": "SHARD_GRAD_OP", "embedding": None, "world": 3},
+}
+
+
+def _assert_three_ways_agree(spec):
     for got in run_ranks(train_three_ways, spec["world"], spec, timeout=300):
         ddp, eager, compiled = got["ddp"], got["eager"], got["compiled"]
         assert_close(eager["losses"], ddp["losses"])
@@ -165,3 +169,15 @@ def test_sharded_training_equals_ddp_and_compiled_equals_eager(spec):
         assert_close(compiled["losses"], eager["losses"])
         for name, value in eager["params"].items():
             assert_close(compiled["params"][name], value, msg=name)
+
+
+@pytest.mark.parametrize("spec", FIXED_SPECS.values(), ids=FIXED_SPECS.keys())
+def test_fixed_specs_train_like_ddp_and_compiled_like_eager(spec):
+    _assert_three_ways_agree(spec)
+
+
+@pytest.mark.slow  # a sweep: about 10 s per example; .ci/run runs it with the other slow tests
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(model_specs())
+def test_sharded_training_equals_ddp_and_compiled_equals_eager(spec):
+    _assert_three_ways_agree(spec)
