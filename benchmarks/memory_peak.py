@@ -5,8 +5,9 @@
 Each configuration (the names and models of ``step.py``) trains ``--steps`` steps on 2 gloo
 ranks; the last runs under ``fsdp_compile.testing.memory.profile_step`` (the profiler with
 ``profile_memory=True``, as ``step.py`` runs it). Every allocation and free made through c10's
-CPU allocator during that step is replayed in time order from the profiler's event tree (which, unlike the flat event list, carries each block's address, so a free
-is matched to its allocation). The running sum's maximum is the step's peak growth, the same
+CPU allocator during that step is replayed in time order from the profiler's event tree (which,
+unlike the flat event list, carries each block's address, so a free is matched to its
+allocation). The running sum's maximum is the step's peak growth, the same
 figure ``step.py`` reports; the blocks live at that moment are printed grouped by the ops that
 allocated them (the innermost ``--depth`` enclosing profiler events), largest first, with each
 block's size and allocation time. The blocks of ``--big`` MiB or more are also listed with their

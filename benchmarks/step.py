@@ -184,7 +184,6 @@ MODELS = ("readme", "8x512")  # GPTConfig() and GPT_8X512
 BREAKDOWN = ("ddp_compile", "fsdp2", "fsdp_compile", "fsdp_compile_aten")  # the systems whose step is broken into phases
 PROFILED_STEPS = 5  # the last steps, run under the profiler (not timed)
 LR = 1e-3
-_no_range = lambda name: contextlib.nullcontext()  # noqa: E731 -- train_step's default phase wrapper
 SEED = 0
 _COLLECTIVE_PREFIXES = ("gloo:", "nccl:", "c10d::", "_c10d_functional::", "c10d_functional::")
 
@@ -348,7 +347,7 @@ def _profile(step_fn, phases: list):
     return profile_step(step_fn, _COLLECTIVE_PREFIXES, on_profile=lambda prof: phases.append(_phase_ms(prof)))
 
 
-def train_step(model, opt, batch, scale: float, phase: Callable[[str], ContextManager] = _no_range):
+def train_step(model, opt, batch, scale: float, phase: Callable[[str], ContextManager] = contextlib.nullcontext):
     """One forward, backward and optimizer step on ``batch = (idx, targets)`` (no ``zero_grad``).
     Each phase runs inside ``phase(name)`` (``memory_peak.py`` passes profiler ranges).
     Returns the loss and each phase's wall ms."""
