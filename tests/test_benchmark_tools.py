@@ -4,7 +4,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import gloo_primitives  # noqa: E402
 import memory_peak  # noqa: E402
+import torch  # noqa: E402
+
+from fsdp_compile.testing.spawn import run_ranks  # noqa: E402
 
 MiB = 2**20
 
@@ -27,3 +31,13 @@ def test_memory_peak_matches_each_free_to_its_allocation_and_reports_the_blocks_
     assert report[3] == "     4.00 MiB in   1 blocks  forward: forward / aten::mm"
     assert report[5] == "blocks of 5 MiB or more, allocated -> freed (ms; '-': still live at the step's end):"
     assert report[6:] == ["       1 ->      4    8.00 MiB  backward: fsdp_compile::all_gather_copy_out_fused / aten::empty"]
+
+
+def test_gloo_primitives_send_recv_gather_matches_the_functional_all_gather():
+    """The benchmark's send/recv variant gathers exactly what the functional op does."""
+    sizes = [1, 5, 70_000]
+    for got in run_ranks(gloo_primitives.gathered_both_ways, 2, sizes, timeout=120):
+        for n in sizes:
+            want = torch.cat([torch.arange(n, dtype=torch.float32) + 1000 * r for r in range(2)])
+            assert torch.equal(got["functional", n], want), n
+            assert torch.equal(got["send/recv", n], want), n
