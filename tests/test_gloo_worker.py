@@ -88,3 +88,25 @@ def test_a_reinitialized_world_gets_a_new_twin():
     for first, second, got in run_ranks(_after_reinit, 2, free_port()):
         assert first != second
         assert got == [10.0, 11.0]
+
+
+def _after_subgroup_destroyed(rank, world):
+    sub = dist.new_group([0, 1])
+    twin = one_worker_group_name(sub)
+    before = _c10d.wait_tensor(_c10d.all_gather_into_tensor(torch.tensor([rank + 1.0]), world, twin)).tolist()
+    dist.destroy_process_group(sub)
+    one_worker_group_name(dist.group.WORLD)  # the next twin lookup forgets destroyed groups' twins
+    try:
+        dist.distributed_c10d._resolve_process_group(twin)
+        still_registered = True
+    except (RuntimeError, ValueError):
+        still_registered = False
+    return before, still_registered
+
+
+def test_the_twin_of_a_destroyed_subgroup_is_released_at_the_next_twin_lookup():
+    """c10d's name registry holds groups weakly: once ``_drop_destroyed`` lets go of the twin of a
+    destroyed subgroup, its name no longer resolves (its sockets and worker are gone)."""
+    for before, still_registered in run_ranks(_after_subgroup_destroyed, 2):
+        assert before == [1.0, 2.0]
+        assert not still_registered
