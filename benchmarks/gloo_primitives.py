@@ -1,4 +1,4 @@
-"""How much one gloo all-gather costs, served three ways, on 2 CPU ranks.
+"""How much one gloo all-gather costs, served two ways, on 2 CPU ranks.
 
     python benchmarks/gloo_primitives.py [--sizes 16 25000 1575000 4200000] [--repeats 3]
 
@@ -8,8 +8,8 @@ whole process (every thread: gloo's worker and transport threads too):
 - ``functional``: what fsdp_compile issues, ``_c10d_functional.all_gather_into_tensor`` +
   ``wait_tensor`` on the one-worker twin (``fsdp_compile/gloo_worker.py``);
 - ``send/recv``: the same gather as one ``send`` and one ``recv`` per peer, posted from the
-  calling thread on a one-worker gloo backend (no worker-thread hop; a Python
-  ``ProcessGroup`` subclass, so the functional op and ``wait_tensor`` serve it unchanged);
+  calling thread on the twin's gloo backend (no worker-thread hop; a Python ``ProcessGroup``
+  subclass, so the functional op and ``wait_tensor`` serve it unchanged);
 - each of the two again with compute (10 matmuls of 512x2048 by 2048x512) between issue and
   wait, as a prefetched gather runs in a training step.
 
@@ -36,18 +36,15 @@ _c10d = torch.ops._c10d_functional
 class _SendRecvWork(dist.distributed_c10d.Work):
     """The sends and receives of one gather, waited on as one."""
 
-    def __init__(self, works: list, output: torch.Tensor):
+    def __init__(self, works: list):
         super().__init__()
-        self._works, self._output = works, output
+        self._works = works
 
     def wait(self, timeout=None) -> bool:
         works, self._works = self._works, []
         for work in works:
             work.wait()
         return True
-
-    def result(self) -> list[torch.Tensor]:
-        return [self._output]
 
 
 class _SendRecvGroup(dist.ProcessGroup):
@@ -61,37 +58,30 @@ class _SendRecvGroup(dist.ProcessGroup):
         (output,), (input,) = outputs, inputs
         gloo, me, peers = self._get_backend(torch.device("cpu")), self.rank(), range(self.size())
         self._tag += 1
-        slots = output.view(self.size(), -1)
+        slots, flat = output.view(self.size(), -1), input.reshape(-1)
         works = [gloo.recv([slots[p]], p, self._tag) for p in peers if p != me]
-        works += [gloo.send([input.reshape(-1)], p, self._tag) for p in peers if p != me]
-        slots[me].copy_(input.reshape(-1))
-        return _SendRecvWork(works, output)
+        works += [gloo.send([flat], p, self._tag) for p in peers if p != me]
+        slots[me].copy_(flat)
+        return _SendRecvWork(works)
 
 
-def _send_recv_group(rank: int, world: int) -> str:
-    from torch.distributed import ProcessGroupGloo
-    from torch.distributed.distributed_c10d import _get_default_store
-
-    name = "gloo_primitives/send_recv"
-    store = dist.PrefixStore(f"{name}/", _get_default_store())
-    options = ProcessGroupGloo._Options()
-    options._devices = [ProcessGroupGloo.create_default_device()]
-    options._threads = 1
-    group = _SendRecvGroup(rank, world)
-    group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
-    group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO,
-                            ProcessGroupGloo(store, rank, world, options))
-    group._set_group_name(name)
-    _register_process_group(name, group)
-    _KEEP.append(group)  # the registry does not own Python subclasses
-    return name
-
-
-_KEEP: list = []
+_KEEP: list = []  # c10d's name registry holds groups weakly
 
 
 def _groups(rank: int, world: int) -> dict[str, str]:
-    return {"functional": one_worker_group_name(dist.group.WORLD), "send/recv": _send_recv_group(rank, world)}
+    """Both variants' group names. The send/recv group runs on the twin's own one-worker gloo
+    backend (send/recv slots never collide with its collectives'), so the two differ only in
+    how the gather is served."""
+    twin = one_worker_group_name(dist.group.WORLD)
+    name = "gloo_primitives/send_recv"
+    group = _SendRecvGroup(rank, world)
+    group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+    group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO,
+                            dist.distributed_c10d._resolve_process_group(twin)._get_backend(torch.device("cpu")))
+    group._set_group_name(name)
+    _register_process_group(name, group)
+    _KEEP.append(group)
+    return {"functional": twin, "send/recv": name}
 
 
 def gathered_both_ways(rank: int, world: int, sizes: list[int]) -> dict[tuple[str, int], torch.Tensor]:
@@ -104,14 +94,30 @@ def gathered_both_ways(rank: int, world: int, sizes: list[int]) -> dict[tuple[st
     return out
 
 
+def _per_call_ms(fn, calls: int) -> tuple[float, float]:
+    """(wall, process CPU) ms per call of ``fn``, after two warm-up calls and a barrier."""
+    fn(), fn()
+    dist.barrier()
+    t, before = time.perf_counter(), os.times()
+    for _ in range(calls):
+        fn()
+    after = os.times()
+    cpu = after.user + after.system - before.user - before.system
+    return (time.perf_counter() - t) / calls * 1e3, cpu / calls * 1e3
+
+
 def _measure(rank: int, world: int, sizes: list[int], repeats: int) -> dict:
-    groups = _groups(rank, world)
+    variants = list(_groups(rank, world).items())
     a, b = torch.randn(512, 2048), torch.randn(2048, 512)
+
+    def compute():
+        for _ in range(10):
+            a @ b
 
     def gather(x, group, overlap):
         out = _c10d.all_gather_into_tensor(x, world, group)
-        for _ in range(10 if overlap else 0):
-            a @ b
+        if overlap:
+            compute()
         return _c10d.wait_tensor(out)
 
     results: dict = {}
@@ -119,25 +125,12 @@ def _measure(rank: int, world: int, sizes: list[int], repeats: int) -> dict:
         x = torch.randn(n)
         calls = max(10, min(1000, int(3e7 // (n + 30_000))))
         for round_ in range(repeats):
-            order = list(groups.items()) if round_ % 2 == 0 else list(groups.items())[::-1]
             for overlap in (False, True):
-                for variant, group in order:
-                    for _ in range(2):
-                        gather(x, group, overlap)
-                    dist.barrier()
-                    t, before = time.perf_counter(), os.times()
-                    for _ in range(calls // (5 if overlap else 1) or 1):
-                        gather(x, group, overlap)
-                    after, k = os.times(), calls // (5 if overlap else 1) or 1
-                    wall = (time.perf_counter() - t) / k * 1e3
-                    cpu = (after.user + after.system - before.user - before.system) / k * 1e3
+                for variant, group in variants if round_ % 2 == 0 else variants[::-1]:
                     key = (n, variant + (" + compute" if overlap else ""))
-                    results.setdefault(key, []).append((wall, cpu))
-    t = time.perf_counter()
-    for _ in range(20):
-        for _ in range(10):
-            a @ b
-    results["compute alone ms"] = (time.perf_counter() - t) / 20 * 1e3
+                    k = max(1, calls // 5) if overlap else calls
+                    results.setdefault(key, []).append(_per_call_ms(lambda: gather(x, group, overlap), k))
+    results["compute alone ms"] = _per_call_ms(compute, 20)[0]
     return results
 
 
