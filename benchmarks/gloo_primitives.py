@@ -1,4 +1,4 @@
-"""How much one gloo all-gather costs, served two ways, on 2 CPU ranks.
+"""How much one gloo all-gather costs, served three ways, on 2 CPU ranks.
 
     python benchmarks/gloo_primitives.py [--sizes 16 25000 1575000 4200000] [--repeats 3]
 
@@ -10,12 +10,16 @@ whole process (every thread: gloo's worker and transport threads too):
 - ``send/recv``: the same gather as one ``send`` and one ``recv`` per peer, posted from the
   calling thread on the twin's gloo backend (no worker-thread hop; a Python ``ProcessGroup``
   subclass, so the functional op and ``wait_tensor`` serve it unchanged);
-- each of the two again with compute (10 matmuls of 512x2048 by 2048x512) between issue and
+- ``broadcasts``: the same gather written straight into its output, one in-place ``broadcast``
+  per rank from that rank's slot, run by the twin's one worker like the functional op. gloo's
+  own all-gather packs the input into a new flat tensor, gathers into a second one and copies
+  that into the output; this variant has neither temporary nor copy;
+- each of them again with compute (10 matmuls of 512x2048 by 2048x512) between issue and
   wait, as a prefetched gather runs in a training step.
 
 Variants alternate (A B A B ...) over ``--repeats`` rounds; the table shows every round. The
-lever this measured, and why it was not kept, is in benchmarks/README.md ("Lever: gathers as
-send/recv pairs").
+levers this measured, and why neither was kept, are in benchmarks/README.md ("Lever: gathers as
+send/recv pairs", "Lever: all-gathers as in-place broadcasts").
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import _register_process_group
+from torch._C._distributed_c10d import _create_work_from_future, _register_process_group
 
 from fsdp_compile.gloo_worker import one_worker_group_name
 from fsdp_compile.testing.spawn import run_ranks
@@ -65,26 +69,63 @@ class _SendRecvGroup(dist.ProcessGroup):
         return _SendRecvWork(works)
 
 
+class _BroadcastGroup(dist.ProcessGroup):
+    """All-gathers as one in-place broadcast per rank into the output's slots, on the backend's
+    worker.
+
+    Each broadcast's work holds tensors made here in Python. When gloo's worker thread drops the
+    last C++ reference to such a tensor it must take the GIL (to release the Python object) while
+    it holds its queue lock; the main thread, holding the GIL, may be waiting for that lock to
+    queue the next collective: a deadlock. So every work stays referenced here until a later one
+    has completed: the one worker runs them in order and lets go of each before starting the next
+    (``ProcessGroupGloo::runLoop`` in torch 2.13; an internal, which is why fsdp_compile's twin
+    does not do this).
+    """
+
+    def __init__(self, rank: int, size: int):
+        super().__init__(rank, size)
+        self._in_flight: list = []
+
+    def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None):
+        (output,), (input,) = outputs, inputs
+        gloo, me = self._get_backend(torch.device("cpu")), self.rank()
+        slots = output.view(self.size(), -1)
+        slots[me].copy_(input.reshape(-1))
+        works = []
+        for root in range(self.size()):
+            options = dist.BroadcastOptions()
+            options.rootRank = root
+            works.append(gloo.broadcast([slots[root]], options))
+        done = [i for i, work in enumerate(self._in_flight) if work.is_completed()]
+        if done:
+            del self._in_flight[: done[-1]]
+        self._in_flight += works
+        return _create_work_from_future(torch.futures.collect_all([w.get_future() for w in works]))
+
+
 _KEEP: list = []  # c10d's name registry holds groups weakly
 
 
 def _groups(rank: int, world: int) -> dict[str, str]:
-    """Both variants' group names. The send/recv group runs on the twin's own one-worker gloo
-    backend (send/recv slots never collide with its collectives'), so the two differ only in
-    how the gather is served."""
+    """Every variant's group name. The send/recv and broadcast groups run on the twin's own
+    one-worker gloo backend (send/recv slots never collide with its collectives'), so the
+    variants differ only in how the gather is served."""
     twin = one_worker_group_name(dist.group.WORLD)
-    name = "gloo_primitives/send_recv"
-    group = _SendRecvGroup(rank, world)
-    group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
-    group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO,
-                            dist.distributed_c10d._resolve_process_group(twin)._get_backend(torch.device("cpu")))
-    group._set_group_name(name)
-    _register_process_group(name, group)
-    _KEEP.append(group)
-    return {"functional": twin, "send/recv": name}
+    gloo = dist.distributed_c10d._resolve_process_group(twin)._get_backend(torch.device("cpu"))
+    names = {"functional": twin}
+    for variant, cls in (("send/recv", _SendRecvGroup), ("broadcasts", _BroadcastGroup)):
+        name = f"gloo_primitives/{variant}"
+        group = cls(rank, world)
+        group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+        group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, gloo)
+        group._set_group_name(name)
+        _register_process_group(name, group)
+        _KEEP.append(group)
+        names[variant] = name
+    return names
 
 
-def gathered_both_ways(rank: int, world: int, sizes: list[int]) -> dict[tuple[str, int], torch.Tensor]:
+def gathered_every_way(rank: int, world: int, sizes: list[int]) -> dict[tuple[str, int], torch.Tensor]:
     """What each variant gathers from ``arange(n) + 1000 * rank``, per size ``n`` (they must agree)."""
     groups, out = _groups(rank, world), {}
     for n in sizes:
@@ -126,7 +167,7 @@ def _measure(rank: int, world: int, sizes: list[int], repeats: int) -> dict:
         calls = max(10, min(1000, int(3e7 // (n + 30_000))))
         for round_ in range(repeats):
             for overlap in (False, True):
-                for variant, group in variants if round_ % 2 == 0 else variants[::-1]:
+                for variant, group in variants[round_ % len(variants):] + variants[: round_ % len(variants)]:
                     key = (n, variant + (" + compute" if overlap else ""))
                     k = max(1, calls // 5) if overlap else calls
                     results.setdefault(key, []).append(_per_call_ms(lambda: gather(x, group, overlap), k))

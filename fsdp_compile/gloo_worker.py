@@ -21,6 +21,12 @@ stay asynchronous to the main thread, which keeps computing while they run.
 The twin is registered under its own group name, so functional collectives
 (``torch.ops._c10d_functional``) resolve it by name, traced or eager. The user's group is
 untouched; our state dicts and rank checks still use it.
+
+The twin is a plain (C++) ``ProcessGroup``, never a Python subclass: a tensor passed through a
+Python override acquires a Python object, and when gloo's worker drops the last C++ reference to
+it, it waits for the GIL while holding its queue lock. The main thread holds the GIL and is
+waiting for that lock to queue the next collective, so the process deadlocks (ARCHITECTURE.md,
+lessons).
 """
 from __future__ import annotations
 

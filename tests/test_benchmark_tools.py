@@ -4,6 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import cpu_by_thread  # noqa: E402
 import gloo_primitives  # noqa: E402
 import memory_peak  # noqa: E402
 import torch  # noqa: E402
@@ -33,11 +34,37 @@ def test_memory_peak_matches_each_free_to_its_allocation_and_reports_the_blocks_
     assert report[6:] == ["       1 ->      4    8.00 MiB  backward: fsdp_compile::all_gather_copy_out_fused / aten::empty"]
 
 
-def test_gloo_primitives_send_recv_gather_matches_the_functional_all_gather():
-    """The benchmark's send/recv variant gathers exactly what the functional op does."""
+def test_gloo_primitives_send_recv_and_broadcast_gathers_match_the_functional_all_gather():
+    """The benchmark's send/recv and broadcast variants gather exactly what the functional op does."""
     sizes = [1, 5, 70_000]
-    for got in run_ranks(gloo_primitives.gathered_both_ways, 2, sizes, timeout=120):
+    for got in run_ranks(gloo_primitives.gathered_every_way, 2, sizes, timeout=120):
+        assert sorted({variant for variant, _ in got}) == ["broadcasts", "functional", "send/recv"]
         for n in sizes:
             want = torch.cat([torch.arange(n, dtype=torch.float32) + 1000 * r for r in range(2)])
-            assert torch.equal(got["functional", n], want), n
-            assert torch.equal(got["send/recv", n], want), n
+            for variant in ("functional", "send/recv", "broadcasts"):
+                assert torch.equal(got[variant, n], want), (variant, n)
+
+
+def test_cpu_by_thread_charges_each_sample_to_its_thread_and_the_kind_of_its_function():
+    """One sample per ``perf script -F comm,ip,sym`` line, in ms per rank per step (999 Hz)."""
+    script = "\n".join([
+        "          python      7f0b mkl_blas_avx512_sgemm_kernel_0",
+        "          python      7f0c mkl_blas_avx512_sgemm_kernel_0_b0",
+        "      python3.11      7f0d gc_collect_main",
+        " pt_gloo_runloop      7f0e c10::function_ref<void (char**, long const*, long, long)>::callback_fn<at::native::AVX2::direct_copy_kernel>",
+        "   gloo_tcp_loop  ffffffff _copy_to_iter",
+        "   gloo_tcp_loop  ffffffff exc_page_fault",
+        "       kdamond.0  ffffffff damon_something",
+        "          python      7f0f",
+    ])
+    got = cpu_by_thread.tally(script, steps=2, ranks=2)
+    ms = 1e3 / 999 / 4
+    assert got == {
+        ("main", "matmul"): 2 * ms,
+        ("main", "python gc"): ms,
+        ("main", "other"): ms,
+        ("pt_gloo_runloop", "copies"): ms,
+        ("gloo_tcp_loop", "socket copies"): ms,
+        ("gloo_tcp_loop", "page faults"): ms,
+        ("other threads", "other"): ms,
+    }
