@@ -78,8 +78,9 @@ class _BroadcastGroup(dist.ProcessGroup):
     it holds its queue lock; the main thread, holding the GIL, may be waiting for that lock to
     queue the next collective: a deadlock. So every work stays referenced here until a later one
     has completed: the one worker runs them in order and lets go of each before starting the next
-    (``ProcessGroupGloo::runLoop`` in torch 2.13; an internal, which is why fsdp_compile's twin
-    does not do this).
+    (``ProcessGroupGloo::runLoop`` in torch 2.13). That is enough for this benchmark, which runs
+    nothing else on the group. As the twin of a training step it was not: a step deadlocked the
+    same way on an all-to-all's work (benchmarks/README.md, "Where the extra CPU goes").
     """
 
     def __init__(self, rank: int, size: int):
@@ -114,15 +115,18 @@ def _groups(rank: int, world: int) -> dict[str, str]:
     gloo = dist.distributed_c10d._resolve_process_group(twin)._get_backend(torch.device("cpu"))
     names = {"functional": twin}
     for variant, cls in (("send/recv", _SendRecvGroup), ("broadcasts", _BroadcastGroup)):
-        name = f"gloo_primitives/{variant}"
-        group = cls(rank, world)
-        group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
-        group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, gloo)
-        group._set_group_name(name)
-        _register_process_group(name, group)
-        _KEEP.append(group)
-        names[variant] = name
+        names[variant] = _registered(cls(rank, world), gloo, f"gloo_primitives/{variant}").group_name
     return names
+
+
+def _registered(group: dist.ProcessGroup, gloo, name: str) -> dist.ProcessGroup:
+    """``group`` served by the gloo backend ``gloo``, registered (and kept) under ``name``."""
+    group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+    group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, gloo)
+    group._set_group_name(name)
+    _register_process_group(name, group)
+    _KEEP.append(group)
+    return group
 
 
 def gathered_every_way(rank: int, world: int, sizes: list[int]) -> dict[tuple[str, int], torch.Tensor]:
