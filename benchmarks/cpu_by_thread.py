@@ -97,7 +97,7 @@ def _worker(rank: int, world: int, name: str, model: str, steps: int, data: str)
     perf = None
     if rank == 0:
         perf = subprocess.Popen(["perf", "record", "-F", str(HZ), "-o", data, "-p", ",".join(map(str, pids))],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(2.0)  # perf attaches to every thread of both processes
     dist.barrier()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -107,7 +107,9 @@ def _worker(rank: int, world: int, name: str, model: str, steps: int, data: str)
     wall, cpu = (time.perf_counter() - t0) / steps * 1e3, (time.process_time() - c0) / steps * 1e3
     if perf is not None:
         perf.send_signal(signal.SIGINT)
-        perf.wait(timeout=60)
+        _, err = perf.communicate(timeout=60)
+        if not os.path.exists(data):
+            raise RuntimeError(f"perf record wrote no samples (root, or kernel.perf_event_paranoid <= 1?): {err.strip()[-500:]}")
     return {"wall": wall, "cpu": cpu}
 
 

@@ -22,11 +22,11 @@ The twin is registered under its own group name, so functional collectives
 (``torch.ops._c10d_functional``) resolve it by name, traced or eager. The user's group is
 untouched; our state dicts and rank checks still use it.
 
-The twin is a plain (C++) ``ProcessGroup``, never a Python subclass: a tensor passed through a
-Python override acquires a Python object, and when gloo's worker drops the last C++ reference to
-it, it waits for the GIL while holding its queue lock. The main thread holds the GIL and is
-waiting for that lock to queue the next collective, so the process deadlocks (ARCHITECTURE.md,
-lessons).
+The twin is a plain (C++) ``ProcessGroup``, never a Python subclass. Twins that overrode the
+all-gather in Python deadlocked, in the eager backward and in a compiled step. gloo's worker,
+releasing a finished work under its queue lock, had to release a tensor's Python object and
+waited for the GIL. The main thread held the GIL and was waiting for that lock to queue the next
+collective (ARCHITECTURE.md, lessons).
 """
 from __future__ import annotations
 
