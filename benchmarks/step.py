@@ -46,6 +46,9 @@ Configurations (``--only`` takes these names), each trained from the same seed o
                       local sum (fsdp_compile/collectives.py)
   fsdp_compile_inductor_reorder  backend(inductor_options={"reorder_for_peak_memory": True}):
                       Inductor's peak-memory reordering on (off by default: it moves our waits)
+  fsdp_compile_inductor_overlap  backend(inductor_options={"reorder_for_compute_comm_overlap": True,
+                      and its recommended passes}): Inductor's own compute/communication overlap
+                      scheduling (it moves collectives and waits) on top of our passes
 
 Every configuration runs in its own freshly spawned pair of processes with a new gloo process
 group (``fsdp_compile.testing.spawn.run_ranks``), each rank with one intra-op thread, inductor
@@ -159,6 +162,7 @@ CONFIGS = [
     "fsdp_compile_regather_root",
     "fsdp_compile_native_rs",
     "fsdp_compile_inductor_reorder",
+    "fsdp_compile_inductor_overlap",
     "fsdp_compile_baseline",
 ]
 COMPILED = {
@@ -166,6 +170,7 @@ COMPILED = {
     "fsdp_compile_prefetch0", "fsdp_compile_prefetch2", "fsdp_compile_bucket1mb", "fsdp_compile_aten",
     "fsdp_compile_baseline",
     "fsdp_compile_no_overlap", "fsdp_compile_regather_root", "fsdp_compile_native_rs", "fsdp_compile_inductor_reorder",
+    "fsdp_compile_inductor_overlap",
 }
 FSDP_COMPILE_BACKENDS = {  # name -> fsdp_compile.backend(...) options
     "fsdp_compile": {},
@@ -177,6 +182,13 @@ FSDP_COMPILE_BACKENDS = {  # name -> fsdp_compile.backend(...) options
     "fsdp_compile_regather_root": {"keep_root_gathered": False},
     "fsdp_compile_native_rs": {},
     "fsdp_compile_inductor_reorder": {"inductor_options": {"reorder_for_peak_memory": True}},
+    "fsdp_compile_inductor_overlap": {"inductor_options": {
+        "reorder_for_compute_comm_overlap": True,
+        "reorder_for_compute_comm_overlap_passes": [  # config.py's recommended list
+            "reorder_communication_preserving_peak_memory", "sink_waits_iterative",
+            "reorder_communication_preserving_peak_memory",
+        ],
+    }},
     "fsdp_compile_baseline": {},
 }
 OPTIONAL = {"simplefsdp_compile"}

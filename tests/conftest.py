@@ -6,6 +6,12 @@ import time
 
 import pytest
 
+from fsdp_compile.testing.spawn import forkserver_pid, start_ranks_from_a_forkserver
+
+# Ranks fork from one server that imported these once: a spawned rank would spend ~4 s of each
+# multi-rank test importing them and shutting down (``fsdp_compile.testing.spawn``).
+start_ranks_from_a_forkserver(["torch", "torch.distributed", "torch._inductor.compile_fx", "fsdp_compile"])
+
 
 def _children(pid: int) -> list[tuple[int, str]]:
     """Live descendants of ``pid`` (from /proc), as (pid, command line)."""
@@ -44,6 +50,8 @@ def _leftovers() -> list[str]:
     # Compile workers and torch's own helper processes are not ours to judge: only Python
     # processes started by multiprocessing (our ranks) or by a test's subprocess.
     for pid, cmd in _children(os.getpid()):
+        if pid == forkserver_pid():  # the ranks' fork server, lives as long as pytest (its ranks do not)
+            continue
         if "resource_tracker" in cmd:  # multiprocessing's own helper, lives as long as pytest
             continue
         if "multiprocessing" in cmd or "torchrun" in cmd or "train_" in cmd:

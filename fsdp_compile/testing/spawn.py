@@ -3,6 +3,12 @@
 Every rank gets a real ``torch.distributed`` process group on 127.0.0.1 (a fresh free port), the
 group is destroyed on the way out, and a rank that hangs (a mismatched collective) fails the
 whole run within ``timeout`` seconds instead of hanging. Results come back pickled, by rank.
+
+Ranks are fresh ``spawn`` processes unless ``start_ranks_from_a_forkserver`` was called (the test
+suite does, in ``tests/conftest.py``): a spawned rank spends about 3 s importing torch, Dynamo and
+fsdp_compile and 1 s shutting its interpreter down, against 0.05 s for a fork of a server that
+imported them once. Benchmarks keep ``spawn``: they measure a fresh process's memory, and
+``step.py --baseline`` makes its ranks import another checkout.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import socket
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,14 +34,37 @@ class RankExited:
     exit_code: int
 
 
+_start_method = "spawn"
+
+
+def start_ranks_from_a_forkserver(preload: Sequence[str]) -> None:
+    """Start the ranks of every later ``run_ranks`` call by forking a server process that has
+    imported ``preload`` once. The server must not have started threads before it forks, so
+    ``preload`` holds modules that start none at import (torch, fsdp_compile). A forked rank
+    inherits the server's environment, not the caller's: ``run_ranks`` sends the caller's
+    ``os.environ`` along, which covers what is read after import (``LOCAL_WORLD_SIZE``, ports),
+    not what a preloaded module read when it was imported."""
+    global _start_method
+    mp.get_context("forkserver").set_forkserver_preload(list(preload))
+    _start_method = "forkserver"
+
+
+def forkserver_pid() -> int | None:
+    """The pid of the server ranks are forked from, or ``None`` (spawned ranks, or not started)."""
+    from multiprocessing import forkserver
+
+    return getattr(forkserver._forkserver, "_forkserver_pid", None) if _start_method == "forkserver" else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, timeout, fn, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(rank, world, port, timeout, fn, args, queue, environ):
+    os.environ.clear()
+    os.environ.update(environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # One intra-op thread per rank: ranks share this machine's cores, and threads of several
     # ranks spin-waiting on each other cost 10-100x (the env var is too late here: torch is loaded).
     torch.set_num_threads(1)
@@ -61,11 +90,12 @@ def run_ranks(
     ``TimeoutError`` when a rank has not finished after ``timeout`` seconds. A rank in
     ``may_exit`` (a fault test's victim) may die without a result: its entry is then
     ``RankExited(exit_code)``."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(_start_method)
     queue = ctx.Queue()
     port = free_port()
+    environ = dict(os.environ)
     procs = [
-        ctx.Process(target=_entry, args=(r, world, port, timeout, fn, args, queue), daemon=True)
+        ctx.Process(target=_entry, args=(r, world, port, timeout, fn, args, queue, environ), daemon=True)
         for r in range(world)
     ]
     for p in procs:
