@@ -287,12 +287,7 @@ def _decomposed_graph_facts(model) -> dict:
     return facts
 
 
-@pytest.mark.parametrize(
-    "lowering",
-    # the Triton interpreter runs every traced kernel in Python: ~35 s; .ci/run runs it with the
-    # slow tests (tests/test_kernels.py checks the kernels themselves in the default suite)
-    ["aten", pytest.param("triton", marks=pytest.mark.slow)],
-)
+@pytest.mark.parametrize("lowering", ["aten", "triton"])  # triton: ~35 s in Triton's interpreter
 def test_traced_copies_keep_structure_prefetch_and_parity(lowering):
     for res in run_ranks(traced_copies_run, 2, lowering, timeout=900):
         for strategy, run in res.items():
