@@ -12,6 +12,11 @@ and adds "traced" columns: the ``wrap_triton`` kernels a compiled graph launches
 (``kernels/triton_traced.py``), called eagerly.
 
     python benchmarks/copy_kernels.py [--quick] [--json out.json] [--device cuda]
+
+``--per-call`` instead times one call of each opaque ``fsdp_compile::*_fused`` op (what a
+compiled CPU graph runs per copy) on a small unit, the README GPT's block at world 2, against the
+same body called directly and through a ``torch.library.custom_op`` twin: what each call costs
+on top of its copy.
 """
 
 from __future__ import annotations
@@ -100,12 +105,68 @@ def run(n, total_bytes, device, iters):
     return row
 
 
+README_BLOCK = [(64,), (64,), (192, 64), (192,), (64, 64), (64,), (64,), (64,), (256, 64), (256,), (64, 256), (64,)]
+
+
+_CUSTOM_OP_TWINS: dict = {}
+
+
+def per_call(rounds: int = 7, calls: int = 2000) -> list[dict]:
+    """Median us per call, over ``rounds`` of ``calls``, of each copy op three ways."""
+    from fsdp_compile.kernels import ops
+    from fsdp_compile.kernels._offsets import pack_shapes
+
+    padded = list(padded_numels(README_BLOCK, WORLD))
+    gathered = torch.randn(WORLD * sum(padded))
+    flat, ndims = pack_shapes(README_BLOCK)
+    shards = [torch.randn(s[0] // WORLD, *s[1:]) for s in README_BLOCK]
+    grads = [torch.randn(s) for s in README_BLOCK]
+    fused, f32 = torch.ops.fsdp_compile, torch.float32
+    cases = {  # name: (arguments, our library op, the body it runs)
+        "all_gather_copy_out": ((gathered, flat, ndims, WORLD), fused.all_gather_copy_out_fused.default, ops._all_gather_copy_out_real),
+        "all_gather_copy_in": ((shards, padded, f32), fused.all_gather_copy_in_fused.default, ops._all_gather_copy_in_real),
+        "reduce_scatter_copy_in": ((grads, WORLD, f32), fused.reduce_scatter_copy_in_fused.default, ops._reduce_scatter_copy_in_real),
+    }
+    rows = []
+    for name, (args, library_op, body) in cases.items():
+        if name not in _CUSTOM_OP_TWINS:  # an op is defined once per process
+            _CUSTOM_OP_TWINS[name] = torch.library.custom_op(f"fsdp_compile_bench::{name}", mutates_args=())(body)
+        twin = _CUSTOM_OP_TWINS[name]
+        ways = {"custom_op": twin._opoverload, "library op (ours)": library_op, "body alone": body}
+        outputs = [fn(*args) for fn in ways.values()]  # the three ways do the same copy
+        for got in outputs[:2]:
+            torch.testing.assert_close(got, outputs[2], rtol=0, atol=0)
+        times: dict = {way: [] for way in ways}
+        for fn in ways.values():  # warm-up
+            for _ in range(calls // 10):
+                fn(*args)
+        for _ in range(rounds):  # interleaved, so drift hits every way alike
+            for way, fn in ways.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn(*args)
+                times[way].append((time.perf_counter() - t0) / calls * 1e6)
+        rows.append({"op": name, **{way: sorted(t)[len(t) // 2] for way, t in times.items()}})
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few iterations (smoke run)")
     parser.add_argument("--json", help="write the rows to this path")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--per-call", action="store_true", help="us per call of the opaque CPU ops, 3 ways")
     args = parser.parse_args()
+    if args.per_call:
+        torch.set_num_threads(1)  # as each rank runs
+        rows = per_call(rounds=3, calls=200) if args.quick else per_call()
+        print("us per call (median), one thread, the README GPT's block at world 2")
+        for r in rows:
+            print(" | ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{v:>22}" for k, v in r.items()))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     device = torch.device(args.device)
     sizes = [(10, 1 << 20), (100, 4 << 20)] if args.quick else [
         (n, mib << 20) for mib in (64, 512) for n in (10, 100, 1000)

@@ -38,6 +38,19 @@ from fsdp_compile.kernels._offsets import pack_shapes, padded_numels as _padded_
 
 TRITON_MIN_NUMEL = 1 << 16
 
+# The opaque ``*_fused`` ops run only in compiled graphs, after AOTAutograd: they need no autograd
+# formula, so they are plain library ops whose one CompositeExplicitAutograd kernel is the eager
+# body. A ``custom_op`` would add its Python autograd and checking layers to every call: 104 us
+# against 81 us for a README-GPT block's copy-out (``benchmarks/README.md``).
+_LIB = torch.library.Library("fsdp_compile", "FRAGMENT")
+
+
+def _opaque_op(name: str, schema: str, body, fake) -> None:
+    """Define ``fsdp_compile::name(schema)``, run ``body`` on real tensors and ``fake`` when traced."""
+    _LIB.define(name + schema, tags=(torch.Tag.pt2_compliant_tag,))
+    _LIB.impl(name, body, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"fsdp_compile::{name}", fake, lib=_LIB)
+
 
 def eager_kernels(device: torch.device, numel: int):
     """The module whose functions copy real tensors on ``device`` for a bucket of ``numel``."""
@@ -79,14 +92,11 @@ def _agci_backward(ctx, grad):
 _all_gather_copy_in.register_autograd(_agci_backward, setup_context=_agci_setup)
 
 
-_all_gather_copy_in_fused = torch.library.custom_op("fsdp_compile::all_gather_copy_in_fused", mutates_args=())(
-    _all_gather_copy_in_real
+_opaque_op(
+    "all_gather_copy_in_fused", "(Tensor[] shards, SymInt[] padded_numels, ScalarType dtype) -> Tensor",
+    _all_gather_copy_in_real,
+    lambda shards, padded_numels, dtype: shards[0].new_empty(sum(padded_numels), dtype=dtype),
 )
-
-
-@_all_gather_copy_in_fused.register_fake
-def _(shards, padded_numels, dtype):
-    return shards[0].new_empty(sum(padded_numels), dtype=dtype)
 
 
 # all_gather_copy_out ---------------------------------------------------------------------------
@@ -106,14 +116,12 @@ def _all_gather_copy_out(gathered: Tensor, flat_shapes: list[int], ndims: list[i
     return _all_gather_copy_out_real(gathered, flat_shapes, ndims, world_size)
 
 
-_all_gather_copy_out_fused = torch.library.custom_op("fsdp_compile::all_gather_copy_out_fused", mutates_args=())(
-    _all_gather_copy_out_real
+_opaque_op(
+    "all_gather_copy_out_fused",
+    "(Tensor gathered, SymInt[] flat_shapes, SymInt[] ndims, SymInt world_size) -> Tensor[]",
+    _all_gather_copy_out_real,
+    lambda gathered, flat_shapes, ndims, world_size: [gathered.new_empty(s) for s in unpack_shapes(flat_shapes, ndims)],
 )
-
-
-@_all_gather_copy_out_fused.register_fake
-def _(gathered, flat_shapes, ndims, world_size):
-    return [gathered.new_empty(s) for s in unpack_shapes(flat_shapes, ndims)]
 
 
 def _agco_setup(ctx, inputs, output):
@@ -164,14 +172,13 @@ def _rsci_backward(ctx, grad):
 _reduce_scatter_copy_in.register_autograd(_rsci_backward, setup_context=_rsci_setup)
 
 
-_reduce_scatter_copy_in_fused = torch.library.custom_op(
-    "fsdp_compile::reduce_scatter_copy_in_fused", mutates_args=()
-)(_reduce_scatter_copy_in_real)
-
-
-@_reduce_scatter_copy_in_fused.register_fake
-def _(grads, world_size, dtype):
-    return grads[0].new_empty(world_size * sum(_padded_numels([g.shape for g in grads], world_size)), dtype=dtype)
+_opaque_op(
+    "reduce_scatter_copy_in_fused", "(Tensor[] grads, SymInt world_size, ScalarType dtype) -> Tensor",
+    _reduce_scatter_copy_in_real,
+    lambda grads, world_size, dtype: grads[0].new_empty(
+        world_size * sum(_padded_numels([g.shape for g in grads], world_size)), dtype=dtype
+    ),
+)
 
 
 # Python wrappers (public): argument checks, then the op ----------------------------------------
