@@ -1,7 +1,7 @@
 """``run_ranks``, the helper every multi-rank test starts its gloo ranks with.
 
 The suite forks ranks from a server that imported torch and fsdp_compile once
-(``tests/conftest.py``); these tests pin what that must not change against a spawned rank: the
+(``tests/conftest.py``); this test pins what that must not change against a spawned rank: the
 caller's environment at the call, one intra-op thread, a fresh default process group, and state
 that does not leak from one call's ranks into the next's.
 """

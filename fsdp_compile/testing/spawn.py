@@ -42,10 +42,10 @@ def start_ranks_from_a_forkserver(preload: Sequence[str]) -> None:
     imported ``preload`` once. A fork copies only the forking thread, so ``preload`` must not
     start threads a rank needs or that could hold a lock at the fork: importing torch,
     Inductor and fsdp_compile starts only numpy's OpenBLAS pool, which OpenBLAS stops before a
-    fork (``pthread_atfork``) and restarts when used. A forked rank
-    inherits the server's environment, not the caller's: ``run_ranks`` sends the caller's
-    ``os.environ`` along, which covers what is read after import (``LOCAL_WORLD_SIZE``, ports),
-    not what a preloaded module read when it was imported."""
+    fork (``pthread_atfork``) and restarts when used. A forked rank inherits the server's
+    environment, not the caller's: ``run_ranks`` sends the caller's ``os.environ`` along, which
+    covers what is read after import (``LOCAL_WORLD_SIZE``, ports), not what a preloaded module
+    read when it was imported."""
     global _start_method
     mp.get_context("forkserver").set_forkserver_preload(list(preload))
     _start_method = "forkserver"
