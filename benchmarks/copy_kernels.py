@@ -105,37 +105,47 @@ def run(n, total_bytes, device, iters):
     return row
 
 
-README_BLOCK = [(64,), (64,), (192, 64), (192,), (64, 64), (64,), (64,), (64,), (256, 64), (256,), (64, 256), (64,)]
+_CUSTOM_OP_TWINS: dict = {}  # op name -> its custom_op twin (an op is defined once per process)
 
 
-_CUSTOM_OP_TWINS: dict = {}
+def _readme_block_shapes() -> list[tuple[int, ...]]:
+    """The parameter shapes of one block of the README GPT (``GPTConfig()``)."""
+    from fsdp_compile.testing.gpt import GPT, GPTConfig
+
+    return [tuple(p.shape) for p in GPT(GPTConfig()).blocks[0].parameters()]
 
 
 def per_call(rounds: int = 7, calls: int = 2000) -> list[dict]:
-    """Median us per call, over ``rounds`` of ``calls``, of each copy op three ways."""
+    """Median us per call, over ``rounds`` of ``calls``, of each copy op three ways. Every way's
+    output is first checked against the rank-major layout built from ``torch.chunk``."""
     from fsdp_compile.kernels import ops
     from fsdp_compile.kernels._offsets import pack_shapes
 
-    padded = list(padded_numels(README_BLOCK, WORLD))
-    gathered = torch.randn(WORLD * sum(padded))
-    flat, ndims = pack_shapes(README_BLOCK)
-    shards = [torch.randn(s[0] // WORLD, *s[1:]) for s in README_BLOCK]
-    grads = [torch.randn(s) for s in README_BLOCK]
+    shapes = _readme_block_shapes()
+    assert all(s[0] % WORLD == 0 for s in shapes), "the reference below assumes no padding"
+    fulls = [torch.randn(s) for s in shapes]
+    chunks = [torch.chunk(f, WORLD) for f in fulls]  # chunks[i][r]: rank r's shard of parameter i
+    slots = [torch.cat([c[r].reshape(-1) for c in chunks]) for r in range(WORLD)]
+    gathered = torch.cat(slots)
+    padded = list(padded_numels(shapes, WORLD))
+    flat, ndims = pack_shapes(shapes)
     fused, f32 = torch.ops.fsdp_compile, torch.float32
-    cases = {  # name: (arguments, our library op, the body it runs)
-        "all_gather_copy_out": ((gathered, flat, ndims, WORLD), fused.all_gather_copy_out_fused.default, ops._all_gather_copy_out_real),
-        "all_gather_copy_in": ((shards, padded, f32), fused.all_gather_copy_in_fused.default, ops._all_gather_copy_in_real),
-        "reduce_scatter_copy_in": ((grads, WORLD, f32), fused.reduce_scatter_copy_in_fused.default, ops._reduce_scatter_copy_in_real),
+    cases = {  # name: (arguments, our library op, the body it runs, the expected output)
+        "all_gather_copy_out": ((gathered, flat, ndims, WORLD), fused.all_gather_copy_out_fused.default,
+                                ops._all_gather_copy_out_real, fulls),
+        "all_gather_copy_in": (([c[0] for c in chunks], padded, f32), fused.all_gather_copy_in_fused.default,
+                               ops._all_gather_copy_in_real, slots[0]),
+        "reduce_scatter_copy_in": ((fulls, WORLD, f32), fused.reduce_scatter_copy_in_fused.default,
+                                   ops._reduce_scatter_copy_in_real, gathered),
     }
     rows = []
-    for name, (args, library_op, body) in cases.items():
-        if name not in _CUSTOM_OP_TWINS:  # an op is defined once per process
-            _CUSTOM_OP_TWINS[name] = torch.library.custom_op(f"fsdp_compile_bench::{name}", mutates_args=())(body)
-        twin = _CUSTOM_OP_TWINS[name]
-        ways = {"custom_op": twin._opoverload, "library op (ours)": library_op, "body alone": body}
-        outputs = [fn(*args) for fn in ways.values()]  # the three ways do the same copy
-        for got in outputs[:2]:
-            torch.testing.assert_close(got, outputs[2], rtol=0, atol=0)
+    for name, (args, library_op, body, expected) in cases.items():
+        if name not in _CUSTOM_OP_TWINS:
+            torch.library.custom_op(f"fsdp_compile_bench::{name}", mutates_args=())(body)
+            _CUSTOM_OP_TWINS[name] = getattr(torch.ops.fsdp_compile_bench, name).default
+        ways = {"custom_op": _CUSTOM_OP_TWINS[name], "library op (ours)": library_op, "body alone": body}
+        for way, fn in ways.items():
+            torch.testing.assert_close(fn(*args), expected, rtol=0, atol=0, msg=lambda m: f"{name}, {way}: {m}")
         times: dict = {way: [] for way in ways}
         for fn in ways.values():  # warm-up
             for _ in range(calls // 10):

@@ -165,13 +165,6 @@ CONFIGS = [
     "fsdp_compile_inductor_overlap",
     "fsdp_compile_baseline",
 ]
-COMPILED = {
-    "ddp_compile", "fsdp2_compile", "simplefsdp_compile", "fsdp_compile",
-    "fsdp_compile_prefetch0", "fsdp_compile_prefetch2", "fsdp_compile_bucket1mb", "fsdp_compile_aten",
-    "fsdp_compile_baseline",
-    "fsdp_compile_no_overlap", "fsdp_compile_regather_root", "fsdp_compile_native_rs", "fsdp_compile_inductor_reorder",
-    "fsdp_compile_inductor_overlap",
-}
 FSDP_COMPILE_BACKENDS = {  # name -> fsdp_compile.backend(...) options
     "fsdp_compile": {},
     "fsdp_compile_prefetch0": {"prefetch": 0},
@@ -191,6 +184,7 @@ FSDP_COMPILE_BACKENDS = {  # name -> fsdp_compile.backend(...) options
     }},
     "fsdp_compile_baseline": {},
 }
+COMPILED = {"ddp_compile", "fsdp2_compile", "simplefsdp_compile", *FSDP_COMPILE_BACKENDS}
 OPTIONAL = {"simplefsdp_compile"}
 MODELS = ("readme", "8x512")  # GPTConfig() and GPT_8X512
 BREAKDOWN = ("ddp_compile", "fsdp2", "fsdp_compile", "fsdp_compile_aten")  # the systems whose step is broken into phases
