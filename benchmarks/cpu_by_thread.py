@@ -11,8 +11,8 @@ work by the innermost function it hit (``KINDS``). The table gives ms of CPU per
 The profiler's view (``step.py``'s breakdown) times ops on the main thread; this one sees every
 thread, user and kernel, which is what bounds a CPU rank whose threads share one core. Needs the
 ``perf`` tool (``linux-tools``) and permission to profile the ranks (root, or
-``kernel.perf_event_paranoid`` <= 1). What it found is in benchmarks/README.md ("Where the extra
-CPU goes").
+``kernel.perf_event_paranoid`` <= 1). What it found is in benchmarks/README.md ("Where the CPU
+goes").
 """
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ whole process (every thread: gloo's worker and transport threads too):
   wait, as a prefetched gather runs in a training step.
 
 Variants alternate (A B A B ...) over ``--repeats`` rounds; the table shows every round. The
-levers this measured, and why neither was kept, are in benchmarks/README.md ("Lever: gathers as
-send/recv pairs", "Lever: all-gathers as in-place broadcasts").
+levers this measured, and why neither was kept, are in benchmarks/README.md ("Levers tried and
+not kept").
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class _BroadcastGroup(dist.ProcessGroup):
     has completed: the one worker runs them in order and lets go of each before starting the next
     (``ProcessGroupGloo::runLoop`` in torch 2.13). That is enough for this benchmark, which runs
     nothing else on the group. As the twin of a training step it was not: a step deadlocked the
-    same way on an all-to-all's work (benchmarks/README.md, "Where the extra CPU goes").
+    same way on an all-to-all's work (benchmarks/README.md, "Levers tried and not kept").
     """
 
     def __init__(self, rank: int, size: int):

@@ -1,4 +1,4 @@
-"""How cost grows (issue 14): per-rank steady memory and step time of fsdp_compile (compiled) and
+"""How cost grows: per-rank steady memory and step time of fsdp_compile (compiled) and
 FSDP2 (eager) over layers x world size, on gloo CPU ranks.
 
     python benchmarks/scaling.py [--layers 4 8 16] [--worlds 1 2 4] [--dim 256] [--steps 8]

@@ -14,7 +14,8 @@ gloo has no reduce-scatter of its own: ``reduce_scatter_tensor`` on a gloo group
 whole input (every byte travels twice) and keeps a slice. On such groups (``CommSpec.
 reduce_scatter == "all_to_all"``) the reduce-scatter is an ``all_to_all_single`` (rank r receives
 every rank's slot r: each byte travels once) and a sum of the received slots in rank order, the
-same order on every rank; measured 1.2-2x faster than gloo's on 2 and 4 ranks.
+same order on every rank (faster than gloo's; benchmarks/README.md, "What do the collectives
+cost").
 """
 from __future__ import annotations
 

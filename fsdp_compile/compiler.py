@@ -68,10 +68,8 @@ class CompiledGraphs:
 # ``reorder_for_peak_memory`` off: our passes place each gather, wait and reduction on purpose
 # (passes/reorder.py, passes/defer_reduce_waits.py); Inductor's peak-memory reordering moved
 # them (it pulled the first backward gather's wait in front of the output head's backward, and
-# sank every deferred reduction's wait to the end of the backward). Off (with the backward's
-# first gather issued early), the 8x512 GPT's step was 0.87-1.05x of before over 7 interleaved
-# rounds, median 0.97x, at the same total memory; left on, the early gather cost +10%
-# (benchmarks/README.md).
+# sank every deferred reduction's wait to the end of the backward). The A/B is in
+# benchmarks/README.md ("What each default buys").
 INDUCTOR_DEFAULTS = {"reorder_for_peak_memory": False}
 
 
@@ -257,9 +255,8 @@ def backend(
 
     ``overlap_reductions`` (on by default): ``passes.defer_reduce_waits`` lets each unit's
     gradient reduction overlap the next unit's backward, at the cost of one more packed gradient
-    buffer in flight (on this machine: 0.96x the step of ``False`` on the 8x512 GPT, at the same
-    total memory; benchmarks/README.md). ``False`` waits for each reduction right after its
-    issue. ``keep_root_gathered``: the root unit stays gathered from forward to backward
+    buffer in flight (benchmarks/README.md has the A/B). ``False`` waits for each reduction
+    right after its issue. ``keep_root_gathered``: the root unit stays gathered from forward to backward
     (FSDP2's root). ``inductor_options``: entries of ``torch._inductor.config`` for our graphs'
     Inductor compile, over ``INDUCTOR_DEFAULTS`` (``{"reorder_for_peak_memory": False}``:
     Inductor would move the waits our passes place)."""

@@ -11,7 +11,7 @@ as a heap-use-after-free of a 20-byte string, freed by one ``runLoop`` thread an
 other. Without it the process dies later with ``malloc(): unaligned tcache chunk detected``.
 FSDP has two collectives in flight whenever a prefetched all-gather runs beside a gradient
 reduction, so a long run on gloo hits the race sooner or later (benchmarks/README.md, "The gloo
-heap corruption").
+heap race").
 
 Invariant: every collective fsdp_compile issues on a gloo group goes through that group's twin,
 a ``ProcessGroupGloo`` over the same ranks, devices and timeout with exactly one worker thread.

@@ -8,7 +8,7 @@ Every unit of a model uses the same ``Groups``:
   of each reduced gradient shard);
 - *everyone*: every rank of the two together, where the lockstep and schedule checks run.
 
-A 1-D mesh or a process group is today's plain sharding (no replicate group). A 2-D mesh must
+A 1-D mesh or a process group is plain sharding (no replicate group). A 2-D mesh must
 name its dims ``("replicate", "shard")``, as FSDP2's HSDP meshes do; on it FULL_SHARD becomes
 HYBRID_SHARD and SHARD_GRAD_OP becomes HYBRID_SHARD_ZERO2.
 """

@@ -26,13 +26,10 @@ is unchanged and the move is a pure function of the graph: every rank issues the
 A reduction is a ``reduce_scatter_tensor``, the ``all_to_all_single`` that stands for it on gloo
 groups (``collectives.py``), or an ``all_reduce``. Entry point ``defer_reduce_waits``.
 
-On by default (``fsdp_compile.backend(overlap_reductions=False)`` turns it off). Measured
-interleaved against ``False`` on this machine: 0.96-0.98x the step per round on the 8x512 GPT
-and 0.94-0.95x in two of three rounds on the README GPT, at the same total memory
-(benchmarks/README.md). It was opt-in while its 1,000-step runs on gloo died of a heap
-corruption: gloo's two worker threads finishing collectives at the same time, which the overlap
-makes more frequent. Our collectives now run on one-worker twins of gloo groups
-(``fsdp_compile/gloo_worker.py``).
+On by default (``fsdp_compile.backend(overlap_reductions=False)`` turns it off); what it buys
+is in benchmarks/README.md ("What each default buys"). With two collectives in flight, gloo's
+two worker threads could finish at the same time and race; our collectives run on one-worker
+twins of gloo groups (``fsdp_compile/gloo_worker.py``).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Activation checkpointing on a sharded model (issue 11), eager and compiled, on 2 gloo ranks.
+"""Activation checkpointing on a sharded model, eager and compiled, on 2 gloo ranks.
 
 Every way users checkpoint: ``torch.utils.checkpoint.checkpoint`` around a unit (non-reentrant
 and reentrant), ``apply_activation_checkpointing`` (``checkpoint_wrapper``), selective

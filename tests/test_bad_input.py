@@ -1,5 +1,5 @@
-"""Every mistake a user can make with the public API is a clear error (issue 16's table, also in
-the README): the exception type, and a message that names the parameter, module or option and
+"""Every mistake a user can make with the public API is a clear error (the table in the
+README): the exception type, and a message that names the parameter, module or option and
 says what to do. Single-process cases run here (world size 1); the cross-rank one spawns 2 ranks.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sharded checkpoints (issue 12) on real gloo ranks: ``model.state_dict()`` / optimizer state as
+"""Sharded checkpoints on real gloo ranks: ``model.state_dict()`` / optimizer state as
 DTensors, ``torch.distributed.checkpoint`` save / load / async_save, the
 ``torch.distributed.checkpoint.state_dict`` functions, resharding (world 2 -> 3, -> 1 with
 ``no_dist``, -> a plain unsharded model) and the full state dicts. References: the unsharded

@@ -1,4 +1,4 @@
-"""Eager FSDP (issue 2): parity with DDP, empty shards, memory, world size 1, errors, gradients.
+"""Eager FSDP: parity with DDP, empty shards, memory, world size 1, errors, gradients.
 
 No ``torch.compile`` here. Multi-rank tests run real 2-rank gloo groups
 (``fsdp_compile.testing.spawn.run_ranks``); to keep the suite fast, one spawn runs every case of

@@ -1,5 +1,5 @@
 """The Llama example runs as users launch it: under torchrun, and as a plain script that spawns
-its own ranks (issue 11). Each run is a real subprocess with a timeout."""
+its own ranks. Each run is a real subprocess with a timeout."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Faults between ranks (issue 16), each ending on every rank with an error that names the cause,
+"""Faults between ranks, each ending on every rank with an error that names the cause,
 never a hang or a wrong result.
 
 A rank that dies mid-step: every other rank stops within seconds with a ``CollectiveError``

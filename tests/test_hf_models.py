@@ -1,4 +1,4 @@
-"""Hugging Face models trained with fully_shard (issue 11), on 2 gloo ranks, built from tiny
+"""Hugging Face models trained with fully_shard, on 2 gloo ranks, built from tiny
 configs (no network): a Llama decoder (GQA, rotary buffers, tied embeddings) and GPT-2
 (``Conv1D`` weights, learned positions). For each family, as a user would write it:
 
@@ -100,7 +100,7 @@ def family_cases(rank: int, world: int, family: str) -> dict:
         model = copy.deepcopy(base).to(dtype)
         if checkpointing:
             model.gradient_checkpointing_enable()
-        if wrapper:  # torch's own recipe, applied before fully_shard (issue 11's first failure)
+        if wrapper:  # torch's own recipe, applied before fully_shard
             apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, layer_cls))
         fully_shard(model, policy={layer_cls}, mixed_precision=mp)
         torch._dynamo.reset()

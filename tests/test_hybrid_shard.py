@@ -1,4 +1,4 @@
-"""Hybrid sharding (issue 15) on 4 real gloo ranks: a 2 x 2 ``("replicate", "shard")`` mesh.
+"""Hybrid sharding on 4 real gloo ranks: a 2 x 2 ``("replicate", "shard")`` mesh.
 
 Ranks [[0, 1], [2, 3]]: shard groups {0, 1} and {2, 3}, replicate groups {0, 2} and {1, 3}.
 References: DDP over all four ranks (float64, same data per rank, gradient accumulation with

@@ -1,4 +1,4 @@
-"""Property-based tests (issue 16): random module trees, sharded, train like DDP, and compiled
+"""Property-based tests: random module trees, sharded, train like DDP, and compiled
 trains like eager.
 
 ``hypothesis`` draws a model spec -- an optional Embedding, then blocks of Linear / LayerNorm /

@@ -1,4 +1,4 @@
-"""What a large-model recipe does around the training step (issue 11), on 2 gloo ranks:
+"""What a large-model recipe does around the training step, on 2 gloo ranks:
 meta-device init (``param_init_fn``), calling a sharded submodule on its own, ``.to(dtype)``
 after ``fully_shard``, and ``to_empty``. One spawn runs every case; each returns plain data or
 its traceback; the parent asserts. References: the same model built on the CPU with the same

@@ -1,4 +1,4 @@
-"""use_orig_params behaviours of a sharded model (issue 5), eager and compiled, on 2 gloo ranks.
+"""use_orig_params behaviours of a sharded model, eager and compiled, on 2 gloo ranks.
 
 Every behaviour runs for FULL_SHARD, SHARD_GRAD_OP and NO_SHARD, eagerly and under
 ``torch.compile`` (``fsdp_compile.backend(inner="aot_eager")``; behaviour 1 also with the default

@@ -40,8 +40,8 @@ TRITON_MIN_NUMEL = 1 << 16
 
 # The opaque ``*_fused`` ops run only in compiled graphs, after AOTAutograd: they need no autograd
 # formula, so they are plain library ops whose one CompositeExplicitAutograd kernel is the eager
-# body. A ``custom_op`` would add its Python autograd and checking layers to every call: 98 us
-# against 79 us for a README-GPT block's copy-out (``benchmarks/copy_kernels.py --per-call``).
+# body. A ``custom_op`` would add its Python autograd and checking layers to every call
+# (``benchmarks/copy_kernels.py --per-call`` measures both; benchmarks/README.md).
 _LIB = torch.library.Library("fsdp_compile", "FRAGMENT")
 
 

@@ -14,9 +14,8 @@ Per device, ``lowering(device)`` picks (the backend's ``copies=`` option overrid
   mix, up to 256 sources per launch).
 - ``"fused"`` (CPU default): one opaque ``fsdp_compile::*_fused`` op per copy, whose body is the
   eager torch-op copy (``cpu.py``: ``torch._chunk_cat``, ``torch.cat``,
-  ``torch.split_with_sizes_copy``). Kept because it measured 5.2% faster per step than
-  ``"aten"`` on the 8x512 GPT (``benchmarks/step.py --model 8x512``, one run, 2 rounds: 1750 vs
-  1845 ms; the table is in benchmarks/README.md).
+  ``torch.split_with_sizes_copy``). Kept because it is faster per step than
+  ``"aten"`` on the 8x512 GPT (benchmarks/README.md, "What do the copy kernels cost").
 - ``"aten"``: everything through ``aten.py``, any device: Inductor generates the copies itself
   and can fuse casts and gradient producers into them.
 """

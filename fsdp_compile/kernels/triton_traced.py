@@ -19,8 +19,8 @@ its own, and a ``@triton.jit`` function has a fixed argument list. ``many_source
         _copy_block(from_0 + src_off, dst_ptr + dst_off, offs, copy_len, total_len)
 
 ``which`` is one scalar per program, so choosing the source is ``K - 1`` scalar selects and the
-copy itself is written once. (A branch per source instead compiles in 6.6 s for 128 sources and
-71 s for 400, measured to a sm_80 cubin; the selects compile in under a second for 512.) A select
+copy itself is written once. (A branch per source instead makes compile time grow steeply with
+the source count; benchmarks/README.md has the numbers.) A select
 needs one pointer type, so sources are passed grouped by dtype and each group gets its own select
 chain and copy body behind ``if which < <end of group>``: a mixed-dtype list is still one launch
 (``many_source_kernel((3, 2))`` for three fp32 and two bf16 sources).

@@ -24,7 +24,7 @@ class GPTConfig:
         return self.ffn or 4 * self.dim
 
 
-# The "not tiny" GPT of the benchmarks (issue 14): 8 blocks x d 512, ffn 2048, vocab 8192,
+# The "not tiny" GPT of the benchmarks: 8 blocks x d 512, ffn 2048, vocab 8192,
 # seq 128, untied head; 33.7 M parameters.
 GPT_8X512 = GPTConfig(vocab=8192, dim=512, layers=8, heads=8, seq=128, ffn=2048, tied=False)
 
