@@ -30,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import step  # noqa: E402  (the configurations, the model and one training step)
+import measure  # noqa: E402  (one training step)
+import systems  # noqa: E402  (the systems and the models)
 
 from fsdp_compile.testing.spawn import run_ranks  # noqa: E402
 
@@ -82,12 +83,12 @@ def _worker(rank: int, world: int, name: str, model: str, steps: int, data: str)
 
     torch.set_num_threads(1)
     inductor_config.compile_threads = 1
-    cfg = step._config(model)
-    net, scale = step._build(name, rank, world, cfg)
-    opt = torch.optim.AdamW(net.parameters(), lr=step.LR)
+    cfg = systems.model_config(model)
+    net, scale = systems.build(name, rank, world, cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=systems.LR)
 
     def one(i):
-        step.train_step(net, opt, gpt_batch(i, rank, cfg), scale)
+        measure.train_step(net, opt, gpt_batch(i, rank, cfg), scale)
         opt.zero_grad(set_to_none=True)
 
     for i in range(4):

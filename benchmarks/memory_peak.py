@@ -16,7 +16,7 @@ lifetimes. Before that, what the process holds between steps (glibc ``mallinfo2`
 profiled step.
 
 Reading it: the phase of the peak (``forward``, ``backward`` or ``optimizer``, the profiler ranges
-of ``step.train_step``) and what it holds, e.g. the forward's saved activations, the gathered
+of ``measure.train_step``) and what it holds, e.g. the forward's saved activations, the gathered
 parameters, the communication buffers in flight. Inductor reuses a dead buffer's block for a later
 tensor of the same size (``buf48 = buf28; del buf28  # reuse`` in its generated code), so in a
 compiled graph a block is listed under the op that first allocated it: a gathered weight's copy-out
@@ -57,7 +57,7 @@ def _allocations(prof) -> list[tuple[int, int, int, str]]:
     return out
 
 
-PHASE_RANGES = ("forward", "backward", "optimizer")  # step.train_step's phase names
+PHASE_RANGES = ("forward", "backward", "optimizer")  # measure.train_step's phase names
 
 
 def _site(names: tuple[str, ...], depth: int) -> str:
@@ -118,19 +118,20 @@ def _worker(rank: int, world: int, name: str, model_name: str, steps: int, depth
     import torch.distributed as dist
     from torch.profiler import record_function
 
-    import step as bench
+    import measure
+    import systems
     from fsdp_compile.testing.gpt import gpt_batch
     from fsdp_compile.testing.memory import bytes_in_use, profile_step
 
     torch.set_num_threads(1)
     held = {"process with its process group": bytes_in_use()}
-    cfg = bench._config(model_name)
-    model, scale = bench._build(name, rank, world, cfg)
+    cfg = systems.model_config(model_name)
+    model, scale = systems.build(name, rank, world, cfg)
     held["+ the wrapped model"] = bytes_in_use()
-    opt = torch.optim.AdamW(model.parameters(), lr=bench.LR)
+    opt = torch.optim.AdamW(model.parameters(), lr=systems.LR)
 
     def one_step(i):
-        bench.train_step(model, opt, gpt_batch(i, rank, cfg), scale, phase=record_function)
+        measure.train_step(model, opt, gpt_batch(i, rank, cfg), scale, phase=record_function)
         opt.zero_grad(set_to_none=True)
 
     for i in range(steps - 1):

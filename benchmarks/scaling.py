@@ -4,7 +4,7 @@ FSDP2 (eager) over layers x world size, on gloo CPU ranks.
     python benchmarks/scaling.py [--layers 4 8 16] [--worlds 1 2 4] [--dim 256] [--steps 8]
                                  [--json bench_results/scaling.json]
 
-Each point is one ``benchmarks/step.py`` configuration run (``_run_one``: fresh processes, one
+Each point is one ``benchmarks/step.py`` configuration run (``measure.run_system``: fresh processes, one
 intra-op thread per rank, profiler-measured step peak, ``mallinfo2`` steady bytes) on a GPT of
 ``L`` blocks x d ``dim`` (vocab 8192, seq 128, untied head, batch 4 per rank). Sharded state
 should fall as 1/world plus a constant (the process itself: torch, Python, compiled code); the
@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import step  # noqa: E402  -- the benchmark this sweep drives
+import measure  # noqa: E402  -- runs one system, as step.py does
+import report  # noqa: E402
 
 SYSTEMS = ("fsdp2", "fsdp_compile")
 
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
             for name in SYSTEMS:
                 model = f"L{layers}xD{args.dim}"
                 print(f"== {name} {model} world {world}", flush=True)
-                res = step._run_one(name, world, args.steps, model, timeout=1800.0)
+                res = measure.run_system(name, world, args.steps, model, timeout=1800.0)
                 points.append({"system": name, "layers": layers, "world": world, "status": res["status"],
                                "steady_bytes": res.get("steady_bytes"), "peak_step_bytes": res.get("peak_step_mem_bytes"),
                                "state_bytes": (res.get("state_bytes") or {}).get("total"),
@@ -69,7 +70,7 @@ def _table(points: list[dict]) -> str:
                      f"{f2.get('median_step_ms', float('nan')):.1f}" if f2 else "-",
                      f"{p['median_step_ms']:.1f}" if p["status"] == "ok" else p["status"],
                      f"{p['median_step_ms'] / f2['median_step_ms']:.2f}" if ok else "-"])
-    return step._fmt_table(head, rows)
+    return report.fmt_table(head, rows)
 
 
 if __name__ == "__main__":
