@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from typing import TYPE_CHECKING, Callable, Iterable, Optional, Union
 
 import torch
@@ -22,6 +23,7 @@ from .deferred_init import materialize_and_shard
 from .state_dict import install_optimizer_hooks
 from .config import CPUOffload, MixedPrecision, ShardingStrategy
 from .layout import make_unit_layout
+from .log import get_logger
 from .mesh import resolve_groups
 from .runtime import FSDPState, unit_post_forward, unit_pre_forward
 from .unit import Unit
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 Policy = Union[None, Iterable[type], Callable[[nn.Module], bool]]
+
+log = get_logger("api")
 
 
 def fully_shard(
@@ -132,8 +136,22 @@ def fully_shard(
         sub.register_forward_hook(state.post_forward, with_kwargs=True, always_call=True)
     module.__dict__["_fsdp_root_state"] = state
     install_optimizer_hooks()
+    _log_units(module, state)
     _check_same_on_all_ranks(state, groups.everyone)
     return module
+
+
+def _log_units(module: nn.Module, state: FSDPState) -> None:
+    """What fully_shard built: one INFO line per model, one DEBUG line per unit."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    log.info("fully_shard: %s in %d units", type(module).__name__, len(state.units))
+    for unit in state.units:
+        log.debug(
+            "fully_shard: unit %r: %d params, %s, world %d, %d of %d elements on this rank",
+            unit.name or "<root>", len(unit.layout.params), unit.strategy.name, unit.spec.world_size,
+            unit.layout.local_numel, sum(p.full_numel for p in unit.layout.params),
+        )
 
 
 def sharded(**fully_shard_kwargs) -> Callable[[type], type]:
@@ -318,3 +336,4 @@ def _check_same_on_all_ranks(state: FSDPState, group) -> None:
             f"fully_shard: this rank's units differ from rank {rank}'s ({diff}); every rank "
             "must build the same model and call fully_shard with the same arguments"
         )
+    log.debug("fully_shard: the units are the same on all %d ranks", dist.get_world_size(group))

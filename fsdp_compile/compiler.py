@@ -43,9 +43,12 @@ from . import ops
 from .kernels.traced import LOWERINGS, lowering_for_trace
 from .config import ShardingStrategy
 from .failures import naming_collective_failures
+from .log import get_logger
 from .registry import get_unit
 from .runtime import Phase, graph_id
 from .unit import Unit
+
+log = get_logger("compiler")
 
 
 @dataclass
@@ -100,9 +103,12 @@ class FSDPBackend:
         self.copies = None if copies == "auto" else copies
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs) -> Callable:
-        hoist_markers(gm)
+        lifted = hoist_markers(gm)
         gathers = insert_collectives(gm)
         units = {g.unit_id: get_unit(g.unit_id) for g in gathers}
+        log.debug("hoist_markers: %d parameter reads lifted out of checkpointed regions", lifted)
+        log.debug("insert_collectives: %d gathers, units %s", len(gathers),
+                  [units[g.unit_id].name or "<root>" for g in gathers])
         record = CompiledGraphs(gathers, self.inner)
         if self.bucket_bytes is not None:
 
@@ -113,6 +119,8 @@ class FSDPBackend:
                 return bucket.id
 
             record.buckets = bucket_gathers(gm, self.bucket_bytes, make_bucket)
+            log.debug("bucketing (bucket_bytes=%d): %d buckets, units %s", self.bucket_bytes, len(record.buckets),
+                      [[units[i].name or "<root>" for i in bucket] for bucket in record.buckets])
         for state in {id(u.state): u.state for u in units.values()}.values():
             state.compiled_graphs.append(record)
         state = next((u.state for u in units.values()), None)
@@ -131,6 +139,7 @@ class FSDPBackend:
         ), None)
         if kept_root is not None:
             record.kept_gathered.append("")
+            log.debug("keep_root_gathered: the root unit stays gathered from forward to backward")
 
         def strategy_of(unit_id: Optional[int]) -> ShardingStrategy:
             if unit_id in units:
@@ -147,19 +156,32 @@ class FSDPBackend:
             # Known before the first call (the backward is compiled lazily, at its first call):
             # the backward's collectives, in the joint graph after the forward's.
             record.joint_schedule = collective_schedule(joint, roles)
+            log.debug("reshard: joint graph tagged; %d collectives forward and backward", len(record.joint_schedule))
             return joint
 
         def on_graph(graph: torch.fx.GraphModule, is_backward: bool) -> None:
-            prefetch_all_gathers(graph, self.prefetch)
-            if is_backward and self.overlap_reductions:
-                defer_reduce_waits(graph)
             name = "backward" if is_backward else "forward"
+            moved = prefetch_all_gathers(graph, self.prefetch)
+            log.debug("reorder: %d all-gathers moved earlier in the %s graph (prefetch=%d)", moved, name, self.prefetch)
+            if is_backward and self.overlap_reductions:
+                deferred = defer_reduce_waits(graph)
+                log.debug("defer_reduce_waits: %d reduction waits deferred in the backward graph", deferred)
             setattr(record, name, graph)
             record.schedules[name] = collective_schedule(graph, roles)
+            log.info("compiled the %s graph (inner=%s): %d collectives: %s", name, self.inner,
+                     len(record.schedules[name]), _kinds(record.schedules[name]))
 
         with functorch_config.patch(joint_custom_pass=joint_pass), lowering_for_trace(self.copies):
             compiled = _compile_inner(self.inner, gm, example_inputs, on_graph, self.inductor_options)
         return _wrap_call(compiled, record, units, group)
+
+
+def _kinds(schedule: list[Collective]) -> str:
+    """``"2 all_gather_into_tensor, 1 reduce_scatter_tensor"``: the schedule's collectives by kind."""
+    counts: dict[str, int] = {}
+    for c in schedule:
+        counts[c.kind] = counts.get(c.kind, 0) + 1
+    return ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "none"
 
 
 def _check_inductor_options(options: dict, inner: str) -> None:
@@ -232,6 +254,8 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
                 verify_schedule_across_ranks(record.schedules.get("forward", []), group, "forward")
                 if record.joint_schedule is not None:
                     verify_schedule_across_ranks(record.joint_schedule, group, "forward+backward (joint)")
+            log.debug("schedule_check: the forward and joint collective schedules are the same on all %d ranks",
+                      group.size())
             checked = True
         with naming_collective_failures("a compiled forward graph"):
             out = compiled(*args)

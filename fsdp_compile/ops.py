@@ -17,12 +17,12 @@ nodes and the marker's schema carry it as a plain ``int``.
 from __future__ import annotations
 
 import enum
-import warnings
 from typing import Optional
 
 import torch
 import torch.fx.traceback
 
+from .log import warn_once
 from .registry import get_unit
 
 
@@ -87,18 +87,14 @@ def param_use(
         return get_unit(unit).all_gather(shards)[index].clone()
 
 
-_WARNED_UNITS: set[int] = set()
-
-
 def _warn_surviving_marker(unit_id: int) -> None:
     """A marker runs only if no pass replaced it: the graph was compiled by another backend, or
     the read sits inside a higher-order op the passes cannot open. Correct, but one gather
     (and one reduction) per read: say so once per unit."""
-    if unit_id in _WARNED_UNITS:
-        return
-    _WARNED_UNITS.add(unit_id)
-    warnings.warn(
-        f"fsdp_compile: parameters of unit {get_unit(unit_id).name or '<root>'!r} are gathered one "
+    unit = get_unit(unit_id)
+    warn_once(
+        unit, "surviving marker",
+        f"fsdp_compile: parameters of unit {unit.name or '<root>'!r} are gathered one "
         "read at a time in a compiled graph (a graph compiled with a backend other than "
         "'fsdp_compile', or a read inside a higher-order op other than activation checkpointing); "
         "compile with backend='fsdp_compile' for one gather per unit",
