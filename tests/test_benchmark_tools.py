@@ -79,3 +79,65 @@ def test_copy_kernels_per_call_times_the_same_copy_three_ways():
         assert [r["op"] for r in rows] == ["all_gather_copy_out", "all_gather_copy_in", "reduce_scatter_copy_in"]
         assert all(set(r) == {"op", "custom_op", "library op (ours)", "body alone"} for r in rows)
         assert all(r[way] > 0 for r in rows for way in ("custom_op", "library op (ours)", "body alone"))
+
+
+def _result(name, **over):
+    r = {
+        "name": name, "status": "ok", "first_step_s": 1.5, "median_step_ms": 20.0, "median_cpu_ms": 18.25,
+        "peak_step_mem_bytes": 2 * MiB, "peak_step_mem_bytes_each": [2 * MiB, 3 * MiB], "steady_bytes": 100 * MiB,
+        "total_bytes": 102 * MiB, "state_bytes": {"total": 6 * MiB}, "collectives_per_step": 3,
+        "collectives_by_kind": {"ag": 2, "rs": 1}, "dynamo": None, "final_loss": 4.5, "median_sys_ms": 1.0,
+        "median_page_faults": 10, "phases_ms": {"forward": 5.0, "backward": 10.0, "optimizer": 2.0,
+                                                "compute": 12.0, "collective": 2.0, "copy": 1.0},
+    }
+    r.update(over)
+    return r
+
+
+def test_step_report_prints_each_system_and_why_one_did_not_run():
+    import report
+
+    text = report.text([
+        _result("fsdp_compile_eager", ratio_vs_ddp_compile={"median": 1.25, "min": 1.0, "max": 1.5}),
+        {"name": "simplefsdp_compile", "status": "skipped", "reason": "torchtitan SimpleFSDP not importable"},
+    ]).splitlines()
+    cells = lambda line: [c.strip() for c in line.split("|")[1:-1]]  # noqa: E731
+    assert cells(text[0])[:4] == ["config", "status", "first step s", "median ms"]
+    assert cells(text[2]) == [
+        "fsdp_compile_eager", "ok", "1.50", "20.0", "1.250 (1.000-1.500)", "18.2", "2.00 (2.00-3.00)", "100.00",
+        "102.00", "6.00", "3 = 2 ag + 1 rs", "-", "4.50000", "-"]
+    assert cells(text[3])[:3] == ["simplefsdp_compile", "skipped", "-"]
+    assert text[-1] == "simplefsdp_compile: skipped: torchtitan SimpleFSDP not importable"
+    # fsdp_compile_eager has no phase breakdown (systems.SYSTEMS[...].breakdown): no phase table
+    assert not any(line.startswith("| config (ms per step)") for line in text)
+
+
+def test_every_step_system_is_one_table_entry_and_the_cli_rejects_others():
+    import step
+    import systems
+
+    assert list(systems.SYSTEMS)[:2] == ["ddp", "ddp_compile"]
+    assert all(callable(s.build) and s.doc for s in systems.SYSTEMS.values())
+    assert [n for n, s in systems.SYSTEMS.items() if s.from_baseline] == ["fsdp_compile_baseline"]
+    try:
+        step.main(["--only", "ddp,no_such_system"])
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("step.py accepted an unknown system")
+
+
+def test_the_native_reduce_scatter_lever_sets_every_unit_and_rejects_other_kinds():
+    import pytest
+
+    import fsdp_compile
+    from fsdp_compile.testing.levers import set_reduce_scatter
+
+    model = fsdp_compile.fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)),
+                                     policy={torch.nn.Linear})
+    set_reduce_scatter(model, "native")
+    assert [u.spec.reduce_scatter for u in fsdp_compile.sharding_info(model).units] == ["native"] * 2
+    set_reduce_scatter(model, "all_to_all")
+    assert [u.spec.reduce_scatter for u in fsdp_compile.sharding_info(model).units] == ["all_to_all"] * 2
+    with pytest.raises(ValueError, match="kind must be one of"):
+        set_reduce_scatter(model, "ring")
