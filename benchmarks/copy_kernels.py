@@ -22,15 +22,48 @@ on top of its copy.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import time
 
 import torch
 
 from fsdp_compile import kernels as K
-from fsdp_compile.kernels._offsets import chunk_rows, padded_numels
 
 WORLD = 2
+
+
+def chunk_rows(dim0: int, world: int) -> int:
+    """Rows of each rank's shard: ``ceil(dim0 / world)`` (``torch.chunk``'s split)."""
+    return -(-dim0 // world)
+
+
+def padded_numels(shapes, world: int) -> list[int]:
+    """Elements of each parameter's padded shard in a rank's slot."""
+    return [chunk_rows(s[0], world) * math.prod(s[1:]) for s in shapes]
+
+
+def pack_shapes(shapes) -> tuple[list[int], list[int]]:
+    """The shapes as the opaque ops' schema takes them: every dim in a row, and each ndim."""
+    return [d for s in shapes for d in s], [len(s) for s in shapes]
+
+
+# The opaque ops' bodies, through the public ``kernels.eager_kernels``: what each op runs per call.
+def _body_all_gather_copy_in(shards: list[torch.Tensor], padded: list[int], dtype: torch.dtype) -> torch.Tensor:
+    return K.eager_kernels(shards[0].device, sum(padded)).all_gather_copy_in(shards, padded, dtype)
+
+
+def _body_all_gather_copy_out(gathered: torch.Tensor, flat: list[int], ndims: list[int], world: int) -> list[torch.Tensor]:
+    ends = list(itertools.accumulate(ndims))
+    shapes = [tuple(flat[end - n : end]) for n, end in zip(ndims, ends)]
+    out = [torch.empty(s, dtype=gathered.dtype, device=gathered.device) for s in shapes]
+    K.eager_kernels(gathered.device, gathered.numel()).all_gather_copy_out(gathered.reshape(-1), shapes, world, out)
+    return out
+
+
+def _body_reduce_scatter_copy_in(grads: list[torch.Tensor], world: int, dtype: torch.dtype) -> torch.Tensor:
+    return K.eager_kernels(grads[0].device, sum(g.numel() for g in grads)).reduce_scatter_copy_in(grads, world, dtype)
 
 
 def _timeit(fn, device, iters):
@@ -118,25 +151,22 @@ def _readme_block_shapes() -> list[tuple[int, ...]]:
 def per_call(rounds: int = 7, calls: int = 2000) -> list[dict]:
     """Median us per call, over ``rounds`` of ``calls``, of each copy op three ways. Every way's
     output is first checked against the rank-major layout built from ``torch.chunk``."""
-    from fsdp_compile.kernels import ops
-    from fsdp_compile.kernels._offsets import pack_shapes
-
     shapes = _readme_block_shapes()
     assert all(s[0] % WORLD == 0 for s in shapes), "the reference below assumes no padding"
     fulls = [torch.randn(s) for s in shapes]
     chunks = [torch.chunk(f, WORLD) for f in fulls]  # chunks[i][r]: rank r's shard of parameter i
     slots = [torch.cat([c[r].reshape(-1) for c in chunks]) for r in range(WORLD)]
     gathered = torch.cat(slots)
-    padded = list(padded_numels(shapes, WORLD))
+    padded = padded_numels(shapes, WORLD)
     flat, ndims = pack_shapes(shapes)
     fused, f32 = torch.ops.fsdp_compile, torch.float32
     cases = {  # name: (arguments, our library op, the body it runs, the expected output)
         "all_gather_copy_out": ((gathered, flat, ndims, WORLD), fused.all_gather_copy_out_fused.default,
-                                ops._all_gather_copy_out_real, fulls),
+                                _body_all_gather_copy_out, fulls),
         "all_gather_copy_in": (([c[0] for c in chunks], padded, f32), fused.all_gather_copy_in_fused.default,
-                               ops._all_gather_copy_in_real, slots[0]),
+                               _body_all_gather_copy_in, slots[0]),
         "reduce_scatter_copy_in": ((fulls, WORLD, f32), fused.reduce_scatter_copy_in_fused.default,
-                                   ops._reduce_scatter_copy_in_real, gathered),
+                                   _body_reduce_scatter_copy_in, gathered),
     }
     rows = []
     for name, (args, library_op, body, expected) in cases.items():
