@@ -19,18 +19,18 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 import fsdp_compile
 
 
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(x)
-
-
 def _net():
+    """Units '0' and '2' (the inner Sequentials) and the root (the last Linear)."""
     torch.manual_seed(0)
-    return nn.Sequential(Block(), nn.ReLU(), Block(), nn.Linear(4, 2))
+    return nn.Sequential(nn.Sequential(nn.Linear(4, 4)), nn.ReLU(), nn.Sequential(nn.Linear(4, 4)), nn.Linear(4, 2))
+
+
+def _shard_compile_and_step() -> nn.Module:
+    model = fsdp_compile.fully_shard(_net(), policy={nn.Sequential})
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager"), fullgraph=True)
+    compiled(torch.ones(2, 4)).sum().backward()
+    return model
 
 
 @pytest.fixture
@@ -48,10 +48,7 @@ def _ours(caplog) -> list[tuple[str, int, str]]:
 
 def test_fully_shard_and_the_backend_log_what_they_did(fake_world2, caplog):
     caplog.set_level(logging.DEBUG, logger="fsdp_compile")
-    model = fsdp_compile.fully_shard(_net(), policy={Block})
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager"), fullgraph=True)
-    compiled(torch.ones(2, 4)).sum().backward()
+    model = _shard_compile_and_step()
 
     api, comp, INFO, DEBUG = "fsdp_compile.api", "fsdp_compile.compiler", logging.INFO, logging.DEBUG
     assert _ours(caplog) == [
@@ -83,10 +80,7 @@ def test_fully_shard_and_the_backend_log_what_they_did(fake_world2, caplog):
 
 def test_info_alone_is_one_line_per_model_and_graph(fake_world2, caplog):
     caplog.set_level(logging.INFO, logger="fsdp_compile")
-    model = fsdp_compile.fully_shard(_net(), policy={Block})
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager"), fullgraph=True)
-    compiled(torch.ones(2, 4)).sum().backward()
+    _shard_compile_and_step()
     assert [m for _, _, m in _ours(caplog)] == [
         "fully_shard: ShardedSequential in 3 units",
         "compiled the forward graph (inner=aot_eager): 3 collectives: 3 all_gather_into_tensor",
@@ -97,7 +91,7 @@ def test_info_alone_is_one_line_per_model_and_graph(fake_world2, caplog):
 def test_nothing_is_logged_by_default(caplog):
     """Without configuration the library's records stay below the root logger's WARNING."""
     caplog.set_level(logging.WARNING)
-    fsdp_compile.fully_shard(_net(), policy={Block})
+    fsdp_compile.fully_shard(_net(), policy={nn.Sequential})
     assert _ours(caplog) == []
 
 
@@ -105,7 +99,7 @@ def test_the_surviving_marker_warning_is_once_per_unit_and_again_for_a_new_model
     """``warn_once`` keys on the unit object: a second model's units warn again."""
 
     def run() -> list[str]:
-        model = fsdp_compile.fully_shard(_net().requires_grad_(False), policy={Block})
+        model = fsdp_compile.fully_shard(_net().requires_grad_(False), policy={nn.Sequential})
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         with warnings.catch_warnings(record=True) as caught:
