@@ -19,6 +19,7 @@ from . import params as _params
 from .collectives import CommSpec, reduce_scatter_kind
 from .consistency import first_mismatch_across_ranks
 from .deferred_init import materialize_and_shard
+from .failures import naming_collective_failures
 from .state_dict import install_optimizer_hooks
 from .config import CPUOffload, MixedPrecision, ShardingStrategy
 from .layout import make_unit_layout
@@ -307,7 +308,8 @@ def _check_same_on_all_ranks(state: FSDPState, group) -> None:
         (u.name, u.strategy.name, [(p.fqn, p.full_shape) for p in u.layout.params], str(u.shard_dtype))
         for u in state.units
     ]
-    mismatch = first_mismatch_across_ranks(mine, group)
+    with naming_collective_failures("fully_shard's comparison of the ranks' units"):
+        mismatch = first_mismatch_across_ranks(mine, group)
     if mismatch is not None:
         rank, theirs = mismatch
         diff = next(
