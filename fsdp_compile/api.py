@@ -63,9 +63,10 @@ def fully_shard(
     else ``submodule.reset_parameters()``, initializes it at full size on the compute device,
     and its parameters are sharded right after (see ``deferred_init``).
 
-    ``check_ranks`` (default on): before each forward and ``summon_full_params``, the ranks
-    exchange four integers (one tiny all-gather) and all raise a clear error if they are out of
-    step (``FSDPState.check_lockstep``) instead of hanging on mismatched collectives.
+    ``check_ranks`` (default on): before each forward, ``summon_full_params``, the full state
+    dicts and ``clip_grad_norm_`` (whose norm rides in the same exchange), the ranks exchange
+    four integers (one tiny all-gather) and all raise a clear error if they are out of step
+    (``FSDPState.check_lockstep``) instead of hanging on mismatched collectives.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fully_shard: expected an nn.Module, got {type(module).__name__}")

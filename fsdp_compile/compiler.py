@@ -42,7 +42,7 @@ from fsdp_compile.passes.schedule_check import Collective, collective_schedule, 
 from . import ops
 from .kernels.traced import LOWERINGS, lowering_for_trace
 from .config import ShardingStrategy
-from .failures import naming_collective_failures
+from .failures import named_failure, naming_collective_failures
 from .registry import get_unit
 from .runtime import Phase, graph_id
 from .unit import Unit
@@ -211,8 +211,10 @@ def _compile_inner(
         is_backward = bool(kwargs.get("is_backward", False))
         on_graph(graph, is_backward)
         out = compile_fx_inner(graph, inputs, **kwargs)
-        if is_backward:  # wrapped in place: AOTAutograd may cache the object, of its own type
+        if is_backward and hasattr(out, "current_callable"):  # in place: AOTAutograd may cache it
             out.current_callable = guard_backward(out.current_callable)
+        elif is_backward:
+            out = guard_backward(out)
         return out
 
     # config_patches also reach the backward, which Inductor compiles lazily at its first call
@@ -235,12 +237,14 @@ def _guard_backward(record: CompiledGraphs, units: dict) -> Callable[[Callable],
     def guard(compiled_backward: Callable) -> Callable:
         def run(args):
             try:
-                with naming_collective_failures(f"the compiled backward of units {names}"):
-                    return compiled_backward(args)
+                return compiled_backward(args)
             except Exception as error:
+                failure = named_failure(f"the compiled backward of units {names}", error)
                 if state is not None:
-                    state.abandon("compiled backward", error)
-                raise
+                    state.abandon("compiled backward", failure)
+                if failure is error:
+                    raise
+                raise failure from error
 
         run._boxed_call = True
         return run
@@ -277,12 +281,14 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
                     verify_schedule_across_ranks(record.joint_schedule, group, "forward+backward (joint)")
             checked = True
         try:
-            with naming_collective_failures("a compiled forward graph"):
-                out = compiled(*args)
+            out = compiled(*args)
         except Exception as error:
+            failure = named_failure("a compiled forward graph", error)
             if state is not None:  # stopped between collectives: the other ranks must not wait
-                state.abandon("compiled forward", error)
-            raise
+                state.abandon("compiled forward", failure)
+            if failure is error:
+                raise
+            raise failure from error
         for unit in consumed:
             unit.pending = None
         return out

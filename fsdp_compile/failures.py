@@ -46,9 +46,21 @@ def naming_collective_failures(what: str):
     try:
         yield
     except RuntimeError as error:
-        if not is_collective_failure(error):
+        failure = named_failure(what, error)
+        if failure is error:
             raise
-        raise CollectiveError(collective_failure_message(what, error)) from error
+        raise failure from error
+
+
+def named_failure(what: str, error: BaseException) -> BaseException:
+    """``error`` as a ``CollectiveError`` naming ``what`` and the cause when it is a collective
+    failure (chained to it), else ``error`` itself. For hot call wrappers, where a bare
+    ``try``/``except`` costs nothing until something raises."""
+    if not is_collective_failure(error):
+        return error
+    failure = CollectiveError(collective_failure_message(what, error))
+    failure.__cause__ = error
+    return failure
 
 
 def collective_failure_message(what: str, error: BaseException) -> str:
@@ -110,9 +122,9 @@ def _who_failed() -> str:
     if reports:
         return "; ".join(f"rank {r} {text}" for r, text in reports)
     if missing:
-        named = ", ".join(map(str, missing))
+        named = ("rank " if len(missing) == 1 else "ranks ") + ", ".join(map(str, missing))
         return (
-            f"{generic}: rank {named} did not answer a roll call through the store within "
+            f"{generic}: {named} did not answer a roll call through the store within "
             f"{ROLL_CALL_SECONDS:g} s; look for the first error in its log"
         )
     return f"{generic}; every rank answered a roll call through the store, so look for the first error in the other ranks' logs"

@@ -1,10 +1,13 @@
 """Faults between ranks (issue 16), each ending on every rank with an error that names the cause,
 never a hang or a wrong result.
 
-A rank that dies mid-step: every other rank stops within seconds with a ``CollectiveError``
-naming what it was waiting for and the cause. Ranks out of step (below: ``no_sync`` or
-``summon_full_params`` on one rank, a skipped unit, a recompile for another batch shape): the
-lockstep check raises, or lets them go on when nothing differs that matters.
+A rank that dies (mid-step, in ``clip_grad_norm_``, before or during ``fully_shard``): every
+other rank stops within seconds with a ``CollectiveError`` naming what it was waiting for and
+the dead rank (the one that did not answer the roll call through the store). Ranks out of step
+(below: ``no_sync``, ``summon_full_params``, ``full_state_dict``, ``full_optim_state_dict`` or
+``clip_grad_norm_`` on one rank, a skipped unit, a recompile for another batch shape): the
+lockstep check raises, or lets them go on when nothing differs that matters. A rank that goes
+on after its compiled forward raised: every rank stops, the others naming it.
 
 Rank 1 calls ``os._exit`` (in the optimizer step it is killed by ``SIGKILL`` instead) at the
 chosen point of step 1 (after one full step, so compiled runs have compiled and checked their
@@ -12,11 +15,11 @@ graphs); rank 0 must raise. Eager: in the middle of the forward
 (a forward pre-hook of block 1), of the backward (a hook on the loss's gradient) and of the
 optimizer step. Compiled (``aot_eager``): an exit inside the compiled forward would itself change
 rank 1's graph (a graph break, which the schedule check reports instead), so the forward case
-exits just before the compiled forward runs; backward and optimizer step as eager.
+exits just before the compiled forward runs; backward and optimizer step as eager. A failure
+inside the compiled backward surfaces through the autograd engine from the wrapper around the
+compiled backward's call, as a ``CollectiveError`` naming the graph's units.
 
-Not turned into a named error: a failure raised inside the compiled *backward* comes from the
-autograd engine running our compiled graph, where it cannot be wrapped; it arrives as the
-backend's own error (gloo: "Connection reset by peer ... remote worker"), still within seconds.
+A dead peer during ``dcp.save`` is DCP's own collective and gives its own error (within seconds).
 """
 from __future__ import annotations
 
