@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+
 import torch.distributed as dist
 
 _MARKS = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "read error",
@@ -58,12 +59,12 @@ def named_failure(what: str, error: BaseException) -> BaseException:
     ``try``/``except`` costs nothing until something raises."""
     if not is_collective_failure(error):
         return error
-    failure = CollectiveError(collective_failure_message(what, error))
+    failure = CollectiveError(_message(what, error))
     failure.__cause__ = error
     return failure
 
 
-def collective_failure_message(what: str, error: BaseException) -> str:
+def _message(what: str, error: BaseException) -> str:
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return (
         f"fsdp_compile: {what} failed on rank {rank}: {_who_failed()}. Backend said: {first_line(error)}"
