@@ -20,6 +20,7 @@ from . import params as _params
 from .collectives import CommSpec, reduce_scatter_kind
 from .consistency import first_mismatch_across_ranks
 from .deferred_init import materialize_and_shard
+from .failures import naming_collective_failures
 from .state_dict import install_optimizer_hooks
 from .config import CPUOffload, MixedPrecision, ShardingStrategy
 from .layout import make_unit_layout
@@ -66,9 +67,10 @@ def fully_shard(
     else ``submodule.reset_parameters()``, initializes it at full size on the compute device,
     and its parameters are sharded right after (see ``deferred_init``).
 
-    ``check_ranks`` (default on): before each forward and ``summon_full_params``, the ranks
-    exchange four integers (one tiny all-gather) and all raise a clear error if they are out of
-    step (``FSDPState.check_lockstep``) instead of hanging on mismatched collectives.
+    ``check_ranks`` (default on): before each forward, ``summon_full_params``, the full state
+    dicts and ``clip_grad_norm_`` (whose norm rides in the same exchange), the ranks exchange
+    four integers (one tiny all-gather) and all raise a clear error if they are out of step
+    (``FSDPState.check_lockstep``) instead of hanging on mismatched collectives.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fully_shard: expected an nn.Module, got {type(module).__name__}")
@@ -325,7 +327,8 @@ def _check_same_on_all_ranks(state: FSDPState, group) -> None:
         (u.name, u.strategy.name, [(p.fqn, p.full_shape) for p in u.layout.params], str(u.shard_dtype))
         for u in state.units
     ]
-    mismatch = first_mismatch_across_ranks(mine, group)
+    with naming_collective_failures("fully_shard's comparison of the ranks' units"):
+        mismatch = first_mismatch_across_ranks(mine, group)
     if mismatch is not None:
         rank, theirs = mismatch
         diff = next(

@@ -42,7 +42,7 @@ from fsdp_compile.passes.schedule_check import Collective, collective_schedule, 
 from . import ops
 from .kernels.traced import LOWERINGS, lowering_for_trace
 from .config import ShardingStrategy
-from .failures import naming_collective_failures
+from .failures import named_failure, naming_collective_failures
 from .log import get_logger
 from .registry import get_unit
 from .runtime import Phase, graph_id
@@ -172,7 +172,9 @@ class FSDPBackend:
                      len(record.schedules[name]), _kinds(record.schedules[name]))
 
         with functorch_config.patch(joint_custom_pass=joint_pass), lowering_for_trace(self.copies):
-            compiled = _compile_inner(self.inner, gm, example_inputs, on_graph, self.inductor_options)
+            compiled = _compile_inner(
+                self.inner, gm, example_inputs, on_graph, self.inductor_options, _guard_backward(record, units)
+            )
         return _wrap_call(compiled, record, units, group)
 
 
@@ -196,7 +198,12 @@ def _check_inductor_options(options: dict, inner: str) -> None:
         )
 
 
-def _compile_inner(inner: str, gm, example_inputs, on_graph, inductor_options: Optional[dict] = None) -> Callable:
+def _compile_inner(
+    inner: str, gm, example_inputs, on_graph, inductor_options: Optional[dict] = None,
+    guard_backward: Callable[[Callable], Callable] = lambda f: f,
+) -> Callable:
+    """The Dynamo graph compiled by AOTAutograd and ``inner``; ``on_graph`` sees each partitioned
+    graph, ``guard_backward`` wraps the compiled backward's (boxed) call."""
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     if inner == "aot_eager":
@@ -206,7 +213,8 @@ def _compile_inner(inner: str, gm, example_inputs, on_graph, inductor_options: O
         def recording(is_backward):
             def compiler(graph, inputs):
                 on_graph(graph, is_backward)
-                return make_boxed_func(graph.forward)
+                boxed = make_boxed_func(graph.forward)
+                return guard_backward(boxed) if is_backward else boxed
 
             return compiler
 
@@ -220,11 +228,48 @@ def _compile_inner(inner: str, gm, example_inputs, on_graph, inductor_options: O
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     def inner_compile(graph, inputs, **kwargs):
-        on_graph(graph, bool(kwargs.get("is_backward", False)))
-        return compile_fx_inner(graph, inputs, **kwargs)
+        is_backward = bool(kwargs.get("is_backward", False))
+        on_graph(graph, is_backward)
+        out = compile_fx_inner(graph, inputs, **kwargs)
+        if is_backward and hasattr(out, "current_callable"):  # in place: AOTAutograd may cache it
+            out.current_callable = guard_backward(out.current_callable)
+        elif is_backward:
+            out = guard_backward(out)
+        return out
 
     # config_patches also reach the backward, which Inductor compiles lazily at its first call
     return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=inductor_options or None)
+
+
+def _collective_state(units: dict):
+    """The runtime state of a graph's communicating units (None when none communicates)."""
+    return next((u.state for u in units.values() if u.spec.communicates or u.spec.replicates), None)
+
+
+def _guard_backward(record: CompiledGraphs, units: dict) -> Callable[[Callable], Callable]:
+    """Wraps a compiled backward's boxed call (which the autograd engine runs): a collective
+    failure becomes a ``CollectiveError`` naming the graph's units, and any error abandons this
+    rank's collectives (``FSDPState.abandon``) so that the other ranks stop at once. The
+    engine re-raises it from the user's ``backward()`` as it is."""
+    names = ", ".join(repr(units[g.unit_id].name or "<root>") for g in record.gathers)
+    state = _collective_state(units)
+
+    def guard(compiled_backward: Callable) -> Callable:
+        def run(args):
+            try:
+                return compiled_backward(args)
+            except Exception as error:
+                failure = named_failure(f"the compiled backward of units {names}", error)
+                if state is not None:
+                    state.abandon("compiled backward", failure)
+                if failure is error:
+                    raise
+                raise failure from error
+
+        run._boxed_call = True
+        return run
+
+    return guard
 
 
 def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -> Callable:
@@ -233,7 +278,7 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
     compares its graph's forward and backward collective schedules; after each call, drop
     pending ``no_sync`` gradients the graph has consumed (it holds them until its backward)."""
     consumed = [units[g.unit_id] for g in record.gathers if g.mode == ops.GradMode.SYNC_PENDING]
-    state = next((u.state for u in units.values() if u.spec.communicates or u.spec.replicates), None)
+    state = _collective_state(units)
     checked = False
     this_graph = 0  # graph_id of the schedules, computed at the first call (they exist by then)
 
@@ -257,8 +302,15 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
             log.debug("schedule_check: the forward and joint collective schedules are the same on all %d ranks",
                       group.size())
             checked = True
-        with naming_collective_failures("a compiled forward graph"):
+        try:
             out = compiled(*args)
+        except Exception as error:
+            failure = named_failure("a compiled forward graph", error)
+            if state is not None:  # stopped between collectives: the other ranks must not wait
+                state.abandon("compiled forward", failure)
+            if failure is error:
+                raise
+            raise failure from error
         for unit in consumed:
             unit.pending = None
         return out

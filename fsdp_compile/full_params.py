@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .api import root_state
+from .failures import naming_collective_failures
 from .runtime import Phase
 from .unit import Unit
 
@@ -76,15 +77,19 @@ def full_state_dict(module: nn.Module, rank0_only: bool = False) -> dict[str, to
     the original names. Gathered one parameter at a time, so at most one full parameter beyond
     the result exists at once. With ``rank0_only`` every tensor is moved to the CPU and only
     rank 0 keeps them (other ranks return ``{}``), so a big model's full state is not
-    materialized on every rank. A collective: every rank must call it."""
+    materialized on every rank. A collective: every rank must call it (the lockstep check
+    raises on every rank otherwise)."""
     from torch.distributed.tensor import DTensor
 
-    sharded = root_state(module).fqn_to_param
+    state = root_state(module)
+    state.check_lockstep(Phase.FULL_STATE_DICT, "full_state_dict")
+    sharded = state.fqn_to_param
     keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
     result = {}
     for key, value in module.state_dict().items():
         if isinstance(value, DTensor):
-            value = value.full_tensor()
+            with naming_collective_failures(f"full_state_dict's all-gather of {key!r}"):
+                value = value.full_tensor()
         elif key in sharded:
             value = value.clone()  # a whole (NO_SHARD / world 1) shard: a copy, not an alias
         if keep:
@@ -95,12 +100,13 @@ def full_state_dict(module: nn.Module, rank0_only: bool = False) -> dict[str, to
 def full_optim_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer, rank0_only: bool = False) -> dict:
     """The optimizer's state dict with full (unsharded) state tensors, keyed by parameter FQN
     (``torch.distributed.checkpoint.state_dict``'s format). ``rank0_only``: on the CPU, on
-    rank 0 only (other ranks return ``{}``). A collective."""
+    rank 0 only (other ranks return ``{}``). A collective, checked like ``full_state_dict``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    root_state(module)
+    root_state(module).check_lockstep(Phase.FULL_OPTIM_STATE_DICT, "full_optim_state_dict")
     options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
-    return get_optimizer_state_dict(module, optimizer, options=options)
+    with naming_collective_failures("full_optim_state_dict's all-gathers"):
+        return get_optimizer_state_dict(module, optimizer, options=options)
 
 
 def load_full_optim_state_dict(
@@ -166,8 +172,8 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0) 
 
     sharded_part, replicated_part = local(sharded), local(replicated)
     if any(u.spec.communicates and not u.spec.replicated for u in state.units):
-        op = dist.ReduceOp.MAX if norm_type == float("inf") else dist.ReduceOp.SUM
-        dist.all_reduce(sharded_part, op=op, group=state.group)
+        # one exchange that is both the sum and the lockstep check (FSDPState.reduce_norm)
+        sharded_part = state.reduce_norm(sharded_part, maximum=norm_type == float("inf"))
     if norm_type == float("inf"):
         total = torch.maximum(sharded_part, replicated_part)
     else:

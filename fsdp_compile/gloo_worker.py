@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import _register_process_group
 
+from .failures import naming_collective_failures
+
 # user group -> its twin
 _twins: dict[dist.ProcessGroup, dist.ProcessGroup] = {}
 # group name -> how many twins this process has made for a group of that name (re-initialized
@@ -50,11 +52,25 @@ def one_worker_group_name(group: dist.ProcessGroup) -> str:
 
     Collective over ``group``'s ranks the first time (the twin's sockets connect through the
     default store), like ``new_group``; every rank of ``group`` must call it in the same order.
+    A barrier on ``group`` comes first: the twin's rendezvous waits in the store for every rank
+    up to the process group's timeout, a dead rank included, while the barrier runs on
+    ``group``'s open connections and fails at once when a peer's are closed.
     """
     _drop_destroyed()
     if group not in _twins:
+        with naming_collective_failures("fully_shard's barrier before connecting our collectives' process group"):
+            dist.barrier(group=group)
         _twins[group] = _make_twin(group)
     return _twins[group].group_name
+
+
+def abandon_twin(group: Optional[dist.ProcessGroup]) -> None:
+    """Close this rank's connections of ``group``'s twin (if it has one): the peers' pending and
+    later collectives on it fail at once ("Connection closed by peer"). The twin is forgotten,
+    so a later ``fully_shard`` connects a new one."""
+    twin = _twins.pop(group, None) if group is not None else None
+    if twin is not None:
+        twin._get_backend(torch.device("cpu")).abort()
 
 
 def served_by_gloo(group, device: torch.device) -> bool:

@@ -14,9 +14,11 @@ the first read in its module's forward (``unit.full``) -> SHARDED after that for
 through saved-tensor hooks that replace saved full parameters by tokens) and freed by their
 reduce (``Unit.after_backward_use``). Under ``torch.compile`` the hooks only flip flags.
 
-``check_lockstep``: before each forward, ``summon_full_params`` and (eagerly) each unit's
-all-gather the ranks exchange four integers and all raise when they are out of step, instead of
-issuing mismatched collectives (ARCHITECTURE.md, "Ranks in lockstep").
+``check_lockstep``: before each forward, ``summon_full_params``, the full state dicts,
+``clip_grad_norm_`` and (eagerly) each unit's all-gather the ranks exchange four integers and all
+raise when they are out of step, instead of issuing mismatched collectives (ARCHITECTURE.md,
+"Ranks in lockstep"). ``abandon``: a compiled graph that raised between collectives tells the
+other ranks and closes this rank's connections, so they fail at once instead of waiting.
 """
 from __future__ import annotations
 
@@ -27,12 +29,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
 from . import ops
 from .consistency import exchange_records
-from .failures import naming_collective_failures
+from .failures import first_line, naming_collective_failures, report_failure
+from .gloo_worker import abandon_twin
 from .mesh import Groups
 from .unit import Unit
 
@@ -43,6 +47,18 @@ class Phase(enum.IntEnum):
     FORWARD = 1
     SUMMON = 2
     GATHER = 3  # an eager forward all-gather of one unit
+    FULL_STATE_DICT = 4
+    FULL_OPTIM_STATE_DICT = 5
+    CLIP_GRAD_NORM = 6  # the record carries this rank's partial norm (float64 bits)
+
+
+# What ``_describe`` calls a phase that is one of our functions.
+_CALLS = {
+    Phase.SUMMON: "summon_full_params",
+    Phase.FULL_STATE_DICT: "full_state_dict",
+    Phase.FULL_OPTIM_STATE_DICT: "full_optim_state_dict",
+    Phase.CLIP_GRAD_NORM: "clip_grad_norm_",
+}
 
 
 def graph_id(fingerprint) -> int:
@@ -93,6 +109,8 @@ class FSDPState:
         self.device_meshes: dict = {}  # device type -> (DeviceMesh, placements) of state dicts
         self.check_ranks = True  # fully_shard(check_ranks=): one tiny all-gather per forward
         self._positions: dict[int, int] = {}  # unit id -> its index in ``units`` (same on every rank)
+        # (where, what it raised) once a compiled graph of this rank raised between collectives
+        self.abandoned: Optional[tuple[str, str]] = None
 
     @property
     def group(self):
@@ -174,28 +192,40 @@ class FSDPState:
 
     # ---- lockstep ------------------------------------------------------------------------
     def check_lockstep(self, phase: Phase, what: str, graph: int = 0, first_call: bool = False) -> bool:
-        """Before a forward (eager, or each compiled graph) and ``summon_full_params``: every rank
-        exchanges ``(phase, gradients synced, compiled graph id, first call)`` -- one all-gather
-        of four integers -- and raises on every rank, naming both sides, if another rank is about
-        to do something else: one rank inside ``no_sync`` or ``summon_full_params`` while another
-        is not, or running another compiled graph (a recompile for other shapes that changes the
-        collectives, a graph break on one rank). Such ranks would otherwise issue mismatched
-        collectives: a hang until the process group's timeout, or silently wrong data. Returns
-        True when some rank runs a compiled graph for the first time, or the ranks run different
-        compiled graphs (the caller then compares the graphs' collective schedules on every rank,
-        which names what differs). Off with ``fully_shard(check_ranks=False)``."""
+        """Before a forward (eager, or each compiled graph), ``summon_full_params`` and the full
+        state dicts: every rank exchanges ``(phase, gradients synced, compiled graph id, first
+        call)`` -- one all-gather of four integers -- and raises on every rank, naming both
+        sides, if another rank is about to do something else: one rank inside ``no_sync`` or
+        ``summon_full_params`` while another is not, or running another compiled graph (a
+        recompile for other shapes that changes the collectives, a graph break on one rank).
+        Such ranks would otherwise issue mismatched collectives: a hang until the process
+        group's timeout, an abort on mismatched sizes, or silently wrong data. Returns True when
+        some rank runs a compiled graph for the first time, or the ranks run different compiled
+        graphs (the caller then compares the graphs' collective schedules on every rank, which
+        names what differs). Off with ``fully_shard(check_ranks=False)``."""
+        self.raise_if_abandoned()
         everyone = None if self.groups is None else self.groups.everyone
         if not self.check_ranks or everyone is None:
             return first_call
         mine = (int(phase), int(self.sync_grads), graph, int(first_call))
-        with naming_collective_failures(f"the lockstep check before {what}"):
-            records = exchange_records(mine, everyone, self.units[0].compute_device)
-        compiled_forwards = phase == Phase.FORWARD and all(rec[0] == Phase.FORWARD and rec[2] for rec in records)
+        records = self._exchange(mine, what, compare_graphs=True)
+        # Different compiled graphs on every rank: the caller's schedule comparison names the
+        # collectives that differ, or finds none (then the ranks go on).
+        return any(rec[3] for rec in records) or len({rec[2] for rec in records}) > 1
+
+    def _exchange(
+        self, mine: tuple[int, ...], what: str, compare_graphs: bool, doing: str = ""
+    ) -> list[tuple[int, ...]]:
+        """Every rank's lockstep record; raises on every rank when one differs in phase or
+        gradient mode (or, with ``compare_graphs``, in graph id, unless all run compiled forwards)."""
+        with naming_collective_failures(doing or f"the lockstep check before {what}"):
+            records = exchange_records(mine, self.groups.everyone, self.units[0].compute_device)
+        compiled_forwards = mine[0] == Phase.FORWARD and all(rec[0] == Phase.FORWARD and rec[2] for rec in records)
         other = next(
             (
                 (rank, rec)
                 for rank, rec in enumerate(records)
-                if rec[:2] != mine[:2] or (rec[2] != mine[2] and not compiled_forwards)
+                if rec[:2] != mine[:2] or (compare_graphs and rec[2] != mine[2] and not compiled_forwards)
             ),
             None,
         )
@@ -204,12 +234,60 @@ class FSDPState:
             raise RuntimeError(
                 f"fsdp_compile: ranks are out of step: this rank is about to run {_describe(mine, what, self.units)}, "
                 f"but rank {rank} is about to run {_describe(theirs, units=self.units)}. Every rank must make the same "
-                "calls in the same order (forward, backward, no_sync, summon_full_params) and "
-                "compile the same graphs; see the README's Troubleshooting"
+                "calls in the same order (forward, backward, no_sync, summon_full_params, full_state_dict, "
+                "full_optim_state_dict, clip_grad_norm_) and compile the same graphs; see the README's Troubleshooting"
             )
-        # Different compiled graphs on every rank: the caller's schedule comparison names the
-        # collectives that differ, or finds none (then the ranks go on).
-        return any(rec[3] for rec in records) or len({rec[2] for rec in records}) > 1
+        return records
+
+    def reduce_norm(self, part: torch.Tensor, maximum: bool) -> torch.Tensor:
+        """``clip_grad_norm_``'s sum (``maximum``: max) of the ranks' partial norms over the shard
+        group. With ``check_ranks`` the partial norm travels in this rank's lockstep record (its
+        float64 bits in the graph-id slot), so the exchange that keeps ranks in lockstep is the
+        reduction itself: no collective beyond the one the norm needs. The sum runs in float64
+        in shard-rank order, the same on every rank, and returns in ``part``'s dtype."""
+        self.raise_if_abandoned()
+        shard = self.groups.shard
+        if not self.check_ranks:
+            with naming_collective_failures("clip_grad_norm_'s all-reduce of the gradient norm"):
+                dist.all_reduce(part, op=dist.ReduceOp.MAX if maximum else dist.ReduceOp.SUM, group=shard)
+            return part
+        bits = part.detach().to(torch.float64).reshape(1).view(torch.int64).item()
+        records = self._exchange((int(Phase.CLIP_GRAD_NORM), int(self.sync_grads), bits, 0), "clip_grad_norm_", False,
+                                 "clip_grad_norm_'s exchange of the gradient norm (and lockstep check)")
+        order = dist.get_process_group_ranks(self.groups.everyone)
+        members = [order.index(r) for r in dist.get_process_group_ranks(shard)]
+        norms = torch.tensor([records[i][2] for i in members], dtype=torch.int64).view(torch.float64)
+        total = norms.max() if maximum else norms.sum()
+        return total.to(device=part.device, dtype=part.dtype)
+
+    # ---- a compiled graph that raised ------------------------------------------------------
+    def abandon(self, where: str, error: BaseException) -> None:
+        """This rank's compiled ``where`` raised ``error`` between its collectives: the other
+        ranks wait in collectives this rank will never issue (or issued and left). Tell them
+        through the store (their ``CollectiveError`` then names this rank, ``where`` and the
+        error) and close this rank's connections of the groups our collectives run on, so their
+        wait fails at once. From here on this rank raises before any collective
+        (``raise_if_abandoned``): the ranks' collectives cannot be matched again."""
+        if self.abandoned is not None or self.groups is None or self.groups.shard_name is None:
+            return
+        self.abandoned = (where, f"{type(error).__name__} ({first_line(error)})")
+        report_failure(f"raised {self.abandoned[1]} in its {where} and closed its connections")
+        for group in (self.groups.shard, self.groups.replicate):
+            abandon_twin(group)
+        error.add_note(
+            f"fsdp_compile: this rank's {where} stopped between collectives; the other ranks were "
+            "told and stop too, and this rank's next forward raises: check batches before the forward"
+        )
+
+    def raise_if_abandoned(self) -> None:
+        if self.abandoned is not None:
+            where, raised = self.abandoned
+            raise RuntimeError(
+                f"fsdp_compile: this rank's {where} raised {raised} between collectives, so the "
+                "ranks' collectives can no longer be matched and the other ranks were stopped: a "
+                "rank cannot go on from a failed compiled forward or backward (e.g. skip a bad "
+                "batch). Check batches before the forward on every rank, or restart from a checkpoint"
+            )
 
     def _check_gather(self, unit: Unit) -> None:
         """Eagerly, before each unit's forward all-gather: the ranks gather the same unit. Units
@@ -341,8 +419,8 @@ def unit_pre_forward(state: FSDPState):
 
 def _describe(record: tuple[int, ...], what: str = "", units: Optional[list] = None) -> str:
     phase, synced, graph, _ = record
-    if phase == Phase.SUMMON:
-        return "summon_full_params"
+    if phase in _CALLS:
+        return _CALLS[Phase(phase)] + ("" if synced else " inside no_sync")
     if phase == Phase.GATHER:
         name = units[graph - 1].name if units and 0 < graph <= len(units) else f"#{graph - 1}"
         return f"the all-gather of unit {name or '<root>'!r}" + ("" if synced else " inside no_sync")

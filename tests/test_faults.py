@@ -1,10 +1,13 @@
 """Faults between ranks, each ending on every rank with an error that names the cause,
 never a hang or a wrong result.
 
-A rank that dies mid-step: every other rank stops within seconds with a ``CollectiveError``
-naming what it was waiting for and the cause. Ranks out of step (below: ``no_sync`` or
-``summon_full_params`` on one rank, a skipped unit, a recompile for another batch shape): the
-lockstep check raises, or lets them go on when nothing differs that matters.
+A rank that dies (mid-step, in ``clip_grad_norm_``, before or during ``fully_shard``): every
+other rank stops within seconds with a ``CollectiveError`` naming what it was waiting for and
+the dead rank (the one that did not answer the roll call through the store). Ranks out of step
+(below: ``no_sync``, ``summon_full_params``, ``full_state_dict``, ``full_optim_state_dict`` or
+``clip_grad_norm_`` on one rank, a skipped unit, a recompile for another batch shape): the
+lockstep check raises, or lets them go on when nothing differs that matters. A rank that goes
+on after its compiled forward raised: every rank stops, the others naming it.
 
 Rank 1 calls ``os._exit`` (in the optimizer step it is killed by ``SIGKILL`` instead) at the
 chosen point of step 1 (after one full step, so compiled runs have compiled and checked their
@@ -12,11 +15,11 @@ graphs); rank 0 must raise. Eager: in the middle of the forward
 (a forward pre-hook of block 1), of the backward (a hook on the loss's gradient) and of the
 optimizer step. Compiled (``aot_eager``): an exit inside the compiled forward would itself change
 rank 1's graph (a graph break, which the schedule check reports instead), so the forward case
-exits just before the compiled forward runs; backward and optimizer step as eager.
+exits just before the compiled forward runs; backward and optimizer step as eager. A failure
+inside the compiled backward surfaces through the autograd engine from the wrapper around the
+compiled backward's call, as a ``CollectiveError`` naming the graph's units.
 
-Not turned into a named error: a failure raised inside the compiled *backward* comes from the
-autograd engine running our compiled graph, where it cannot be wrapped; it arrives as the
-backend's own error (gloo: "Connection reset by peer ... remote worker"), still within seconds.
+A dead peer during ``dcp.save`` is DCP's own collective and gives its own error (within seconds).
 """
 from __future__ import annotations
 
@@ -72,6 +75,10 @@ def one_rank_dies(rank: int, world: int, where: str, compiled: bool) -> dict:
             if dying and where == "backward":
                 loss.register_hook(_die)
             loss.backward()
+            if where == "clip_grad_norm_":
+                if dying:
+                    _die()
+                fsdp_compile.clip_grad_norm_(model, 1.0)
             if dying and where == "step":
                 _killed()  # killed, not exiting: no interpreter shutdown, no socket closed politely
             opt.step()
@@ -81,24 +88,22 @@ def one_rank_dies(rank: int, world: int, where: str, compiled: bool) -> dict:
     return {"type": None}
 
 
-CASES = [(w, c) for c in (False, True) for w in ("forward", "backward", "step")]
+CASES = [(w, c) for c in (False, True) for w in ("forward", "backward", "step")] + [("clip_grad_norm_", False)]
 
 
 @pytest.mark.parametrize("where,compiled", CASES, ids=[f"{'compiled' if c else 'eager'}-{w}" for w, c in CASES])
 def test_the_other_ranks_stop_with_an_error_that_names_the_cause(where, compiled):
     survivor, victim = run_ranks(one_rank_dies, 2, where, compiled, timeout=120, may_exit=frozenset({1}))
     assert victim == RankExited(-signal.SIGKILL if where == "step" else VICTIM_EXIT_CODE)
-    assert survivor["type"] is not None, "rank 0 finished its steps although rank 1 died"
-    assert survivor["seconds"] < 30, survivor
-    if compiled and where == "backward":
-        # Raised inside the autograd engine: gloo's own text ("Connection reset by peer" or
-        # "... closed by peer"), or ours when the failure surfaces at the next collective.
-        gloo_text = "Connection reset by peer" in survivor["message"] or "closed by peer" in survivor["message"]
-        ours = survivor["type"] == "CollectiveError" and "another rank exited" in survivor["message"]
-        assert (survivor["type"] == "RuntimeError" and gloo_text) or ours, survivor
-        return
     assert survivor["type"] == "CollectiveError", survivor
+    assert survivor["seconds"] < 30, survivor
     assert "another rank exited" in survivor["message"] and "rank 0" in survivor["message"], survivor
+    assert "rank 1 did not answer" in survivor["message"], survivor
+    if compiled and where == "backward":
+        # Raised inside the autograd engine, by the compiled backward of the model's units.
+        assert "compiled backward" in survivor["message"] and "'0'" in survivor["message"], survivor
+    if where == "clip_grad_norm_":
+        assert "clip_grad_norm_" in survivor["message"], survivor
 
 
 # ---- ranks out of step ---------------------------------------------------------------------
@@ -230,3 +235,170 @@ def test_without_the_lockstep_check_no_sync_on_one_rank_waits_for_the_timeout():
     for rank, out in enumerate(run_ranks(out_of_step, 2, "no_sync", False, None, False, timeout=15)):
         assert out["type"] == "CollectiveError", (rank, out)
         assert 14 < out["seconds"] < 40, (rank, out)
+
+
+# ---- a rank dies around fully_shard --------------------------------------------------------
+def dies_around_fully_shard(rank: int, world: int, when: str) -> dict:
+    """Rank 1 exits before ``fully_shard`` (after ``init_process_group``), or during it (in the
+    policy callable, after the process group's one-worker twin is made); rank 0 shards."""
+    if rank == 1 and when == "before":
+        _die()
+
+    def policy(module):
+        if rank == 1 and when == "during":
+            _die()
+        return isinstance(module, Block)
+
+    start = time.monotonic()
+    try:
+        fully_shard(nn.Sequential(Block(), Block(), nn.Linear(8, 2)), policy=policy)
+    except Exception as error:  # noqa: BLE001 -- reported to the parent
+        return {"type": type(error).__name__, "message": str(error), "seconds": time.monotonic() - start}
+    return {"type": None}
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_rank_dying_before_or_during_fully_shard_is_named_within_seconds(when):
+    """The survivor does not wait for the process group's timeout (60 s here) in the twin's
+    rendezvous or the units' comparison: it raises ``CollectiveError`` naming the dead rank."""
+    survivor, victim = run_ranks(dies_around_fully_shard, 2, when, timeout=60, may_exit=frozenset({1}))
+    assert victim == RankExited(VICTIM_EXIT_CODE)
+    assert survivor["type"] == "CollectiveError", survivor
+    assert "fully_shard" in survivor["message"] and "rank 1 did not answer" in survivor["message"], survivor
+    assert survivor["seconds"] < 30, survivor
+
+
+# ---- one rank raises inside its forward and goes on ----------------------------------------
+class Embedded(nn.Module):
+    """An embedding (a bad batch holds an id out of its range), three blocks and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.blocks = nn.ModuleList(Block() for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def skips_a_bad_batch(rank: int, world: int, compiled: bool) -> dict:
+    """A "skip the bad batch" loop: rank 1's batch at step 1 holds an id out of the embedding's
+    range; its forward raises ``IndexError``, which rank 1 catches and goes on from."""
+    torch.manual_seed(0)
+    model = fully_shard(Embedded(), policy={Block})
+    run = torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager")) if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    start, skipped = None, []
+    try:
+        for step in range(4):
+            if step == 1:
+                start = time.monotonic()
+            ids = torch.arange(4).view(2, 2) + step
+            if rank == 1 and step == 1:
+                ids[0, 0] = 99
+            try:
+                loss = run(ids).square().mean()
+            except IndexError:
+                skipped.append(step)
+                continue
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    except Exception as error:  # noqa: BLE001 -- reported to the parent
+        return {"type": type(error).__name__, "message": str(error), "seconds": time.monotonic() - start,
+                "skipped": skipped}
+    return {"type": None, "skipped": skipped}
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_rank_skipping_a_batch_its_forward_raised_on_stops_every_rank(compiled):
+    """Eagerly, the skipping rank's next forward meets the other rank's next unit all-gather in
+    the lockstep check: "ranks are out of step". Compiled, the raising rank's graph stopped
+    between collectives: it tells the others through the store which rank raised what where,
+    and closes its one-worker group, so the other rank's pending collective fails at once with
+    a ``CollectiveError`` that says so; the raising rank's next forward raises without
+    communicating."""
+    rank0, rank1 = run_ranks(skips_a_bad_batch, 2, compiled, timeout=60)
+    assert rank1["skipped"] == [1], rank1
+    for rank, out in enumerate((rank0, rank1)):
+        assert out["type"] is not None and out["seconds"] < 30, (rank, out)
+    if not compiled:
+        for rank, out in enumerate((rank0, rank1)):
+            assert out["type"] == "RuntimeError" and "ranks are out of step" in out["message"], (rank, out)
+        return
+    assert rank0["type"] == "CollectiveError", rank0
+    assert "rank 1 raised IndexError" in rank0["message"] and "compiled forward" in rank0["message"], rank0
+    assert rank1["type"] == "RuntimeError", rank1
+    assert "this rank's compiled forward" in rank1["message"] and "IndexError" in rank1["message"], rank1
+
+
+# ---- collective calls made by one rank only --------------------------------------------------
+def one_rank_calls(rank: int, world: int, call: str, compiled: bool) -> dict:
+    """Three steps; at step 1, between backward and optimizer step, rank 1 alone calls ``call``."""
+    torch.manual_seed(0)
+    model = fully_shard(Chain(), policy={Block})
+    run = torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager")) if compiled else model
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    start = None
+    try:
+        for step in range(3):
+            if step == 1:
+                start = time.monotonic()
+            run(torch.randn(4, 8, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+            if rank == 1 and step == 1:
+                if call == "full_state_dict":
+                    fsdp_compile.full_state_dict(model)
+                elif call == "full_optim_state_dict":
+                    fsdp_compile.full_optim_state_dict(model, opt)
+                else:
+                    fsdp_compile.clip_grad_norm_(model, 1.0)
+            opt.step()
+            opt.zero_grad()
+    except Exception as error:  # noqa: BLE001 -- reported to the parent
+        return {"type": type(error).__name__, "message": str(error), "seconds": time.monotonic() - start}
+    return {"type": None}
+
+
+ONE_RANK = [("full_state_dict", False), ("full_optim_state_dict", False), ("clip_grad_norm_", False),
+            ("clip_grad_norm_", True)]
+
+
+@pytest.mark.parametrize("call,compiled", ONE_RANK, ids=[f"{c}-{'compiled' if k else 'eager'}" for c, k in ONE_RANK])
+def test_a_collective_call_on_one_rank_only_is_out_of_step(call, compiled):
+    """``full_state_dict``, ``full_optim_state_dict`` (DTensor all-gathers on the user's group)
+    and ``clip_grad_norm_`` (whose norm exchange is the lockstep record itself) on one rank
+    while the other goes on training: both ranks raise "ranks are out of step" naming the call,
+    instead of a size mismatch that aborts the process (state dicts) or a wait for the process
+    group's timeout (``clip_grad_norm_``)."""
+    for rank, out in enumerate(run_ranks(one_rank_calls, 2, call, compiled, timeout=60)):
+        assert out["type"] == "RuntimeError" and "ranks are out of step" in out["message"], (rank, out)
+        assert call in out["message"] and out["seconds"] < 30, (rank, out)
+
+
+# ---- a dead peer during dcp.save -----------------------------------------------------------
+def dies_before_dcp_save(rank: int, world: int, path: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    model = fully_shard(nn.Sequential(Block(), nn.Linear(8, 2)), policy={Block})
+    if rank == 1:
+        _die()
+    start = time.monotonic()
+    try:
+        dcp.save(model.state_dict(), checkpoint_id=path)
+    except Exception as error:  # noqa: BLE001 -- reported to the parent
+        return {"type": type(error).__name__, "message": str(error), "seconds": time.monotonic() - start}
+    return {"type": None}
+
+
+def test_a_dead_peer_during_dcp_save_gives_dcps_own_error_within_seconds(tmp_path):
+    """DCP's save is DCP's own collective (its planner's gather and scatter on the user's
+    group): a dead peer surfaces as DCP's error, not ours, but within seconds, not after the
+    process group's timeout (60 s here). The README's guarantees say so."""
+    survivor, victim = run_ranks(dies_before_dcp_save, 2, str(tmp_path / "ckpt"), timeout=60, may_exit=frozenset({1}))
+    assert victim == RankExited(VICTIM_EXIT_CODE)
+    assert survivor["type"] is not None and survivor["type"] != "CollectiveError", survivor
+    assert survivor["seconds"] < 30, survivor
