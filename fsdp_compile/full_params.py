@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .api import root_state
 from .runtime import Phase
+from .tensor_parallel import local_of
 from .unit import Unit
 
 
@@ -25,21 +26,25 @@ def _gather_full(unit: Unit, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _gather_unit_params(unit: Unit, with_grads: bool) -> list[nn.Parameter]:
-    shards = unit.shards()
+    """Full parameters (a tensor-parallel one: a DTensor on its TP mesh, tensor_parallel.py)."""
+    shards = unit.local_shards()
     unit.check_shards(shards)
-    full = [nn.Parameter(f, requires_grad=s.requires_grad) for f, s in zip(_gather_full(unit, shards), shards)]
+    full = [
+        nn.Parameter(unit.wrap_full(i, f), requires_grad=s.requires_grad)
+        for i, (f, s) in enumerate(zip(_gather_full(unit, shards), shards))
+    ]
     if with_grads:
-        grads = [s.grad for s in shards]
+        grads = [None if s.grad is None else local_of(s.grad) for s in unit.shards()]
         if any(g is not None for g in grads):
             zeros = [torch.zeros_like(s) if g is None else g for s, g in zip(shards, grads)]
-            for p, g, had in zip(full, _gather_full(unit, zeros), grads):
-                p.grad = g if had is not None else None
+            for i, (p, g, had) in enumerate(zip(full, _gather_full(unit, zeros), grads)):
+                p.grad = unit.wrap_full(i, g) if had is not None else None
     return full
 
 
 def _write_back(unit: Unit, full: list[torch.Tensor]) -> None:
-    for index, (shard, tensor) in enumerate(zip(unit.shards(), full)):
-        rows = unit.local_rows(index, tensor).reshape(shard.shape)
+    for index, (shard, tensor) in enumerate(zip(unit.local_shards(), full)):
+        rows = unit.local_rows(index, local_of(tensor)).reshape(shard.shape)
         # Unchanged shards are not written: an in-place copy bumps their version counter, which
         # breaks a pending backward that saved them (summon_full_params between forward and backward).
         if not torch.equal(rows, shard):

@@ -36,6 +36,7 @@ import torch
 
 from .mesh import mesh_for_state_dicts
 from .registry import live_units
+from .tensor_parallel import local_of
 
 
 # ---- one value --------------------------------------------------------------------------------
@@ -54,13 +55,21 @@ def _mesh(unit, device: torch.device):
 def to_state_value(unit, index: int, local: torch.Tensor) -> torch.Tensor:
     """This rank's ``local`` tensor (shard-shaped) of parameter ``index`` of ``unit`` -> what a
     state dict holds for it (see the module docstring)."""
-    full_shape = torch.Size(unit.orig_shapes[index])
-    if not _is_sharded(unit) or len(full_shape) == 0:  # held whole (a 0-d one as (1,): layout.py)
-        return local if local.shape == full_shape else local.view(full_shape)
     from torch.distributed.tensor import DTensor
 
-    stride = tuple(math.prod(full_shape[i + 1:]) for i in range(len(full_shape)))
-    mesh, placements = _mesh(unit, local.device)
+    tp = unit.tp_specs[index]
+    if tp is not None:  # a TP parameter: on the combined (dp..., tp) mesh, its global shape
+        if isinstance(local, DTensor) and local.requires_grad:
+            return local  # keep_vars=True: the parameter itself
+        local = local_of(local)
+        full_shape, stride = tp.shape, tp.stride
+        mesh, placements = tp.sharded_mesh, tp.sharded_placements
+    else:
+        full_shape = torch.Size(unit.orig_shapes[index])
+        if not _is_sharded(unit) or len(full_shape) == 0:  # held whole (a 0-d one as (1,): layout.py)
+            return local if local.shape == full_shape else local.view(full_shape)
+        stride = tuple(math.prod(full_shape[i + 1:]) for i in range(len(full_shape)))
+        mesh, placements = _mesh(unit, local.device)
     if local.requires_grad:  # keep_vars=True: differentiable, built as usual
         return DTensor.from_local(local, mesh, placements, run_check=False, shape=full_shape, stride=stride)
     # A DTensor's wrapper copies its local tensor's storage offset, and DCP's async staging
