@@ -8,6 +8,7 @@ optimizers keep their references.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.distributed as dist
@@ -151,6 +152,8 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0) 
 
     state = root_state(module)
     norm_type = float(norm_type)
+    if any(s is not None for u in state.units for s in u.tp_specs):
+        return _clip_over_tensor_parallel(module, state, max_norm, norm_type)
     sharded, replicated = [], []
     in_units = set()
     for unit in state.units:
@@ -180,4 +183,43 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0) 
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in grads:
         g.mul_(coef.to(g.dtype))
+    return total
+
+
+def _clip_over_tensor_parallel(module: nn.Module, state, max_norm: float, norm_type: float) -> torch.Tensor:
+    """``clip_grad_norm_`` when some parameters are tensor-parallel DTensors: one all-reduce over
+    every rank of the combined mesh, each local contribution divided by the number of ranks
+    holding the same elements (so the sum counts each element once); max needs no division."""
+    from torch.distributed.tensor import Shard
+
+    everyone = state.groups.everyone
+    world = dist.get_world_size(everyone)
+    inf = norm_type == float("inf")
+    parts, locals_, in_units = [], [], set()
+    for unit in state.units:
+        sharded = unit.spec.communicates and not unit.spec.replicated
+        for shard, shape, tp in zip(unit.shards(), unit.orig_shapes, unit.tp_specs):
+            in_units.add(id(shard))
+            if shard.grad is None:
+                continue
+            grad = local_of(shard.grad) if tp is None else shard.grad._local_tensor
+            distinct = unit.spec.world_size if sharded and len(shape) else 1
+            if tp is not None:
+                distinct *= math.prod(
+                    tp.mesh.size(d) for d, p in enumerate(tp.placements) if isinstance(p, Shard)
+                )
+            parts.append((grad, world / distinct))
+    parts += [(p.grad, world) for p in module.parameters() if id(p) not in in_units and p.grad is not None]
+    device = parts[0][0].device if parts else torch.device("cpu")
+    total = torch.zeros((), device=device)
+    for grad, copies in parts:
+        norm = torch.linalg.vector_norm(grad.float() if grad.dtype != torch.float64 else grad, norm_type)
+        total = torch.maximum(total, norm) if inf else total + norm.pow(norm_type) / copies
+    if world > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=everyone)
+    if not inf:
+        total = total.pow(1.0 / norm_type)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for grad, _ in parts:
+        grad.mul_(coef.to(grad.dtype))
     return total

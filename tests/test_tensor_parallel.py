@@ -27,6 +27,7 @@ DP, TP = 2, 2
 VOCAB, DIM, HEADS, HIDDEN, SEQ, BATCH = 23, 8, 2, 16, 6, 2
 STEPS = 3
 MODES = ("eager", "aot_eager")
+STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP")
 
 
 class Block(nn.Module):
@@ -116,56 +117,98 @@ def _compile(model, mode):
     return torch.compile(model, backend=fsdp_compile.backend(inner=mode))
 
 
-def _train(forward, model, dp_rank, steps=STEPS):
+MAX_NORM = 0.5  # below the gradients' norm at every step: clipping scales them
+
+
+def _train(forward, model, dp_rank, clip=None, steps=STEPS):
+    """AdamW steps; ``clip(model)`` (a clip_grad_norm_) before each step; returns the losses,
+    the clip's total norms and the optimizer."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    losses = []
+    losses, norms = [], []
     for step in range(steps):
         loss = forward(*_batch(step, dp_rank))
         loss.backward()
+        if clip is not None:
+            norms.append(clip(model).detach())
         opt.step()
         opt.zero_grad()
         losses.append(loss.detach())
-    return torch.stack(losses), opt
+    return torch.stack(losses), norms and torch.stack(norms), opt
 
 
-def reference(steps=STEPS):
-    """One process, the global batch: each step's loss per dp rank, and the final parameters."""
+def _ours_clip(model):
+    return fsdp_compile.clip_grad_norm_(model, MAX_NORM)
+
+
+def reference(clip: bool, steps=STEPS):
+    """One process, the global batch: each step's loss per dp rank, the clipped gradients'
+    total norms, and the final parameters."""
     model = _seeded()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    losses = []
+    losses, norms = [], []
     for step in range(steps):
         per_rank = [model(*_batch(step, d)) for d in range(DP)]
         torch.stack(per_rank).mean().backward()
+        if clip:
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
         opt.step()
         opt.zero_grad()
         losses.append(torch.stack(per_rank).detach())
-    return torch.stack(losses), {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return torch.stack(losses), norms and torch.stack(norms), {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 # ---- world 4 -----------------------------------------------------------------------------------
+def _ours(mesh, strategy="FULL_SHARD"):
+    return fully_shard(_tp_model(mesh), device_mesh=mesh["dp"], policy={Block}, strategy=strategy)
+
+
+def _run(model, mode, dp_rank, clip=_ours_clip):
+    weight = model.blocks[0].q.weight
+    run = _compile(model, mode)
+    losses, norms, _ = _train(run, model, dp_rank, clip)
+    out = {
+        "losses": losses,
+        "norms": norms,
+        "params": _full_params(model),
+        "same_object": model.blocks[0].q.weight is weight,
+        "placements": {k: str(v.placements) for k, v in model.state_dict().items() if isinstance(v, DTensor)},
+    }
+    if mode != "eager":
+        info = fsdp_compile.sharding_info(model)
+        out["schedules"] = [dict(r.schedules) for r in info.compiled_graphs]
+    return out
+
+
 def parity(rank):
     mesh = _mesh(DP, TP)
     dp_rank = mesh.get_local_rank("dp")
     out = {}
-    for mode in MODES:
-        model = fully_shard(_tp_model(mesh), device_mesh=mesh["dp"], policy={Block})
-        weight = model.blocks[0].q.weight
-        losses, _ = _train(_compile(model, mode), model, dp_rank)
-        out[mode] = {
-            "losses": losses,
-            "params": _full_params(model),
-            "same_object": model.blocks[0].q.weight is weight,
-            "placements": {
-                k: str(v.placements) for k, v in model.state_dict().items() if isinstance(v, DTensor)
-            },
-        }
+    for strategy in STRATEGIES:
+        for mode in MODES:
+            out[(strategy, mode)] = _run(_ours(mesh, strategy), mode, dp_rank)
     return out
+
+
+def fsdp2_reference(rank):
+    """torch's FSDP2 + the same TP plan on the same mesh, and ours, unclipped."""
+    from torch.distributed.fsdp import fully_shard as fsdp2_fully_shard
+
+    mesh = _mesh(DP, TP)
+    dp_rank = mesh.get_local_rank("dp")
+    model = _tp_model(mesh)
+    for block in model.blocks:
+        fsdp2_fully_shard(block, mesh=mesh["dp"])
+    fsdp2_fully_shard(model, mesh=mesh["dp"])
+    losses, _, _ = _train(model, model, dp_rank)
+    fsdp2 = {"losses": losses, "params": _full_params(model)}
+    return {"fsdp2": fsdp2, "ours": _run(_ours(mesh), "aot_eager", dp_rank, clip=None)}
 
 
 def world4_cases(rank, world):
     torch.set_num_threads(1)
     return {
         "parity": run_case(lambda: parity(rank)),
+        "fsdp2": run_case(lambda: fsdp2_reference(rank)),
     }
 
 
@@ -176,7 +219,7 @@ def world4():
 
 @pytest.fixture(scope="module")
 def ref():
-    return reference()
+    return {"clipped": reference(clip=True), "unclipped": reference(clip=False)}
 
 
 def _assert_params(got, want, what):
@@ -186,12 +229,38 @@ def _assert_params(got, want, what):
 
 
 def test_fsdp_over_tp_trains_like_one_process_on_the_global_batch_eager_and_compiled(world4, ref):
-    ref_losses, ref_params = ref
+    """Both strategies, eager and aot_eager, with clip_grad_norm_ at every step: losses, total
+    norms (over dp and tp) and final parameters equal the one-process float64 reference."""
+    ref_losses, ref_norms, ref_params = ref["clipped"]
+    assert (ref_norms > MAX_NORM).all()  # every step clips
     for rank, result in enumerate(world4):
         out = case_result(result["parity"])
-        for mode in MODES:
-            got = out[mode]
-            what = f"rank {rank} {mode}"
-            assert_close(got["losses"], ref_losses[:, rank // TP], msg=lambda m: f"{what} losses: {m}")
-            _assert_params(got["params"], ref_params, what)
-            assert got["same_object"], what
+        for strategy in STRATEGIES:
+            for mode in MODES:
+                got = out[(strategy, mode)]
+                what = f"rank {rank} {strategy} {mode}"
+                assert_close(got["losses"], ref_losses[:, rank // TP], msg=lambda m: f"{what} losses: {m}")
+                assert_close(got["norms"], ref_norms, msg=lambda m: f"{what} norms: {m}")
+                _assert_params(got["params"], ref_params, what)
+                assert got["same_object"], what
+
+
+def test_fsdp_over_tp_equals_torch_fsdp2_with_the_same_plan(world4, ref):
+    ref_losses, _, ref_params = ref["unclipped"]
+    for rank, result in enumerate(world4):
+        out = case_result(result["fsdp2"])
+        for who in ("fsdp2", "ours"):
+            what = f"rank {rank} {who}"
+            assert_close(out[who]["losses"], ref_losses[:, rank // TP], msg=lambda m: f"{what} losses: {m}")
+            _assert_params(out[who]["params"], ref_params, what)
+        assert_close(out["ours"]["losses"], out["fsdp2"]["losses"], rtol=0, atol=1e-12)
+        _assert_params(out["ours"]["params"], out["fsdp2"]["params"], f"rank {rank} ours vs fsdp2")
+
+
+def test_state_dict_values_are_dtensors_on_the_dp_tp_mesh_with_fsdp2s_placements(world4):
+    placements = case_result(world4[0]["parity"])[("FULL_SHARD", "eager")]["placements"]
+    assert placements["blocks.0.q.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+    assert placements["blocks.0.q.bias"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+    assert placements["blocks.0.o.weight"] == "(Shard(dim=0), Shard(dim=1))"
+    assert placements["blocks.0.o.bias"] == "(Shard(dim=0), Replicate())"
+    assert placements["emb.weight"] == "(Shard(dim=0),)"
