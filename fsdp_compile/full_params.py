@@ -134,12 +134,16 @@ def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor])
     with torch.no_grad():
         for fqn, (unit, index) in state.fqn_to_param.items():
             got = state_dict[fqn]
-            if tuple(got.shape) != tuple(unit.orig_shapes[index]):
+            tp = unit.tp_specs[index]
+            want = tuple(unit.orig_shapes[index] if tp is None else tp.shape)
+            if tuple(got.shape) != want:
                 raise RuntimeError(
                     f"load_full_state_dict: {fqn!r} has shape {tuple(got.shape)}, the model's "
-                    f"full parameter has shape {tuple(unit.orig_shapes[index])}"
+                    f"full parameter has shape {want}"
                 )
-            shard = unit.shards()[index]
+            shard = unit.local_shards()[index]
+            if tp is not None:  # this TP rank's part first (tensor_parallel.py)
+                got = tp.tp_local_of_full(got)
             shard.copy_(unit.local_rows(index, got).reshape(shard.shape))
         rest = {k: v for k, v in state_dict.items() if k not in state.fqn_to_param}
         module.load_state_dict(rest, strict=False)

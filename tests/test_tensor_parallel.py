@@ -13,7 +13,9 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -204,17 +206,58 @@ def fsdp2_reference(rank):
     return {"fsdp2": fsdp2, "ours": _run(_ours(mesh), "aot_eager", dp_rank, clip=None)}
 
 
-def world4_cases(rank, world):
+def _loaded(model, path):
+    """``model`` (and a fresh AdamW) loaded from the DCP checkpoint at ``path`` through
+    get/set_state_dict; returns their full state dicts."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return fsdp_compile.full_state_dict(model), fsdp_compile.full_optim_state_dict(model, opt)
+
+
+def save_checkpoint(rank, path):
+    """Train at dp 2 x tp 2, save with DCP; then load it back at dp 4 x tp 1 (same ranks)."""
+    mesh = _mesh(DP, TP)
+    model = _ours(mesh)
+    _, _, opt = _train(model, model, mesh.get_local_rank("dp"))
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    saved = (fsdp_compile.full_state_dict(model), fsdp_compile.full_optim_state_dict(model, opt))
+    optim_placements = {
+        k: str(v.placements) for k, v in osd["state"]["blocks.0.q.weight"].items() if isinstance(v, DTensor)
+    }
+    return {"saved": saved, "optim_placements": optim_placements, "dp4_tp1": _loaded(_ours(_mesh(4, 1)), path)}
+
+
+def load_checkpoint(rank, world, path, layout):
+    def run():
+        if layout == "1d":
+            return _loaded(fully_shard(_seeded(), policy={Block}), path)
+        return _loaded(_ours(_mesh(*layout)), path)
+
+    return run_case(run)
+
+
+def world4_cases(rank, world, tmp):
     torch.set_num_threads(1)
     return {
         "parity": run_case(lambda: parity(rank)),
         "fsdp2": run_case(lambda: fsdp2_reference(rank)),
+        "checkpoint": run_case(lambda: save_checkpoint(rank, f"{tmp}/ckpt")),
     }
 
 
 @pytest.fixture(scope="module")
-def world4():
-    return run_ranks(world4_cases, 4, timeout=900)
+def world4(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tp")
+    return tmp, run_ranks(world4_cases, 4, str(tmp), timeout=900)
+
+
+@pytest.fixture(scope="module")
+def world4_results(world4):
+    return world4[1]
 
 
 @pytest.fixture(scope="module")
@@ -228,12 +271,12 @@ def _assert_params(got, want, what):
         assert_close(got[name], value, msg=lambda m: f"{what}: {name}: {m}")
 
 
-def test_fsdp_over_tp_trains_like_one_process_on_the_global_batch_eager_and_compiled(world4, ref):
+def test_fsdp_over_tp_trains_like_one_process_on_the_global_batch_eager_and_compiled(world4_results, ref):
     """Both strategies, eager and aot_eager, with clip_grad_norm_ at every step: losses, total
     norms (over dp and tp) and final parameters equal the one-process float64 reference."""
     ref_losses, ref_norms, ref_params = ref["clipped"]
     assert (ref_norms > MAX_NORM).all()  # every step clips
-    for rank, result in enumerate(world4):
+    for rank, result in enumerate(world4_results):
         out = case_result(result["parity"])
         for strategy in STRATEGIES:
             for mode in MODES:
@@ -245,9 +288,9 @@ def test_fsdp_over_tp_trains_like_one_process_on_the_global_batch_eager_and_comp
                 assert got["same_object"], what
 
 
-def test_fsdp_over_tp_equals_torch_fsdp2_with_the_same_plan(world4, ref):
+def test_fsdp_over_tp_equals_torch_fsdp2_with_the_same_plan(world4_results, ref):
     ref_losses, _, ref_params = ref["unclipped"]
-    for rank, result in enumerate(world4):
+    for rank, result in enumerate(world4_results):
         out = case_result(result["fsdp2"])
         for who in ("fsdp2", "ours"):
             what = f"rank {rank} {who}"
@@ -257,10 +300,47 @@ def test_fsdp_over_tp_equals_torch_fsdp2_with_the_same_plan(world4, ref):
         _assert_params(out["ours"]["params"], out["fsdp2"]["params"], f"rank {rank} ours vs fsdp2")
 
 
-def test_state_dict_values_are_dtensors_on_the_dp_tp_mesh_with_fsdp2s_placements(world4):
-    placements = case_result(world4[0]["parity"])[("FULL_SHARD", "eager")]["placements"]
+def test_state_dict_values_are_dtensors_on_the_dp_tp_mesh_with_fsdp2s_placements(world4_results):
+    placements = case_result(world4_results[0]["parity"])[("FULL_SHARD", "eager")]["placements"]
     assert placements["blocks.0.q.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
     assert placements["blocks.0.q.bias"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
     assert placements["blocks.0.o.weight"] == "(Shard(dim=0), Shard(dim=1))"
     assert placements["blocks.0.o.bias"] == "(Shard(dim=0), Replicate())"
     assert placements["emb.weight"] == "(Shard(dim=0),)"
+
+
+def _assert_state(got, saved, what):
+    model, optim = got
+    _assert_params(model, saved[0], what)
+    assert optim["state"].keys() == saved[1]["state"].keys(), what
+    for key, per_param in saved[1]["state"].items():
+        for k, v in per_param.items():
+            assert_close(optim["state"][key][k], v, rtol=0, atol=0, msg=lambda m: f"{what} {key}.{k}: {m}")
+
+
+def test_checkpoint_saved_at_dp2_tp2_loads_exactly_at_dp4_tp1(world4_results):
+    out = case_result(world4_results[0]["checkpoint"])
+    assert out["optim_placements"] == {
+        "exp_avg": "(_StridedShard(dim=0, sf=2), Shard(dim=0))", "exp_avg_sq": "(_StridedShard(dim=0, sf=2), Shard(dim=0))",
+    }
+    for rank, result in enumerate(world4_results):
+        out = case_result(result["checkpoint"])
+        _assert_state(out["dp4_tp1"], out["saved"], f"rank {rank} dp 4 x tp 1")
+
+
+@pytest.mark.parametrize("layout", [(1, 2), "1d"], ids=["dp1_tp2", "world2_1d"])
+def test_checkpoint_saved_at_dp2_tp2_loads_exactly_at_world_2(world4, layout):
+    tmp, results = world4
+    saved = case_result(results[0]["checkpoint"])["saved"]
+    for rank, got in enumerate(run_ranks(load_checkpoint, 2, f"{tmp}/ckpt", layout, timeout=300)):
+        _assert_state(case_result(got), saved, f"world 2 {layout} rank {rank}")
+
+
+def test_checkpoint_saved_at_dp2_tp2_loads_into_an_unsharded_model(world4):
+    tmp, results = world4
+    saved = case_result(results[0]["checkpoint"])["saved"][0]
+    model = _seeded()
+    state = model.state_dict()
+    dcp.load({"model": state}, checkpoint_id=f"{tmp}/ckpt")
+    model.load_state_dict(state)
+    _assert_params(model.state_dict(), saved, "unsharded")
