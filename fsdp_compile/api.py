@@ -305,7 +305,10 @@ def _tp_specs(path, fqns, params, groups) -> list:
         tp_spec_of(p, fqn, groups.mesh, groups.replicate is not None) if is_dtensor(p) else None
         for fqn, p in zip(fqns, params)
     ]
-    meshes = {id(s.mesh): (fqn, s.mesh) for fqn, s in zip(fqns, specs) if s is not None}
+    meshes: dict = {}
+    for fqn, s in zip(fqns, specs):
+        if s is not None:
+            meshes.setdefault(id(s.mesh), (fqn, s.mesh))
     if len(meshes) > 1:
         (a, mesh_a), (b, mesh_b) = list(meshes.values())[:2]
         raise ValueError(

@@ -100,7 +100,8 @@ def tp_spec_of(param, fqn: str, dp_mesh, hybrid: bool) -> TPSpec:
             f"fully_shard: parameter {fqn!r} is a DTensor on a {tp_mesh.ndim}-D mesh "
             f"{tp_mesh.mesh_dim_names}; fully_shard takes parameters on one tensor-parallel mesh dim"
         )
-    if dp_mesh._get_root_mesh() is not tp_mesh._get_root_mesh() or not dp_mesh.mesh_dim_names or not tp_mesh.mesh_dim_names:
+    combined = _combined(dp_mesh, tp_mesh)
+    if combined is None:
         raise ValueError(
             f"fully_shard: parameter {fqn!r} is a DTensor on mesh {tp_mesh.mesh_dim_names} that does "
             f"not come from the same root mesh as device_mesh {dp_mesh.mesh_dim_names}; slice both "
@@ -117,10 +118,23 @@ def tp_spec_of(param, fqn: str, dp_mesh, hybrid: bool) -> TPSpec:
     dp_placements = (Replicate(), dp_shard) if hybrid else (dp_shard,)
     shape = torch.Size(param.shape)
     stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-    return TPSpec(
-        tp_mesh, placements, shape, stride, DeviceMesh._concatenate([dp_mesh, tp_mesh]),
-        dp_placements + placements,
-    )
+    return TPSpec(tp_mesh, placements, shape, stride, combined, dp_placements + placements)
+
+
+def _combined(dp_mesh, tp_mesh):
+    """The (dp..., tp) mesh, or None when the two do not come from one root mesh (torch may
+    hand out one cached slice for equal dims of two roots, so the test is the concatenation:
+    it must exist and hold every rank once)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not dp_mesh.mesh_dim_names or not tp_mesh.mesh_dim_names:
+        return None
+    try:
+        combined = DeviceMesh._concatenate([dp_mesh, tp_mesh])
+    except (RuntimeError, ValueError, AssertionError):
+        return None
+    ranks = combined.mesh.flatten().tolist()
+    return combined if len(set(ranks)) == len(ranks) else None
 
 
 def install_local(param, local: torch.Tensor, spec: TPSpec) -> None:

@@ -23,7 +23,7 @@ from torch.testing import assert_close
 
 import fsdp_compile
 from fsdp_compile import fully_shard
-from fsdp_compile.testing.spawn import case_result, run_case, run_ranks
+from fsdp_compile.testing.spawn import case_result, error_text, run_case, run_ranks
 
 DP, TP = 2, 2
 VOCAB, DIM, HEADS, HIDDEN, SEQ, BATCH = 23, 8, 2, 16, 6, 2
@@ -344,3 +344,50 @@ def test_checkpoint_saved_at_dp2_tp2_loads_into_an_unsharded_model(world4):
     dcp.load({"model": state}, checkpoint_id=f"{tmp}/ckpt")
     model.load_state_dict(state)
     _assert_params(model.state_dict(), saved, "unsharded")
+
+
+# ---- bad input (world 2) -------------------------------------------------------------------------
+def bad_inputs(rank, world):
+    from torch.distributed.tensor import Partial
+
+    def separate_roots():
+        tp_root = init_device_mesh("cpu", (1, 2), mesh_dim_names=("x", "tp"))
+        dp_root = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "y"))
+        model = _tp_model(tp_root)
+        return fully_shard(model, device_mesh=dp_root["dp"], policy={Block})
+
+    def two_tp_meshes():
+        root = init_device_mesh("cpu", (1, 2, 1), mesh_dim_names=("dp", "tp", "ep"))
+        model = _seeded()
+        parallelize_module(model.blocks[0], root["tp"], {"q": ColwiseParallel()})
+        parallelize_module(model.blocks[0], root["ep"], {"fc1": ColwiseParallel()})
+        return fully_shard(model, device_mesh=root["dp"], policy={Block})
+
+    def partial():
+        mesh = _mesh(1, 2)
+        model = _seeded()
+        fc = model.blocks[1].fc2
+        fc.weight = nn.Parameter(DTensor.from_local(fc.weight.detach(), mesh["tp"], [Partial()]))
+        return fully_shard(model, device_mesh=mesh["dp"], policy={Block})
+
+    def plan_after():
+        mesh = _mesh(1, 2)
+        model = fully_shard(_seeded(), device_mesh=mesh["dp"], policy={Block})
+        parallelize_module(model.blocks[0], mesh["tp"], PLAN)
+
+    def process_group():
+        return fully_shard(_tp_model(_mesh(1, 2)), policy={Block})
+
+    cases = {"roots": separate_roots, "meshes": two_tp_meshes, "partial": partial,
+             "plan_after": plan_after, "process_group": process_group}
+    return {name: error_text(fn, (ValueError, RuntimeError)) for name, fn in cases.items()}
+
+
+def test_bad_input_raises_naming_the_parameter_and_the_fix():
+    errors = run_ranks(bad_inputs, 2, timeout=120)[0]
+    assert "'blocks.0.q.weight'" in errors["roots"] and "same root mesh" in errors["roots"], errors["roots"]
+    assert "mixes parameters on different tensor-parallel meshes" in errors["meshes"], errors["meshes"]
+    assert "'blocks.0.q.weight'" in errors["meshes"] and "'blocks.0.fc1.weight'" in errors["meshes"]
+    assert "'blocks.1.fc2.weight'" in errors["partial"] and "Partial" in errors["partial"], errors["partial"]
+    assert "'blocks.0.q.weight'" in errors["plan_after"] and "before fully_shard" in errors["plan_after"], errors["plan_after"]
+    assert "'blocks.0.q.weight'" in errors["process_group"] and "device_mesh=mesh['dp']" in errors["process_group"]
