@@ -23,6 +23,7 @@ from torch.testing import assert_close
 
 import fsdp_compile
 from fsdp_compile import fully_shard
+from fsdp_compile.testing.graphs import REDUCE_SCATTER
 from fsdp_compile.testing.spawn import case_result, error_text, run_case, run_ranks
 
 DP, TP = 2, 2
@@ -391,3 +392,23 @@ def test_bad_input_raises_naming_the_parameter_and_the_fix():
     assert "'blocks.1.fc2.weight'" in errors["partial"] and "Partial" in errors["partial"], errors["partial"]
     assert "'blocks.0.q.weight'" in errors["plan_after"] and "before fully_shard" in errors["plan_after"], errors["plan_after"]
     assert "'blocks.0.q.weight'" in errors["process_group"] and "device_mesh=mesh['dp']" in errors["process_group"]
+
+
+def test_compiled_graphs_hold_dtensors_tp_collectives_beside_ours(world4_results):
+    """Per unit (the root and two blocks) our collectives on the dp ("shard") group exactly as
+    without TP; DTensor's TP all-reduces on the "tp" group beside them (Rowwise outputs in
+    forward, Colwise input gradients in backward), named by role so every rank compares them."""
+    for rank, result in enumerate(world4_results):
+        out = case_result(result["parity"])
+        for strategy in STRATEGIES:
+            (schedules,) = out[(strategy, "aot_eager")]["schedules"]
+            what = (rank, strategy, schedules)
+            forward, backward = schedules["forward"], schedules["backward"]
+            assert {c.group for c in forward + backward} == {"shard", "tp"}, what
+            assert [c.kind for c in forward if c.group == "shard"] == ["all_gather_into_tensor"] * 3, what
+            assert [c.kind for c in forward if c.group == "tp"] == ["all_reduce"] * 4, what  # o, fc2 per block
+            ours = [c.kind for c in backward if c.group == "shard"]
+            assert ours.count(REDUCE_SCATTER) == 3, what
+            assert ours.count("all_gather_into_tensor") == (2 if strategy == "FULL_SHARD" else 0), what
+            tp = [c.kind for c in backward if c.group == "tp"]
+            assert tp and set(tp) == {"all_reduce"}, what
