@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 from torch.testing import assert_close
 
 import fsdp_compile
@@ -82,6 +82,25 @@ PLAN = {
 }
 
 
+def _sp_plan():
+    """Sequence parallelism: activations between blocks are sharded over the sequence (dim 1)
+    on the tp dim; the norms run on sequence shards (their weights Replicate() DTensors)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import SequenceParallel
+
+    seq = Shard(1)
+    return {
+        "norm1": SequenceParallel(), "norm2": SequenceParallel(),
+        "q": ColwiseParallel(input_layouts=seq), "k": ColwiseParallel(input_layouts=seq),
+        "v": ColwiseParallel(input_layouts=seq), "fc1": ColwiseParallel(input_layouts=seq),
+        "o": RowwiseParallel(output_layouts=seq, use_local_output=False),
+        "fc2": RowwiseParallel(output_layouts=seq, use_local_output=False),
+    }, {
+        "blocks.0": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(seq,)),
+        "norm": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),), use_local_output=True),
+    }
+
+
 def _seeded() -> Model:
     torch.manual_seed(0)
     return Model().double()
@@ -98,10 +117,12 @@ def _mesh(dp: int, tp: int):
     return init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
 
 
-def _tp_model(mesh):
+def _tp_model(mesh, sequence_parallel=False):
     model = _seeded()
+    block_plan, model_plan = _sp_plan() if sequence_parallel else (PLAN, {})
     for block in model.blocks:
-        parallelize_module(block, mesh["tp"], PLAN)
+        parallelize_module(block, mesh["tp"], block_plan)
+    parallelize_module(model, mesh["tp"], model_plan)
     return model
 
 
@@ -161,8 +182,9 @@ def reference(clip: bool, steps=STEPS):
 
 
 # ---- world 4 -----------------------------------------------------------------------------------
-def _ours(mesh, strategy="FULL_SHARD"):
-    return fully_shard(_tp_model(mesh), device_mesh=mesh["dp"], policy={Block}, strategy=strategy)
+def _ours(mesh, strategy="FULL_SHARD", sequence_parallel=False):
+    model = _tp_model(mesh, sequence_parallel)
+    return fully_shard(model, device_mesh=mesh["dp"], policy={Block}, strategy=strategy)
 
 
 def _run(model, mode, dp_rank, clip=_ours_clip):
@@ -189,6 +211,8 @@ def parity(rank):
     for strategy in STRATEGIES:
         for mode in MODES:
             out[(strategy, mode)] = _run(_ours(mesh, strategy), mode, dp_rank)
+    for mode in MODES:
+        out[("sequence_parallel", mode)] = _run(_ours(mesh, sequence_parallel=True), mode, dp_rank)
     return out
 
 
@@ -287,6 +311,19 @@ def test_fsdp_over_tp_trains_like_one_process_on_the_global_batch_eager_and_comp
                 assert_close(got["norms"], ref_norms, msg=lambda m: f"{what} norms: {m}")
                 _assert_params(got["params"], ref_params, what)
                 assert got["same_object"], what
+
+
+def test_sequence_parallel_trains_like_one_process_eager_and_compiled(world4_results, ref):
+    ref_losses, ref_norms, ref_params = ref["clipped"]
+    for rank, result in enumerate(world4_results):
+        out = case_result(result["parity"])
+        for mode in MODES:
+            got = out[("sequence_parallel", mode)]
+            what = f"rank {rank} sequence parallel {mode}"
+            assert_close(got["losses"], ref_losses[:, rank // TP], msg=lambda m: f"{what} losses: {m}")
+            assert_close(got["norms"], ref_norms, msg=lambda m: f"{what} norms: {m}")
+            _assert_params(got["params"], ref_params, what)
+            assert got["placements"]["blocks.0.norm1.weight"] == "(Shard(dim=0), Replicate())", what
 
 
 def test_fsdp_over_tp_equals_torch_fsdp2_with_the_same_plan(world4_results, ref):
