@@ -164,14 +164,14 @@ def _ours_clip(model):
     return fsdp_compile.clip_grad_norm_(model, MAX_NORM)
 
 
-def reference(clip: bool, steps=STEPS):
+def reference(clip: bool, steps=STEPS, dp=DP):
     """One process, the global batch: each step's loss per dp rank, the clipped gradients'
     total norms, and the final parameters."""
     model = _seeded()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses, norms = [], []
     for step in range(steps):
-        per_rank = [model(*_batch(step, d)) for d in range(DP)]
+        per_rank = [model(*_batch(step, d)) for d in range(dp)]
         torch.stack(per_rank).mean().backward()
         if clip:
             norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
@@ -201,6 +201,7 @@ def _run(model, mode, dp_rank, clip=_ours_clip):
     if mode != "eager":
         info = fsdp_compile.sharding_info(model)
         out["schedules"] = [dict(r.schedules) for r in info.compiled_graphs]
+        out["explain"] = fsdp_compile.explain(run)
     return out
 
 
@@ -384,6 +385,14 @@ def test_checkpoint_saved_at_dp2_tp2_loads_into_an_unsharded_model(world4):
     _assert_params(model.state_dict(), saved, "unsharded")
 
 
+def test_explain_lists_the_dp_and_tp_groups_and_the_collectives_on_each(world4_results):
+    text = case_result(world4_results[0]["parity"])[("FULL_SHARD", "aot_eager")]["explain"]
+    assert "shard group: global ranks [0, 2]" in text, text
+    assert "tp group (tensor parallel, its collectives from DTensor): global ranks [0, 1]" in text, text
+    assert "on tp group" in text and "on shard group" in text, text
+    assert "blocks.0.q.weight (8, 8) -> 2 rows/rank of its TP-local (4, 8)" in text, text
+
+
 # ---- bad input (world 2) -------------------------------------------------------------------------
 def bad_inputs(rank, world):
     from torch.distributed.tensor import Partial
@@ -449,3 +458,32 @@ def test_compiled_graphs_hold_dtensors_tp_collectives_beside_ours(world4_results
             assert ours.count("all_gather_into_tensor") == (2 if strategy == "FULL_SHARD" else 0), what
             tp = [c.kind for c in backward if c.group == "tp"]
             assert tp and set(tp) == {"all_reduce"}, what
+
+
+# ---- HSDP + TP (world 8) -------------------------------------------------------------------------
+def hsdp_tp(rank, world):
+    """2 replicas x 2 shards x tp 2: FSDP's mesh is mesh["replicate", "shard"], TP's mesh["tp"]."""
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("replicate", "shard", "tp"))
+    dp_rank = mesh.get_local_rank("replicate") * 2 + mesh.get_local_rank("shard")
+    out = {}
+    for mode in MODES:
+        model = fully_shard(_tp_model(mesh), device_mesh=mesh["replicate", "shard"], policy={Block})
+        got = _run(model, mode, dp_rank)
+        got["strategies"] = {u.strategy.name for u in fsdp_compile.sharding_info(model).units}
+        out[mode] = got
+    return out
+
+
+@pytest.mark.slow
+def test_hsdp_over_tp_on_a_2x2x2_mesh_trains_like_one_process():
+    ref_losses, ref_norms, ref_params = reference(clip=True, dp=4)
+    for rank, out in enumerate(run_ranks(hsdp_tp, 8, timeout=1200)):
+        for mode in MODES:
+            got = out[mode]
+            what = f"rank {rank} HSDP + TP {mode}"
+            assert got["strategies"] == {"HYBRID_SHARD"}, what
+            assert_close(got["losses"], ref_losses[:, rank // TP], msg=lambda m: f"{what} losses: {m}")
+            assert_close(got["norms"], ref_norms, msg=lambda m: f"{what} norms: {m}")
+            _assert_params(got["params"], ref_params, what)
+            assert got["placements"]["blocks.0.q.weight"] == "(Replicate(), _StridedShard(dim=0, sf=2), Shard(dim=0))"
