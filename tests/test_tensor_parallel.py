@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 from torch.testing import assert_close
+from torch.utils.checkpoint import checkpoint
 
 import fsdp_compile
 from fsdp_compile import fully_shard
@@ -68,10 +69,12 @@ class Model(nn.Module):
         self.norm = nn.LayerNorm(DIM)
         self.head = nn.Linear(DIM, VOCAB, bias=False)
 
+    checkpointed = False  # activation checkpointing of every block (non-reentrant)
+
     def forward(self, idx, targets):
         x = self.emb(idx)
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpointed else block(x)
         logits = self.head(self.norm(x))
         return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
 
@@ -106,8 +109,8 @@ def _seeded() -> Model:
     return Model().double()
 
 
-def _batch(step: int, dp_rank: int):
-    g = torch.Generator().manual_seed(1000 * step + dp_rank)
+def _batch(step: int, dp_rank: int, micro: int = 0):
+    g = torch.Generator().manual_seed(1000 * step + 100 * micro + dp_rank)
     idx = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
     return idx[:, :-1], idx[:, 1:]
 
@@ -144,12 +147,16 @@ def _compile(model, mode):
 MAX_NORM = 0.5  # below the gradients' norm at every step: clipping scales them
 
 
-def _train(forward, model, dp_rank, clip=None, steps=STEPS):
+def _train(forward, model, dp_rank, clip=None, steps=STEPS, accumulate=False):
     """AdamW steps; ``clip(model)`` (a clip_grad_norm_) before each step; returns the losses,
-    the clip's total norms and the optimizer."""
+    the clip's total norms and the optimizer. ``accumulate``: from step 1 on, each step first
+    accumulates a micro-batch inside ``no_sync``."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses, norms = [], []
     for step in range(steps):
+        if accumulate and step:
+            with fsdp_compile.no_sync(model):
+                forward(*_batch(step, dp_rank, micro=1)).backward()
         loss = forward(*_batch(step, dp_rank))
         loss.backward()
         if clip is not None:
@@ -164,13 +171,15 @@ def _ours_clip(model):
     return fsdp_compile.clip_grad_norm_(model, MAX_NORM)
 
 
-def reference(clip: bool, steps=STEPS, dp=DP):
+def reference(clip: bool, steps=STEPS, dp=DP, accumulate=False):
     """One process, the global batch: each step's loss per dp rank, the clipped gradients'
     total norms, and the final parameters."""
     model = _seeded()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses, norms = [], []
     for step in range(steps):
+        if accumulate and step:
+            torch.stack([model(*_batch(step, d, micro=1)) for d in range(dp)]).mean().backward()
         per_rank = [model(*_batch(step, d)) for d in range(dp)]
         torch.stack(per_rank).mean().backward()
         if clip:
@@ -187,10 +196,10 @@ def _ours(mesh, strategy="FULL_SHARD", sequence_parallel=False):
     return fully_shard(model, device_mesh=mesh["dp"], policy={Block}, strategy=strategy)
 
 
-def _run(model, mode, dp_rank, clip=_ours_clip):
+def _run(model, mode, dp_rank, clip=_ours_clip, accumulate=False):
     weight = model.blocks[0].q.weight
     run = _compile(model, mode)
-    losses, norms, _ = _train(run, model, dp_rank, clip)
+    losses, norms, _ = _train(run, model, dp_rank, clip, accumulate=accumulate)
     out = {
         "losses": losses,
         "norms": norms,
@@ -214,6 +223,9 @@ def parity(rank):
             out[(strategy, mode)] = _run(_ours(mesh, strategy), mode, dp_rank)
     for mode in MODES:
         out[("sequence_parallel", mode)] = _run(_ours(mesh, sequence_parallel=True), mode, dp_rank)
+        model = _ours(mesh)
+        model.checkpointed = True
+        out[("no_sync_checkpointed", mode)] = _run(model, mode, dp_rank, accumulate=True)
     return out
 
 
@@ -288,7 +300,10 @@ def world4_results(world4):
 
 @pytest.fixture(scope="module")
 def ref():
-    return {"clipped": reference(clip=True), "unclipped": reference(clip=False)}
+    return {
+        "clipped": reference(clip=True), "unclipped": reference(clip=False),
+        "accumulated": reference(clip=True, accumulate=True),
+    }
 
 
 def _assert_params(got, want, what):
@@ -325,6 +340,19 @@ def test_sequence_parallel_trains_like_one_process_eager_and_compiled(world4_res
             assert_close(got["norms"], ref_norms, msg=lambda m: f"{what} norms: {m}")
             _assert_params(got["params"], ref_params, what)
             assert got["placements"]["blocks.0.norm1.weight"] == "(Shard(dim=0), Replicate())", what
+
+
+def test_no_sync_and_activation_checkpointing_with_tp_train_like_one_process(world4_results, ref):
+    """no_sync micro-batches from step 1 on and every block checkpointed, eager and compiled."""
+    ref_losses, ref_norms, ref_params = ref["accumulated"]
+    for rank, result in enumerate(world4_results):
+        out = case_result(result["parity"])
+        for mode in MODES:
+            got = out[("no_sync_checkpointed", mode)]
+            what = f"rank {rank} no_sync + checkpointing {mode}"
+            assert_close(got["losses"], ref_losses[:, rank // TP], msg=lambda m: f"{what} losses: {m}")
+            assert_close(got["norms"], ref_norms, msg=lambda m: f"{what} norms: {m}")
+            _assert_params(got["params"], ref_params, what)
 
 
 def test_fsdp_over_tp_equals_torch_fsdp2_with_the_same_plan(world4_results, ref):
