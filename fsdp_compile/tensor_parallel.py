@@ -5,8 +5,8 @@ what a read returns.
 mesh (``Shard(d)`` or ``Replicate()``) whose local tensor is this TP rank's part. ``fully_shard``
 treats that *TP-local* tensor as the parameter: the unit lays it out, shards its dim 0 over the
 data-parallel ranks and all-gathers it back, exactly as a plain parameter (``layout.py``). The
-registered parameter stays the same ``DTensor`` object; its local tensor becomes the shard (a
-view into the unit's flat buffer) and its spec the combined ``(dp..., tp)`` mesh with FSDP2's
+registered parameter stays the same ``DTensor`` object; its local tensor becomes the shard (its
+own tensor: ``install_local``) and its spec the combined ``(dp..., tp)`` mesh with FSDP2's
 placements: ``_StridedShard(0, split_factor=tp)`` on the dp dim when TP also shards dim 0, else
 ``Shard(0)`` (HSDP: ``Replicate()`` first). So the parameter, its gradient, optimizer state and
 state-dict values are DTensors of the original global shape, as FSDP2's.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -75,7 +74,6 @@ def local_of(tensor: torch.Tensor) -> torch.Tensor:
 def tp_spec_of(param, fqn: str, dp_mesh, hybrid: bool) -> TPSpec:
     """The ``TPSpec`` of DTensor parameter ``param`` sharded over ``dp_mesh`` (``None``: a
     process group was passed). Raises ``ValueError`` naming ``fqn`` and the fix."""
-    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 

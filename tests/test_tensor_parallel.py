@@ -3,8 +3,10 @@
 Ranks [[0, 1], [2, 3]]: TP groups {0, 1} and {2, 3} (torch's ``parallelize_module`` with
 ``ColwiseParallel`` / ``RowwiseParallel``), dp groups {0, 2} and {1, 3} (``fully_shard``). The
 ranks of one TP group read the same batch; the two dp ranks read different ones. Reference: the
-same model in one process, float64, on the global batch (the mean of the dp ranks' losses).
-One spawn runs every case; each case returns plain data or its traceback, and the parent asserts.
+same model in one process, float64, on the global batch (the mean of the dp ranks' losses),
+and torch's FSDP2 with the same TP plan. One spawn runs every world-4 case (training, FSDP2,
+a DCP checkpoint); each case returns plain data or its traceback, and the parent asserts. World 2
+loads the checkpoint at other layouts and checks bad input; world 8 (slow) runs HSDP + TP.
 """
 from __future__ import annotations
 
