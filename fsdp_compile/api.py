@@ -25,8 +25,9 @@ from .state_dict import install_optimizer_hooks
 from .config import CPUOffload, MixedPrecision, ShardingStrategy
 from .layout import make_unit_layout
 from .log import get_logger
-from .mesh import resolve_groups
+from .mesh import resolve_groups, with_tensor_parallel
 from .runtime import FSDPState, unit_post_forward, unit_pre_forward
+from .tensor_parallel import is_dtensor, tp_spec_of
 from .unit import Unit
 
 if TYPE_CHECKING:
@@ -124,6 +125,7 @@ def fully_shard(
             f"parameters are on {device}; drop param_init_fn or build the model under "
             "torch.device('meta')"
         )
+    groups = state.groups = with_tensor_parallel(groups, [s for u in state.units for s in u.tp_specs if s is not None])
     state.fqn_to_param = {
         fqn: (unit, index)
         for unit in state.units
@@ -292,15 +294,18 @@ def _build_unit(path, module, members, strategy, mp, groups, compute_device, sta
             f"({fqns[0]!r} is {params[0].dtype}, {odd!r} is not); cast the model to one dtype "
             "and use MixedPrecision for lower-precision compute"
         )
+    tp_specs = _tp_specs(path, fqns, params, groups)
     replicated = strategy == ShardingStrategy.NO_SHARD
-    layout = make_unit_layout(fqns, [tuple(p.shape) for p in params], groups.shard_size, replicated)
+    shapes = [tuple(p.shape if s is None else p._local_tensor.shape) for p, s in zip(params, tp_specs)]
+    layout = make_unit_layout(fqns, shapes, groups.shard_size, replicated)
     spec = CommSpec(
         groups.shard_name, groups.shard_size, groups.shard_rank, replicated, mp.param_dtype, mp.reduce_dtype,
         groups.replicate_name, groups.replicate_size,
         reduce_scatter_kind(groups.shard, torch.device(compute_device)),
     )
     holders = [[(m, attr) for _, m, _, attr in entries] for entries in members]
-    unit = Unit(path, module, holders, layout, [p.shape for p in params], strategy, spec, compute_device, state)
+    unit = Unit(path, module, holders, layout, [torch.Size(s) for s in shapes], strategy, spec, compute_device, state)
+    unit.tp_specs = tp_specs
     if deferred:  # a zero buffer now; deferred_init fills it module by module
         offload = cpu_offload is not None and cpu_offload.offload_params
         unit.allocate_flat(params[0].dtype, torch.device("cpu") if offload else compute_device)
@@ -314,6 +319,26 @@ def _build_unit(path, module, members, strategy, mp, groups, compute_device, sta
     return unit
 
 
+def _tp_specs(path, fqns, params, groups) -> list:
+    """Each parameter's ``TPSpec`` (a tensor-parallel DTensor) or None (tensor_parallel.py)."""
+    specs = [
+        tp_spec_of(p, fqn, groups.mesh, groups.replicate is not None) if is_dtensor(p) else None
+        for fqn, p in zip(fqns, params)
+    ]
+    meshes: dict = {}
+    for fqn, s in zip(fqns, specs):
+        if s is not None:
+            meshes.setdefault(id(s.mesh), (fqn, s.mesh))
+    if len(meshes) > 1:
+        (a, mesh_a), (b, mesh_b) = list(meshes.values())[:2]
+        raise ValueError(
+            f"fully_shard: unit {path or '<root>'!r} mixes parameters on different tensor-parallel "
+            f"meshes ({a!r} on {mesh_a.mesh_dim_names}, {b!r} on {mesh_b.mesh_dim_names}); put "
+            "them in different units (policy=) or apply the TP plan with one mesh"
+        )
+    return specs
+
+
 def _holder_fqns(unit_holders, modules):
     paths = {id(m): p for p, m in modules.items()}
     return [_fqn(paths[id(m)], attr) for m, attr in unit_holders]
@@ -323,8 +348,10 @@ def _check_same_on_all_ranks(state: FSDPState, group) -> None:
     """Every rank must build the same units: compare a fingerprint with every other rank's."""
     if group is None or dist.get_world_size(group) <= 1:
         return
-    mine = [
-        (u.name, u.strategy.name, [(p.fqn, p.full_shape) for p in u.layout.params], str(u.shard_dtype))
+    mine = [  # a TP parameter's global shape: its local one may differ between TP ranks
+        (u.name, u.strategy.name,
+         [(p.fqn, p.full_shape if s is None else tuple(s.shape)) for p, s in zip(u.layout.params, u.tp_specs)],
+         str(u.shard_dtype))
         for u in state.units
     ]
     with naming_collective_failures("fully_shard's comparison of the ranks' units"):

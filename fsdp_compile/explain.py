@@ -73,8 +73,11 @@ def explain(model: nn.Module) -> str:
             f"of {_fmt_bytes(full * elem)} full, gather {str(unit.gather_dtype).replace('torch.', '')}, "
             f"reduce {str(unit.reduce_dtype).replace('torch.', '')}"
         )
-        for param, shape in zip(unit.layout.params, unit.orig_shapes):
+        for param, shape, tp in zip(unit.layout.params, unit.orig_shapes, unit.tp_specs):
             held = "whole on every rank" if len(shape) == 0 else f"{param.chunk_rows} rows/rank"
+            if tp is not None:
+                held += f" of its TP-local {tuple(shape)}, a DTensor {tuple(tp.placements)} on {tp.mesh.mesh_dim_names}"
+                shape = tp.shape
             lines.append(f"    {param.fqn} {tuple(shape)} -> {held}")
     if not state.compiled_graphs:
         lines.append("no compiled graphs yet (run a compiled forward/backward first)")
@@ -88,6 +91,9 @@ def explain(model: nn.Module) -> str:
             user = groups.shard if role == "shard" else groups.replicate
             twin = "" if name in (None, user.group_name) else " (our collectives: its one-worker gloo twin)"
             lines.append(f"{role} group: global ranks {ranks}{twin}")
+    for name, role in (groups.other_roles if groups is not None else ()):
+        lines.append(f"{role} group (tensor parallel, its collectives from DTensor): global ranks "
+                     f"{dist.get_process_group_ranks(_resolve_group(name))}")
     for number, record in enumerate(state.compiled_graphs):
         lines.append(f"compiled graph {number} ({record.inner}): {len(record.gathers)} unit gathers")
         if record.kept_gathered:
@@ -110,3 +116,9 @@ def explain(model: nn.Module) -> str:
                             " of the whole input; each slot goes to its rank and is summed there)")
                 lines.append(f"    {c.kind:<24} {_fmt_bytes(c.input_bytes):>10} {c.dtype} on {c.group} group{note}")
     return "\n".join(lines)
+
+
+def _resolve_group(name: str):
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)

@@ -8,6 +8,7 @@ optimizers keep their references.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,7 @@ import torch.nn as nn
 from .api import root_state
 from .failures import naming_collective_failures
 from .runtime import Phase
+from .tensor_parallel import local_of
 from .unit import Unit
 
 
@@ -26,21 +28,25 @@ def _gather_full(unit: Unit, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _gather_unit_params(unit: Unit, with_grads: bool) -> list[nn.Parameter]:
-    shards = unit.shards()
+    """Full parameters (a tensor-parallel one: a DTensor on its TP mesh, tensor_parallel.py)."""
+    shards = unit.local_shards()
     unit.check_shards(shards)
-    full = [nn.Parameter(f, requires_grad=s.requires_grad) for f, s in zip(_gather_full(unit, shards), shards)]
+    full = [
+        nn.Parameter(unit.wrap_full(i, f), requires_grad=s.requires_grad)
+        for i, (f, s) in enumerate(zip(_gather_full(unit, shards), shards))
+    ]
     if with_grads:
-        grads = [s.grad for s in shards]
+        grads = [None if s.grad is None else local_of(s.grad) for s in unit.shards()]
         if any(g is not None for g in grads):
             zeros = [torch.zeros_like(s) if g is None else g for s, g in zip(shards, grads)]
-            for p, g, had in zip(full, _gather_full(unit, zeros), grads):
-                p.grad = g if had is not None else None
+            for i, (p, g, had) in enumerate(zip(full, _gather_full(unit, zeros), grads)):
+                p.grad = unit.wrap_full(i, g) if had is not None else None
     return full
 
 
 def _write_back(unit: Unit, full: list[torch.Tensor]) -> None:
-    for index, (shard, tensor) in enumerate(zip(unit.shards(), full)):
-        rows = unit.local_rows(index, tensor).reshape(shard.shape)
+    for index, (shard, tensor) in enumerate(zip(unit.local_shards(), full)):
+        rows = unit.local_rows(index, local_of(tensor)).reshape(shard.shape)
         # Unchanged shards are not written: an in-place copy bumps their version counter, which
         # breaks a pending backward that saved them (summon_full_params between forward and backward).
         if not torch.equal(rows, shard):
@@ -134,12 +140,16 @@ def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor])
     with torch.no_grad():
         for fqn, (unit, index) in state.fqn_to_param.items():
             got = state_dict[fqn]
-            if tuple(got.shape) != tuple(unit.orig_shapes[index]):
+            tp = unit.tp_specs[index]
+            want = tuple(unit.orig_shapes[index] if tp is None else tp.shape)
+            if tuple(got.shape) != want:
                 raise RuntimeError(
                     f"load_full_state_dict: {fqn!r} has shape {tuple(got.shape)}, the model's "
-                    f"full parameter has shape {tuple(unit.orig_shapes[index])}"
+                    f"full parameter has shape {want}"
                 )
-            shard = unit.shards()[index]
+            shard = unit.local_shards()[index]
+            if tp is not None:  # this TP rank's part first (tensor_parallel.py)
+                got = tp.tp_local_of_full(got)
             shard.copy_(unit.local_rows(index, got).reshape(shard.shape))
         rest = {k: v for k, v in state_dict.items() if k not in state.fqn_to_param}
         module.load_state_dict(rest, strict=False)
@@ -152,6 +162,8 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0) 
 
     state = root_state(module)
     norm_type = float(norm_type)
+    if any(s is not None for u in state.units for s in u.tp_specs):
+        return _clip_over_tensor_parallel(module, state, max_norm, norm_type)
     sharded, replicated = [], []
     in_units = set()
     for unit in state.units:
@@ -181,4 +193,43 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0) 
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in grads:
         g.mul_(coef.to(g.dtype))
+    return total
+
+
+def _clip_over_tensor_parallel(module: nn.Module, state, max_norm: float, norm_type: float) -> torch.Tensor:
+    """``clip_grad_norm_`` when some parameters are tensor-parallel DTensors: one all-reduce over
+    every rank of the combined mesh, each local contribution divided by the number of ranks
+    holding the same elements (so the sum counts each element once); max needs no division."""
+    from torch.distributed.tensor import Shard
+
+    everyone = state.groups.everyone
+    world = dist.get_world_size(everyone)
+    inf = norm_type == float("inf")
+    parts, locals_, in_units = [], [], set()
+    for unit in state.units:
+        sharded = unit.spec.communicates and not unit.spec.replicated
+        for shard, shape, tp in zip(unit.shards(), unit.orig_shapes, unit.tp_specs):
+            in_units.add(id(shard))
+            if shard.grad is None:
+                continue
+            grad = local_of(shard.grad) if tp is None else shard.grad._local_tensor
+            distinct = unit.spec.world_size if sharded and len(shape) else 1
+            if tp is not None:
+                distinct *= math.prod(
+                    tp.mesh.size(d) for d, p in enumerate(tp.placements) if isinstance(p, Shard)
+                )
+            parts.append((grad, world / distinct))
+    parts += [(p.grad, world) for p in module.parameters() if id(p) not in in_units and p.grad is not None]
+    device = parts[0][0].device if parts else torch.device("cpu")
+    total = torch.zeros((), device=device)
+    for grad, copies in parts:
+        norm = torch.linalg.vector_norm(grad.float() if grad.dtype != torch.float64 else grad, norm_type)
+        total = torch.maximum(total, norm) if inf else total + norm.pow(norm_type) / copies
+    if world > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=everyone)
+    if not inf:
+        total = total.pow(1.0 / norm_type)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for grad, _ in parts:
+        grad.mul_(coef.to(grad.dtype))
     return total

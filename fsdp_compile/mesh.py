@@ -40,6 +40,9 @@ class Groups:
     everyone: Optional[dist.ProcessGroup]  # lockstep and schedule checks
     mesh: Optional[object]  # the user's DeviceMesh (state dicts place DTensors on it), or None
     strategy: ShardingStrategy
+    # (group name, role) of the mesh dims beside ours that parameters are DTensors on (tensor
+    # parallelism, tensor_parallel.py): their collectives come from DTensor, named by role
+    other_roles: tuple[tuple[str, str], ...] = ()
 
     @property
     def roles(self) -> dict[str, str]:
@@ -53,6 +56,7 @@ class Groups:
                 roles[group.group_name] = role
             if name is not None:  # our collectives' group: the user's, or its one-worker twin
                 roles[name] = role
+        roles.update(self.other_roles)
         return roles
 
     def ranks(self, role: str) -> list[int]:
@@ -191,3 +195,18 @@ def mesh_for_state_dicts(groups: Groups, device: torch.device):
         mesh = DeviceMesh.from_group(groups.shard, device_type=device.type)
     placements = (Shard(0),) if mesh.ndim == 1 else (Replicate(), Shard(0))
     return mesh, placements
+
+
+def with_tensor_parallel(groups: Groups, tp_specs) -> Groups:
+    """``groups`` once some parameters are DTensors on other mesh dims (``TPSpec``s): those
+    dims' groups get their role (the dim's name), and the checks run over every rank of the
+    combined mesh (FSDP's groups and the TP groups together)."""
+    if not tp_specs:
+        return groups
+    roles = {}
+    for spec in tp_specs:
+        for dim, name in enumerate(spec.mesh.mesh_dim_names):
+            roles[spec.mesh._dim_group_names[dim]] = name
+    combined = max((s.sharded_mesh for s in tp_specs), key=lambda m: m.size())
+    everyone = dist.group.WORLD if combined.size() == dist.get_world_size() else combined._flatten().get_group()
+    return dataclasses.replace(groups, other_roles=tuple(sorted(roles.items())), everyone=everyone)

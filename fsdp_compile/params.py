@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from . import state_dict as _state_dict
 from .runtime import in_recompute
+from .tensor_parallel import is_dtensor
 
 if TYPE_CHECKING:
     from .unit import Unit
@@ -93,6 +94,23 @@ def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, miss
     _state_dict.load_sharded(self, taken, prefix, missing_keys, error_msgs)
 
 
+def _register_parameter(self, name: str, param) -> None:
+    """``nn.Module.register_parameter`` (and ``module.<name> = nn.Parameter(...)``): a DTensor
+    replacing a sharded plain parameter means a tensor-parallel plan applied after
+    ``fully_shard`` (it would split the shard, not the parameter)."""
+    entry = self.__dict__[_ACCESSORS].get(name)
+    if entry is not None and is_dtensor(param):
+        unit, index = entry
+        if unit.tp_specs[index] is None:
+            raise RuntimeError(
+                f"fsdp_compile: parameter {unit.layout.params[index].fqn!r} is being replaced by a "
+                "DTensor after fully_shard (a tensor-parallel plan applied to a sharded model "
+                "would split this rank's shard). Apply parallelize_module(model, mesh['tp'], plan) "
+                "before fully_shard(model, device_mesh=mesh['dp'])"
+            )
+    type(self)._fsdp_base_class.register_parameter(self, name, param)
+
+
 def _to_empty(self, *, device, recurse: bool = True):
     raise RuntimeError(
         f"fsdp_compile: {type(self)._fsdp_base_class.__name__}.to_empty() after fully_shard would "
@@ -109,6 +127,7 @@ def _swapped_class(base: type, names: frozenset[str]) -> type:
         attrs["named_parameters"] = _named_parameters
         attrs["_apply"] = _apply
         attrs["to_empty"] = _to_empty
+        attrs["register_parameter"] = _register_parameter
         attrs["_save_to_state_dict"] = _save_to_state_dict
         attrs["_load_from_state_dict"] = _load_from_state_dict
         attrs["_fsdp_base_class"] = base

@@ -129,10 +129,11 @@ class FSDPState:
         if self.in_forward:
             if torch.compiler.is_compiling():
                 mode, extra = self.grad_mode(unit)
-                return ops.param_use(self._traced_shards(unit), extra, unit.id, index, int(mode))
-            return self._gather_for_forward(unit)[index]
+                full = ops.param_use(self._traced_shards(unit), extra, unit.id, index, int(mode))
+                return unit.wrap_full(index, full)
+            return unit.wrap_full(index, self._gather_for_forward(unit)[index])
         if in_recompute():
-            return self._gather_for_recompute(unit)[index]
+            return unit.wrap_full(index, self._gather_for_recompute(unit)[index])
         return shard
 
     def grad_mode(self, unit: Unit) -> tuple[ops.GradMode, Optional[torch.Tensor]]:
@@ -146,7 +147,7 @@ class FSDPState:
     def _traced_shards(self, unit: Unit) -> list[torch.Tensor]:
         """``unit.shards()`` under torch.compile, built once per unit per traced forward (by the
         root's pre-forward; a compiled region that started inside an eager forward builds its own)."""
-        return unit.shards() if self.traced_shards is None else self.traced_shards[unit.id]
+        return unit.local_shards() if self.traced_shards is None else self.traced_shards[unit.id]
 
     # ---- eager gathers ---------------------------------------------------------------------
     def _gather_for_forward(self, unit: Unit) -> list[torch.Tensor]:
@@ -166,7 +167,7 @@ class FSDPState:
         return unit.recompute_full
 
     def _gather(self, unit: Unit, register: bool) -> list[torch.Tensor]:
-        shards = unit.shards()
+        shards = unit.local_shards()
         unit.check_shards(shards)
         if not (torch.is_grad_enabled() and any(s.requires_grad for s in shards)):
             with torch.no_grad():
@@ -187,7 +188,7 @@ class FSDPState:
     def regather_for_backward(self, unit: Unit) -> list[torch.Tensor]:
         if unit.bw_full is None:
             with torch.no_grad():
-                unit.bw_full = unit.all_gather(unit.shards())
+                unit.bw_full = unit.all_gather(unit.local_shards())
         return unit.bw_full
 
     # ---- lockstep ------------------------------------------------------------------------
@@ -320,7 +321,7 @@ class FSDPState:
         if torch.compiler.is_compiling():
             # Built here, before any read: a read inside a higher-order op's body (a checkpointed
             # region) may not mutate state created outside it, so the body only looks up.
-            self.traced_shards = {unit.id: unit.shards() for unit in self.units}
+            self.traced_shards = {unit.id: unit.local_shards() for unit in self.units}
         if not torch.compiler.is_compiling() and torch.is_grad_enabled():
             if any(u.strategy.reshards_after_forward for u in self.units):
                 self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)

@@ -36,6 +36,7 @@ import torch
 
 from .mesh import mesh_for_state_dicts
 from .registry import live_units
+from .tensor_parallel import local_of
 
 
 # ---- one value --------------------------------------------------------------------------------
@@ -54,13 +55,21 @@ def _mesh(unit, device: torch.device):
 def to_state_value(unit, index: int, local: torch.Tensor) -> torch.Tensor:
     """This rank's ``local`` tensor (shard-shaped) of parameter ``index`` of ``unit`` -> what a
     state dict holds for it (see the module docstring)."""
-    full_shape = torch.Size(unit.orig_shapes[index])
-    if not _is_sharded(unit) or len(full_shape) == 0:  # held whole (a 0-d one as (1,): layout.py)
-        return local if local.shape == full_shape else local.view(full_shape)
     from torch.distributed.tensor import DTensor
 
-    stride = tuple(math.prod(full_shape[i + 1:]) for i in range(len(full_shape)))
-    mesh, placements = _mesh(unit, local.device)
+    tp = unit.tp_specs[index]
+    if tp is not None:  # a TP parameter: on the combined (dp..., tp) mesh, its global shape
+        if isinstance(local, DTensor) and local.requires_grad:
+            return local  # keep_vars=True: the parameter itself
+        local = local_of(local)
+        full_shape, stride = tp.shape, tp.stride
+        mesh, placements = tp.sharded_mesh, tp.sharded_placements
+    else:
+        full_shape = torch.Size(unit.orig_shapes[index])
+        if not _is_sharded(unit) or len(full_shape) == 0:  # held whole (a 0-d one as (1,): layout.py)
+            return local if local.shape == full_shape else local.view(full_shape)
+        stride = tuple(math.prod(full_shape[i + 1:]) for i in range(len(full_shape)))
+        mesh, placements = _mesh(unit, local.device)
     if local.requires_grad:  # keep_vars=True: differentiable, built as usual
         return DTensor.from_local(local, mesh, placements, run_check=False, shape=full_shape, stride=stride)
     # A DTensor's wrapper copies its local tensor's storage offset, and DCP's async staging
@@ -80,6 +89,9 @@ def from_state_value(unit, index: int, value, key: str) -> torch.Tensor:
     shard's shape. Raises ``ValueError`` (naming ``key``) when it cannot be the parameter."""
     from torch.distributed.tensor import DTensor
 
+    tp = unit.tp_specs[index]
+    if tp is not None:
+        return _tp_rows(unit, index, tp, value, key)
     full_shape = tuple(unit.orig_shapes[index])
     shard_shape = tuple(unit.layout.shard_shapes(unit.spec.rank)[index])
     if isinstance(value, DTensor):
@@ -99,6 +111,24 @@ def from_state_value(unit, index: int, value, key: str) -> torch.Tensor:
                     "tensor; save sharded state dicts as DTensors, e.g. with model.state_dict())")
         raise ValueError(_mismatch(key, value.shape, full_shape, "shape") + hint)
     return unit.local_rows(index, value).reshape(shard_shape)
+
+
+def _tp_rows(unit, index: int, tp, value, key: str) -> torch.Tensor:
+    """``from_state_value`` for a tensor-parallel parameter: the global value (a DTensor on any
+    mesh, or a plain tensor of the global shape) -> this rank's dp rows of its TP-local part."""
+    from torch.distributed.tensor import DTensor
+
+    shard_shape = tuple(unit.layout.shard_shapes(unit.spec.rank)[index])
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{key}: expected a tensor, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(tp.shape):
+        raise ValueError(_mismatch(key, value.shape, tp.shape, "global shape"))
+    if isinstance(value, DTensor):
+        if (value.device_mesh == tp.sharded_mesh and tuple(value.placements) == tp.sharded_placements
+                and tuple(value.to_local().shape) == shard_shape):
+            return value.to_local()
+        value = value.full_tensor()
+    return unit.local_rows(index, tp.tp_local_of_full(value)).reshape(shard_shape)
 
 
 def _mismatch(key, got, want, what) -> str:
@@ -132,7 +162,7 @@ def load_sharded(module, taken: dict, prefix: str, missing_keys: list, error_msg
         except ValueError as e:
             error_msgs.append(str(e))
             continue
-        param = module._parameters[attr]
+        param = local_of(module._parameters[attr])
         if param.numel() and rows.data_ptr() != param.data_ptr():
             with torch.no_grad():
                 param.copy_(rows)
@@ -223,7 +253,8 @@ def _local_state(position, per_param: dict, where: str, current: Optional[dict] 
     from torch.distributed.tensor import DTensor
 
     unit, index = position
-    full_shape = tuple(unit.orig_shapes[index])
+    tp = unit.tp_specs[index]
+    full_shape = tuple(unit.orig_shapes[index] if tp is None else tp.shape)
     shard_shape = tuple(unit.layout.shard_shapes(unit.spec.rank)[index])
     out = {}
     for k, v in per_param.items():
@@ -235,6 +266,10 @@ def _local_state(position, per_param: dict, where: str, current: Optional[dict] 
             per_element = now.dim() > 0 if isinstance(now, torch.Tensor) else k != "step"
         if per_element:
             v = from_state_value(unit, index, v, f"{where} {unit.layout.params[index].fqn}.{k}")
+            if tp is not None:  # a DTensor parameter's state is a DTensor like it
+                v = DTensor.from_local(
+                    v, tp.sharded_mesh, tp.sharded_placements, run_check=False, shape=tp.shape, stride=tp.stride
+                )
         out[k] = v
     return out
 

@@ -24,6 +24,7 @@ from .config import ShardingStrategy
 from .failures import naming_collective_failures
 from .layout import UnitLayout, make_unit_layout
 from .registry import register_unit
+from .tensor_parallel import TPSpec, install_local, local_of
 
 if TYPE_CHECKING:
     from .runtime import FSDPState
@@ -59,6 +60,9 @@ class Unit:
         self.bw_full: Optional[list[torch.Tensor]] = None  # regathered for backward (FULL_SHARD)
         self.recompute_full: Optional[list[torch.Tensor]] = None  # gathered for a recompute
         self.is_bucket = False  # a merge of other units' gathers (passes/bucketing.py)
+        # per parameter: its TPSpec when it is a tensor-parallel DTensor (tensor_parallel.py;
+        # the layout then describes its TP-local tensor), else None
+        self.tp_specs: list[Optional[TPSpec]] = [None] * len(holders)
 
     def __repr__(self) -> str:
         return f"Unit({self.name or '<root>'!r}, {len(self.layout.params)} params, {self.strategy.name})"
@@ -81,7 +85,18 @@ class Unit:
         return self.spec.reduce_dtype or self.gather_dtype
 
     def shards(self) -> list[torch.Tensor]:
+        """The registered parameters (a TP parameter: its DTensor on the combined mesh)."""
         return [holders[0][0]._parameters[holders[0][1]] for holders in self.holders]
+
+    def local_shards(self, shards: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
+        """What the collectives move: each shard, a TP parameter's local tensor (differentiable)."""
+        return [local_of(s) for s in (self.shards() if shards is None else shards)]
+
+    def wrap_full(self, index: int, full: torch.Tensor) -> torch.Tensor:
+        """What a read of parameter ``index`` returns for its gathered tensor ``full``: a TP
+        parameter's as a DTensor on its TP mesh (``TPSpec.wrap``), others as they are."""
+        spec = self.tp_specs[index]
+        return full if spec is None else spec.wrap(full)
 
     def full_shape(self, index: int) -> torch.Size:
         return self.orig_shapes[index]
@@ -89,7 +104,7 @@ class Unit:
     def check_shards(self, shards: list[torch.Tensor]) -> None:
         """Raise if a shard was replaced by a tensor of the wrong shape (nothing is modified)."""
         want = self.layout.shard_shapes(self.spec.rank)
-        for param, shard, shape in zip(self.layout.params, shards, want):
+        for param, shard, shape in zip(self.layout.params, map(local_of, shards), want):
             if tuple(shard.shape) != tuple(shape):
                 raise RuntimeError(
                     f"fsdp_compile: parameter {param.fqn!r} holds a tensor of shape "
@@ -166,6 +181,7 @@ class Unit:
             first.compute_device, first.state,
         )
         merged.local_flat = first.local_flat  # dtype and device only
+        merged.tp_specs = [s for u in units for s in u.tp_specs]
         merged.is_bucket = True
         return merged
 
@@ -199,10 +215,14 @@ class Unit:
     def install_shard(self, index: int, full: nn.Parameter) -> None:
         """Copy this rank's rows of ``full`` into slot ``index`` of the local flat buffer and
         make ``full`` (the same object) a view of that slot: from here on it is the shard."""
+        spec = self.tp_specs[index]
+        full.grad = None
+        if spec is not None:  # its own storage (tensor_parallel.install_local); its slot stays zero
+            install_local(full, self.local_rows(index, full._local_tensor.detach()).clone(), spec)
+            return
         rows = self.local_rows(index, full.detach())
         view = self._slot(index, rows.shape)
         view.copy_(rows)
-        full.grad = None
         full.data = view
 
     def _slot(self, index: int, shape: torch.Size) -> torch.Tensor:
