@@ -54,8 +54,18 @@ def _storages(val) -> list[tuple[StorageWeakRef, int]]:
                 storage = leaf.untyped_storage()
             except (RuntimeError, NotImplementedError):
                 continue
-            out.append((StorageWeakRef(storage), storage.nbytes()))
+            out.append((StorageWeakRef(storage), _concrete(storage.nbytes())))
     return out
+
+
+def _concrete(n) -> int:
+    """Bytes as an int: a symbolic size (a storage the trace sized symbolically) takes its hint."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)
+    if hint is None:
+        raise RuntimeError(f"fsdp_compile.estimate: a buffer of the compiled step has a size with no value ({n})")
+    return int(hint)
 
 
 def _target_name(node: torch.fx.Node) -> str:

@@ -62,7 +62,8 @@ def plot(est: "Estimate", path: str) -> None:
         raise RuntimeError("fsdp_compile.estimate: --plot needs matplotlib (pip install matplotlib)") from e
     r0 = est.ranks["0"]
     steady = r0.param_bytes + r0.buffer_bytes + r0.optimizer_bytes
-    gib = 2**30
+    top = steady + max((p.bytes for p in est.timeline), default=0)
+    unit, gib = next(((u, 2**e) for u, e in (("GiB", 30), ("MiB", 20), ("KiB", 10)) if top >= 2**e), ("B", 1))
     xs = list(range(len(est.timeline)))
     ys = [(steady + p.bytes) / gib for p in est.timeline]
     fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -77,7 +78,7 @@ def plot(est: "Estimate", path: str) -> None:
         ax.annotate(f"peak {fmt_bytes(r0.peak_bytes)}", (peak_at, ys[peak_at]), textcoords="offset points",
                     xytext=(10, -15))
     ax.set_xlabel("node of the compiled forward, then backward graph")
-    ax.set_ylabel("GiB on rank 0")
+    ax.set_ylabel(f"{unit} on rank 0")
     replicas, per_replica = est.mesh
     mesh = f"HSDP {replicas}x{per_replica}" if replicas > 1 else f"world {per_replica}"
     ax.set_title(f"{est.model}, {mesh}, {est.strategy}, batch {est.batch} x {est.seq}")

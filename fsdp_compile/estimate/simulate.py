@@ -91,6 +91,7 @@ class Estimate:
     collectives: dict[str, dict]  # group role -> {"count", "bytes", "sent", by phase and kind}
     schedule: list[dict]  # the collectives in order: phase, kind, bytes, dtype, group
     fingerprints: dict[str, str]  # traced rank -> schedule fingerprint
+    schedules_equal: bool  # every traced rank compiled the same collective schedule
     timeline: list[Point] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -243,7 +244,8 @@ def _trace_rank(rank, factory, world, mesh_dims, strategy, bf16, ac, batch, seq,
 
             apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, tuple(classes)))
         mp = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-        with FakeTensorMode():
+        # allow_non_fake_inputs: a checkpointed recompute replays the real RNG state tensor
+        with FakeTensorMode(allow_non_fake_inputs=True):
             fully_shard(
                 model, device_mesh=device_mesh, policy=classes or None, strategy=strategy, mixed_precision=mp,
                 param_init_fn=_zero_init, check_ranks=False,
@@ -369,6 +371,12 @@ def _report(name, world, mesh_dims, first: _Trace, traces, optimizer, bf16, ac, 
     ranks["max"].param_bytes_owned = max(owned_bytes)
     ranks["max"].peak = dict(ranks["max"].peak, rank=f"shard rank {worst_shard_rank}, traced rank {worst_trace.rank}")
 
+    fingerprints = {str(r): schedule_fingerprint(t.schedule) for r, t in traces.items()}
+    if len(set(fingerprints.values())) > 1:
+        log.warning(
+            "fsdp_compile.estimate: the traced ranks compiled different collective schedules %s: the model's "
+            "forward depends on the rank, and a real job would hang or fail the schedule check", fingerprints,
+        )
     dtype = {"shards": str(units[0].shard_dtype).replace("torch.", "") if units else "float32",
              "gather": str(units[0].gather_dtype).replace("torch.", "") if units else "float32",
              "reduce": str(units[0].reduce_dtype).replace("torch.", "") if units else "float32"}
@@ -380,7 +388,8 @@ def _report(name, world, mesh_dims, first: _Trace, traces, optimizer, bf16, ac, 
         ranks=ranks, collectives=collectives,
         schedule=[{"phase": phase, "kind": c.kind, "bytes": c.input_bytes, "dtype": c.dtype, "group": c.group}
                   for phase, c in first.schedule],
-        fingerprints={str(r): schedule_fingerprint(t.schedule) for r, t in traces.items()},
+        fingerprints=fingerprints,
+        schedules_equal=len(set(fingerprints.values())) == 1,
         timeline=first.timeline.points,
     )
 
