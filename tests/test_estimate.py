@@ -238,6 +238,7 @@ def measure_readme_gpt(rank: int, world: int) -> dict:
 
     def step(i):
         compiled(*gpt_batch(i, rank, batch=4)).backward()
+        grads.clear()  # this step's gradients
         grads.update({p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes()
                       for p in model.parameters() if p.grad is not None})
         opt.step()
