@@ -290,7 +290,7 @@ def test_cli_writes_the_json_and_the_png(tmp_path):
 def test_full_depth_llama_at_world_1024_within_five_minutes(size):
     cfg = CONFIGS[size]
     start = time.perf_counter()
-    est = fsdp_compile.estimate(size and f"llama3-{size}", 1024, bf16=True, activation_checkpointing=True)
+    est = fsdp_compile.estimate(f"llama3-{size}", 1024, bf16=True, activation_checkpointing=True)
     seconds = time.perf_counter() - start
     want = closed_form(cfg, 1024, gather_bytes=2)
     got = est.ranks["0"]
