@@ -6,6 +6,7 @@
 from .api import fully_shard, no_sync, sharded
 from .compiler import backend
 from .explain import ShardingInfo, explain, sharding_info
+from .estimate import estimate  # the function; the package stays importable as fsdp_compile.estimate
 from .failures import CollectiveError
 from .config import CPUOffload, MixedPrecision, ShardingStrategy
 from .full_params import (
@@ -25,6 +26,7 @@ __all__ = [
     "ShardingInfo",
     "ShardingStrategy",
     "clip_grad_norm_",
+    "estimate",
     "explain",
     "full_optim_state_dict",
     "full_state_dict",
