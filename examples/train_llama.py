@@ -179,23 +179,12 @@ def _spawned(local_rank: int, world: int, port: int, args) -> None:
         LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
     )
     _init_and_run(args)
-    _exit_without_teardown()
-
-
-def _exit_without_teardown() -> None:
-    """The job is done and the process group destroyed: skip interpreter teardown. In about one
-    run in six with eager activation checkpointing, a C++ static destructor aborts there
-    ("terminate called without an active exception"), after all the work (not yet root-caused)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":
     arguments = parse_args()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
         _init_and_run(arguments)
-        _exit_without_teardown()
     else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -110,11 +110,18 @@ def test_the_check_sees_a_violation(tmp_path):
     assert _imports("fsdp_compile.unit", probe) == ["fsdp_compile.runtime"]
 
 
-@pytest.mark.parametrize("name", ["fsdp_compile.passes.reorder", "fsdp_compile.passes.reshard", "fsdp_compile.unit"])
-def test_any_module_imports_first(name):
-    """Each module imports on its own in a fresh interpreter (no partially initialized module)."""
-    import subprocess
-    import sys
+FIRST_IMPORTS = ["fsdp_compile.passes.reorder", "fsdp_compile.passes.reshard", "fsdp_compile.unit"]
 
-    proc = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+
+@pytest.fixture(scope="module")
+def imported_first():
+    from fsdp_compile.testing.imports import import_each_first
+
+    return import_each_first(FIRST_IMPORTS)
+
+
+@pytest.mark.parametrize("name", FIRST_IMPORTS)
+def test_any_module_imports_first(name, imported_first):
+    """Each module imports on its own in a fresh interpreter (no partially initialized module)."""
+    code, text = imported_first[name]
+    assert code == 0, text[-2000:]

@@ -6,8 +6,6 @@ No process group: units are built with world size 1 (``fully_shard`` without
 from __future__ import annotations
 
 import operator
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +18,11 @@ from torch.utils.checkpoint import CheckpointPolicy
 import fsdp_compile
 from fsdp_compile import ops
 from fsdp_compile.config import ShardingStrategy
+from fsdp_compile.passes.hoist_markers import hoist_markers
 from fsdp_compile.passes.insert_collectives import insert_collectives
 from fsdp_compile.passes.reshard import tag_reshard
 from fsdp_compile.passes.schedule_check import collective_schedule
+from fsdp_compile.testing.imports import import_each_first
 
 c10d = torch.ops._c10d_functional
 fc = torch.ops.fsdp_compile
@@ -340,11 +340,85 @@ def test_bucketing_merges_adjacent_gathers_into_one():
     torch.testing.assert_close(gm(*params, x_val), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parent.parent / "passes").glob("*.py") if p.stem != "__init__"))
-def test_each_pass_imports_first_in_a_fresh_interpreter(name, tmp_path):
+PASSES = sorted(p.stem for p in (Path(__file__).parent.parent / "passes").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.fixture(scope="module")
+def passes_imported_first(tmp_path_factory):
+    return import_each_first([f"fsdp_compile.passes.{name}" for name in PASSES], cwd=str(tmp_path_factory.mktemp("cwd")))
+
+
+@pytest.mark.parametrize("name", PASSES)
+def test_each_pass_imports_first_in_a_fresh_interpreter(name, passes_imported_first):
     """``passes/`` installs as ``fsdp_compile.passes`` (no generic top-level ``passes`` module),
     and any pass can be the first thing a program imports (no partial-initialization cycle)."""
-    code = f"import fsdp_compile.passes.{name} as m; print(m.__name__)"
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"fsdp_compile.passes.{name}"
+    code, text = passes_imported_first[f"fsdp_compile.passes.{name}"]
+    assert code == 0, text
+    assert text == f"fsdp_compile.passes.{name}"
+
+
+def _checkpointed_linear_graph(unit, nested: bool = False):
+    """``tag_activation_checkpoint(body, s0, s1, x)`` whose body reads the weight twice and the
+    bias once through markers (Dynamo's graph of a checkpointed ``Linear``); ``nested``: the body
+    is itself a region around that body."""
+    inner = torch.fx.Graph()
+    s0, s1, x = (inner.placeholder(n) for n in ("s0", "s1", "x"))
+    w = inner.call_function(fc.param_use.default, ([s0, s1], None, unit.id, 0, ops.GradMode.SYNC))
+    b = inner.call_function(fc.param_use.default, ([s0, s1], None, unit.id, 1, ops.GradMode.SYNC))
+    y = inner.call_function(F.linear, (x, w, b))
+    w_again = inner.call_function(fc.param_use.default, ([s0, s1], None, unit.id, 0, ops.GradMode.SYNC))
+    inner.output(inner.call_function(torch.matmul, (y, w_again)))
+    body = torch.fx.GraphModule(nn.Module(), inner)
+    if nested:
+        middle = torch.fx.Graph()
+        ms = [middle.placeholder(n) for n in ("s0", "s1", "x")]
+        region = middle.get_attr("inner_body")
+        middle.output(middle.call_function(torch.ops.higher_order.tag_activation_checkpoint, (region, *ms)))
+        root = nn.Module()
+        root.inner_body = body
+        body = torch.fx.GraphModule(root, middle)
+    outer = torch.fx.Graph()
+    os_ = [outer.placeholder(n) for n in ("s0", "s1", "x")]
+    region = outer.get_attr("body")
+    outer.output(outer.call_function(torch.ops.higher_order.tag_activation_checkpoint, (region, *os_)))
+    root = nn.Module()
+    root.body = body
+    return torch.fx.GraphModule(root, outer), os_
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["one_region", "nested_regions"])
+def test_hoist_markers_lifts_each_parameter_read_out_of_checkpoint_regions(nested):
+    lin, unit, (w_ref, b_ref) = _unit_of_linear()
+    gm, (s0, s1, x) = _checkpointed_linear_graph(unit, nested)
+    tac = torch.ops.higher_order.tag_activation_checkpoint
+
+    assert hoist_markers(gm) == 2  # the weight (read twice) and the bias: one marker each
+
+    assert _targets(gm) == [
+        "placeholder", "placeholder", "placeholder", "get_attr",
+        fc.param_use.default, fc.param_use.default, tac, "output",
+    ]
+    w_out, b_out = (n for n in gm.graph.nodes if n.target is fc.param_use.default)
+    assert w_out.args == ([s0, s1], None, unit.id, 0, ops.GradMode.SYNC)
+    assert b_out.args == ([s0, s1], None, unit.id, 1, ops.GradMode.SYNC)
+    call = next(n for n in gm.graph.nodes if n.target is tac)
+    assert call.args[1:] == (s0, s1, x, w_out, b_out)
+    inner = gm.body
+    if nested:
+        assert _targets(gm.body) == [*["placeholder"] * 5, "get_attr", tac, "output"]
+        middle_inputs = [n for n in gm.body.graph.nodes if n.op == "placeholder"]
+        inner_call = next(n for n in gm.body.graph.nodes if n.target is tac)
+        assert inner_call.args[1:] == tuple(middle_inputs)
+        inner = gm.body.inner_body
+    assert _targets(inner) == [*["placeholder"] * 5, F.linear, torch.matmul, "output"]
+    w_in, b_in = [n for n in inner.graph.nodes if n.op == "placeholder"][3:]
+    linear = next(n for n in inner.graph.nodes if n.target is F.linear)
+    matmul = next(n for n in inner.graph.nodes if n.target is torch.matmul)
+    assert linear.args[1:] == (w_in, b_in) and matmul.args[1] is w_in
+    # And the rewritten graph computes what the plain module computes.
+    x_val = torch.randn(2, 4)
+    expected = (x_val @ w_ref.t() + b_ref) @ w_ref
+    with pytest.warns(UserWarning, match="one read at a time"):  # markers run eagerly here
+        got = gm(lin.weight, lin.bias, x_val)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert hoist_markers(gm) == 0  # a second run finds nothing to lift

@@ -11,6 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+# Float64 results of two computations that differ only in rounding (the same ops, reassociated
+# or fused): far below any change a bug makes (a 1e-7 relative change of one gradient fails it).
+FLOAT64_ROUNDING = {"rtol": 1e-10, "atol": 1e-12}
+
 
 def reference_shards(full: torch.Tensor, world: int) -> list[torch.Tensor]:
     """Every rank's rows of ``full``: dim 0 cut in chunks of ``ceil(D / world)`` rows, in rank
