@@ -7,7 +7,10 @@ Then, for each module in ``root.modules()`` order that holds meta parameters or 
 1. its meta parameters become full-size tensors on the compute device (new ``nn.Parameter``
    objects registered under every name that held the meta one; the meta object's attributes are
    kept), its meta buffers too;
-2. ``param_init_fn(module)`` runs, else ``module.reset_parameters()`` (FSDP1's rule);
+2. ``param_init_fn(module)`` runs, else ``module.reset_parameters()`` (FSDP1's rule). FSDP1's
+   form ``module.to_empty(device=..., recurse=False); module.reset_parameters()`` works: while
+   this runs, a sharded module's ``to_empty`` onto the compute device is a no-op (its own
+   tensors are already empty there; ``params.py``);
 3. every parameter whose last holder (in that order) is this module is sharded: its rows go
    into the unit's flat buffer and the parameter becomes the view of its shard.
 
@@ -19,7 +22,8 @@ rank, the random draws happen in the same order as when the model is built on th
 modules whose ``__init__`` calls ``reset_parameters()``, so the shards equal that model's rows.
 
 Invariant: nothing stays uninitialized without an error. A parameter or buffer that no init
-wrote (its version counter did not move) raises, naming it.
+wrote (its version counter did not move and its data was not replaced) raises, naming it and
+saying which initializer ran.
 """
 from __future__ import annotations
 
@@ -49,11 +53,20 @@ def materialize_and_shard(
             if param is not None:
                 last_holder[id(param)] = position
 
+    state.materializing = device  # a module's to_empty() in param_init_fn is accepted (params.py)
+    try:
+        _materialize_all(modules, names, where, last_holder, device, param_init_fn)
+    finally:
+        state.materializing = None
+
+
+def _materialize_all(modules, names, where, last_holder, device, param_init_fn) -> None:
     replaced: dict[int, nn.Parameter] = {}  # id(meta param) -> its materialized parameter
-    pending: dict[int, tuple] = {}  # id(meta param) -> (param, version after materializing, fqn)
+    pending: dict[int, tuple] = {}  # id(meta param) -> (param, version, data_ptr, fqn, meta id, init)
     for position, sub in enumerate(modules):
         prefix = names[id(sub)]
-        fresh = _materialize_module(sub, device, replaced, pending, where, prefix)
+        init = _init_name(param_init_fn, sub)
+        fresh = _materialize_module(sub, device, replaced, pending, where, prefix, init)
         if not fresh:
             continue
         buffers = {
@@ -62,7 +75,7 @@ def materialize_and_shard(
         own = {attr: p for attr, p in sub._parameters.items() if p is not None and id(p) in fresh}
         # A shared parameter keeps its first holder's init (as tying after construction does);
         # later holders' inits still run, so the random draws stay in construction order.
-        kept = {attr: p.detach().clone() for attr, p in own.items() if pending[id(p)][1] != p._version}
+        kept = {attr: p.detach().clone() for attr, p in own.items() if _written(pending[id(p)])}
         with torch.no_grad():
             if param_init_fn is not None:
                 param_init_fn(sub)
@@ -79,16 +92,16 @@ def materialize_and_shard(
             if sub._buffers.get(name) is buf and buf._version == version:
                 raise RuntimeError(
                     f"fully_shard: buffer {_fqn(prefix, name)!r} was on the meta device and no "
-                    f"initializer wrote it ({_init_name(param_init_fn)} on {type(sub).__name__}); "
-                    "compute it in param_init_fn (e.g. HF models: param_init_fn=model._init_weights)"
+                    f"initializer wrote it ({init}); compute it in param_init_fn (e.g. HF models: "
+                    "param_init_fn=model._init_weights)"
                 )
         _shard_finished(position, sub, last_holder, pending, where)
-    leftover = [entry[2] for entry in pending.values()]
+    leftover = [entry[3] for entry in pending.values()]
     if leftover:  # only possible for parameters whose holders vanished during init
         raise RuntimeError(f"fully_shard: parameters {leftover} were materialized but never sharded")
 
 
-def _materialize_module(sub, device, replaced, pending, where, prefix) -> set[int]:
+def _materialize_module(sub, device, replaced, pending, where, prefix, init) -> set[int]:
     """Replace ``sub``'s own meta parameters and buffers by empty full-size tensors on
     ``device``; returns the ids of the new tensors (empty if ``sub`` had nothing on meta)."""
     fresh = set()
@@ -112,7 +125,7 @@ def _materialize_module(sub, device, replaced, pending, where, prefix) -> set[in
         unit, index = where[id(param)]
         for owner, owner_attr in unit.holders[index]:
             owner._parameters[owner_attr] = full
-        pending[id(full)] = (full, full._version, _fqn(prefix, attr), id(param))
+        pending[id(full)] = (full, full._version, full.data_ptr(), _fqn(prefix, attr), id(param), init)
         fresh.add(id(full))
     for name, buf in list(sub._buffers.items()):
         if _is_meta(buf):
@@ -127,24 +140,39 @@ def _shard_finished(position, sub, last_holder, pending, where) -> None:
     for attr, param in list(sub._parameters.items()):
         if param is None or id(param) not in pending:
             continue
-        full, version, fqn, meta_id = pending[id(param)]
+        entry = pending[id(param)]
+        full, fqn, meta_id, init = entry[0], entry[3], entry[4], entry[5]
         if last_holder.get(meta_id, -1) > position:
             continue  # another module holds it too and comes later
         del pending[id(param)]
-        if full._version == version:
+        if not _written(entry):
             raise RuntimeError(
                 f"fully_shard: parameter {fqn!r} was on the meta device and no initializer wrote "
-                f"it ({type(sub).__name__} has no reset_parameters() and no param_init_fn was "
-                "given, or it left this parameter alone); pass fully_shard(..., param_init_fn=fn) "
-                "that initializes it"
+                f"it ({init}); pass fully_shard(..., param_init_fn=fn) where fn(module) writes the "
+                "module's own parameters (fully_shard has already materialized them, empty, on the "
+                "compute device; module.to_empty(device=..., recurse=False) in fn is accepted)"
             )
         unit, index = where[id(full)]
         with torch.no_grad():
             unit.install_shard(index, full)
 
 
-def _init_name(param_init_fn) -> str:
-    return "reset_parameters()" if param_init_fn is None else f"param_init_fn {getattr(param_init_fn, '__name__', param_init_fn)!r}"
+def _written(entry) -> bool:
+    """Whether an init wrote a materialized parameter: in place (its version counter moved) or
+    by assigning new data (``param.data = ...``)."""
+    full, version, data_ptr = entry[0], entry[1], entry[2]
+    return full._version != version or full.data_ptr() != data_ptr
+
+
+def _init_name(param_init_fn, sub: nn.Module) -> str:
+    """What initializes ``sub``, for error messages: what ran, and that it left a tensor alone."""
+    cls = type(sub)._fsdp_base_class.__name__ if hasattr(type(sub), "_fsdp_base_class") else type(sub).__name__
+    if param_init_fn is not None:
+        name = getattr(param_init_fn, "__name__", repr(param_init_fn))
+        return f"param_init_fn {name!r} ran on this {cls} and left it alone"
+    if hasattr(sub, "reset_parameters"):
+        return f"{cls}.reset_parameters() ran and left it alone"
+    return f"{cls} has no reset_parameters() and no param_init_fn was given"
 
 
 def _fqn(prefix: str, attr: str) -> str:
