@@ -12,7 +12,9 @@ Then, for each module in ``root.modules()`` order that holds meta parameters or 
    this runs, a sharded module's ``to_empty`` onto the compute device is a no-op (its own
    tensors are already empty there; ``params.py``);
 3. every parameter whose last holder (in that order) is this module is sharded: its rows go
-   into the unit's flat buffer and the parameter becomes the view of its shard.
+   into the unit's flat buffer and the parameter becomes the view of its shard. Just before,
+   its full value is broadcast from rank 0 (``sync_module_states``) or checksummed for the
+   ranks' comparison at the end of ``fully_shard`` (``consistency.StartingValues``).
 
 So at most one module's full parameters exist at a time (a parameter held by several modules,
 e.g. tied embeddings, lives until its last holder is initialized, and keeps the value its first
@@ -38,7 +40,8 @@ def _is_meta(t: Optional[torch.Tensor]) -> bool:
 
 
 def materialize_and_shard(
-    root: nn.Module, state, device: torch.device, param_init_fn: Optional[Callable[[nn.Module], None]]
+    root: nn.Module, state, device: torch.device, param_init_fn: Optional[Callable[[nn.Module], None]],
+    starting=None,
 ) -> None:
     modules = list(dict.fromkeys(root.modules()))  # dedupe shared modules, keep first position
     names = {id(m): name for name, m in root.named_modules(remove_duplicate=False)}
@@ -55,12 +58,12 @@ def materialize_and_shard(
 
     state.materializing = device  # a module's to_empty() in param_init_fn is accepted (params.py)
     try:
-        _materialize_all(modules, names, where, last_holder, device, param_init_fn)
+        _materialize_all(modules, names, where, last_holder, device, param_init_fn, starting)
     finally:
         state.materializing = None
 
 
-def _materialize_all(modules, names, where, last_holder, device, param_init_fn) -> None:
+def _materialize_all(modules, names, where, last_holder, device, param_init_fn, starting) -> None:
     replaced: dict[int, nn.Parameter] = {}  # id(meta param) -> its materialized parameter
     pending: dict[int, tuple] = {}  # id(meta param) -> (param, version, data_ptr, fqn, meta id, init)
     for position, sub in enumerate(modules):
@@ -95,7 +98,7 @@ def _materialize_all(modules, names, where, last_holder, device, param_init_fn) 
                     f"initializer wrote it ({init}); compute it in param_init_fn (e.g. HF models: "
                     "param_init_fn=model._init_weights)"
                 )
-        _shard_finished(position, sub, last_holder, pending, where)
+        _shard_finished(position, sub, last_holder, pending, where, starting)
     leftover = [entry[3] for entry in pending.values()]
     if leftover:  # only possible for parameters whose holders vanished during init
         raise RuntimeError(f"fully_shard: parameters {leftover} were materialized but never sharded")
@@ -135,7 +138,7 @@ def _materialize_module(sub, device, replaced, pending, where, prefix, init) -> 
     return fresh
 
 
-def _shard_finished(position, sub, last_holder, pending, where) -> None:
+def _shard_finished(position, sub, last_holder, pending, where, starting=None) -> None:
     """Shard every materialized parameter of ``sub`` whose last holder is ``sub`` (at ``position``)."""
     for attr, param in list(sub._parameters.items()):
         if param is None or id(param) not in pending:
@@ -152,6 +155,8 @@ def _shard_finished(position, sub, last_holder, pending, where) -> None:
                 "module's own parameters (fully_shard has already materialized them, empty, on the "
                 "compute device; module.to_empty(device=..., recurse=False) in fn is accepted)"
             )
+        if starting is not None:  # broadcast from rank 0, or checksummed (consistency.StartingValues)
+            starting.show("parameter", fqn, full)
         unit, index = where[id(full)]
         with torch.no_grad():
             unit.install_shard(index, full)
