@@ -105,4 +105,18 @@ def verify_schedule_across_ranks(schedule: list[Collective], group, what: str) -
             f"fsdp_compile: the compiled {what} graph on this rank issues collectives "
             f"{fingerprint} but rank {rank}'s issues {theirs}; ranks must compile the same "
             "model with the same inputs (shapes, dtypes) or the job would hang"
+            + _no_grad_hint(fingerprint, theirs)
         )
+
+
+def _no_grad_hint(mine: list[tuple], theirs: list[tuple]) -> str:
+    """When the schedules differ only in which parameters got no gradient: say so."""
+    if len(mine) != len(theirs) or any(a[:-1] != b[:-1] for a, b in zip(mine, theirs)):
+        return ""
+    at = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+    return (
+        f". They differ only in the parameters that got no gradient (the last field, indices in "
+        f"the unit) in collective {at}: {list(mine[at][-1])} here, {list(theirs[at][-1])} there. A "
+        "parameter that takes part in the loss on some ranks only would leave .grad None on some "
+        "ranks and not others; use it on every rank (e.g. add 0 * its output to the loss)"
+    )
