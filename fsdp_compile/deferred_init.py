@@ -29,10 +29,26 @@ saying which initializer ran.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+
+
+class _Pending(NamedTuple):
+    """A materialized parameter waiting to be sharded (by its last holder)."""
+
+    full: nn.Parameter
+    version: int  # its version counter right after materializing
+    data_ptr: int  # and its data's address
+    fqn: str
+    meta_id: int  # id of the meta parameter it replaced
+    init: str  # what initializes its first holder, for errors (_init_name)
+
+    def written(self) -> bool:
+        """Whether an init wrote it: in place (its version counter moved) or by assigning new
+        data (``param.data = ...``)."""
+        return self.full._version != self.version or self.full.data_ptr() != self.data_ptr
 
 
 def _is_meta(t: Optional[torch.Tensor]) -> bool:
@@ -65,7 +81,7 @@ def materialize_and_shard(
 
 def _materialize_all(modules, names, where, last_holder, device, param_init_fn, starting) -> None:
     replaced: dict[int, nn.Parameter] = {}  # id(meta param) -> its materialized parameter
-    pending: dict[int, tuple] = {}  # id(meta param) -> (param, version, data_ptr, fqn, meta id, init)
+    pending: dict[int, _Pending] = {}  # id(materialized param) -> it
     for position, sub in enumerate(modules):
         prefix = names[id(sub)]
         init = _init_name(param_init_fn, sub)
@@ -78,7 +94,7 @@ def _materialize_all(modules, names, where, last_holder, device, param_init_fn, 
         own = {attr: p for attr, p in sub._parameters.items() if p is not None and id(p) in fresh}
         # A shared parameter keeps its first holder's init (as tying after construction does);
         # later holders' inits still run, so the random draws stay in construction order.
-        kept = {attr: p.detach().clone() for attr, p in own.items() if _written(pending[id(p)])}
+        kept = {attr: p.detach().clone() for attr, p in own.items() if pending[id(p)].written()}
         with torch.no_grad():
             if param_init_fn is not None:
                 param_init_fn(sub)
@@ -99,7 +115,7 @@ def _materialize_all(modules, names, where, last_holder, device, param_init_fn, 
                     "param_init_fn=model._init_weights)"
                 )
         _shard_finished(position, sub, last_holder, pending, where, starting)
-    leftover = [entry[3] for entry in pending.values()]
+    leftover = [entry.fqn for entry in pending.values()]
     if leftover:  # only possible for parameters whose holders vanished during init
         raise RuntimeError(f"fully_shard: parameters {leftover} were materialized but never sharded")
 
@@ -128,7 +144,7 @@ def _materialize_module(sub, device, replaced, pending, where, prefix, init) -> 
         unit, index = where[id(param)]
         for owner, owner_attr in unit.holders[index]:
             owner._parameters[owner_attr] = full
-        pending[id(full)] = (full, full._version, full.data_ptr(), _fqn(prefix, attr), id(param), init)
+        pending[id(full)] = _Pending(full, full._version, full.data_ptr(), _fqn(prefix, attr), id(param), init)
         fresh.add(id(full))
     for name, buf in list(sub._buffers.items()):
         if _is_meta(buf):
@@ -144,14 +160,14 @@ def _shard_finished(position, sub, last_holder, pending, where, starting=None) -
         if param is None or id(param) not in pending:
             continue
         entry = pending[id(param)]
-        full, fqn, meta_id, init = entry[0], entry[3], entry[4], entry[5]
-        if last_holder.get(meta_id, -1) > position:
+        full, fqn = entry.full, entry.fqn
+        if last_holder.get(entry.meta_id, -1) > position:
             continue  # another module holds it too and comes later
         del pending[id(param)]
-        if not _written(entry):
+        if not entry.written():
             raise RuntimeError(
                 f"fully_shard: parameter {fqn!r} was on the meta device and no initializer wrote "
-                f"it ({init}); pass fully_shard(..., param_init_fn=fn) where fn(module) writes the "
+                f"it ({entry.init}); pass fully_shard(..., param_init_fn=fn) where fn(module) writes the "
                 "module's own parameters (fully_shard has already materialized them, empty, on the "
                 "compute device; module.to_empty(device=..., recurse=False) in fn is accepted)"
             )
@@ -160,13 +176,6 @@ def _shard_finished(position, sub, last_holder, pending, where, starting=None) -
         unit, index = where[id(full)]
         with torch.no_grad():
             unit.install_shard(index, full)
-
-
-def _written(entry) -> bool:
-    """Whether an init wrote a materialized parameter: in place (its version counter moved) or
-    by assigning new data (``param.data = ...``)."""
-    full, version, data_ptr = entry[0], entry[1], entry[2]
-    return full._version != version or full.data_ptr() != data_ptr
 
 
 def _init_name(param_init_fn, sub: nn.Module) -> str:
