@@ -36,17 +36,25 @@ _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def bitwise_checksum(tensor: torch.Tensor) -> torch.Tensor:
-    """Two int64s that identify ``tensor``'s bits: the XOR of its elements' bit patterns
-    (``torch.hash_tensor``) and their wrapping sum read as integers. Any one changed bit changes
-    the XOR; two tensors collide only where both agree (unlike a float sum, where ``a + b``
-    hides any pair that trades value). One pass over the data, no copy of a contiguous tensor."""
+    """Two int64s that identify ``tensor``'s bits. Each dim-0 row's elements, read as integers of
+    their width, give the XOR of their bit patterns (``torch.hash_tensor``) and their wrapping
+    sum; the checksum is the XOR over rows and the rows' mix weighted by row position. Any one
+    changed bit changes the XOR; rows in another order change the weighted sum; a float sum
+    would hide any pair of elements that trade value. Exact bits, not values: ``-0.0`` differs
+    from ``0.0``. One pass over the data with temporaries of a few integers per row (no copy of
+    a contiguous tensor: ``fully_shard`` of a meta model holds one module's tensors at a time)."""
     t = tensor.detach()
     if t.is_complex():
         t = torch.view_as_real(t)
     if t.numel() == 0:
         return torch.zeros(2, dtype=torch.int64, device=t.device)
-    words = t.contiguous().reshape(-1).view(_INT_OF_SIZE[t.element_size()])
-    return torch.stack([torch.hash_tensor(words).view(torch.int64), words.sum(dtype=torch.int64)])
+    rows = t.contiguous().reshape(t.shape[0] if t.dim() else 1, -1)
+    words = rows.view(_INT_OF_SIZE[t.element_size()])
+    row_xor = torch.hash_tensor(words, dim=1).view(torch.int64)
+    row_sum = words.sum(dim=1, dtype=words.dtype).to(torch.int64)  # native width: no copy
+    weights = torch.arange(1, 2 * len(row_xor), 2, dtype=torch.int64, device=t.device)
+    mixed = (row_xor + row_sum * 0x9E3779B1) * weights
+    return torch.stack([torch.hash_tensor(row_xor).view(torch.int64), mixed.sum()])
 
 
 class StartingValues:
