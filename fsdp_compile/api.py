@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from . import params as _params
 from .collectives import CommSpec, reduce_scatter_kind
-from .consistency import first_mismatch_across_ranks
+from .consistency import StartingValues, first_mismatch_across_ranks, values_of_every_rank
 from .deferred_init import materialize_and_shard
 from .failures import naming_collective_failures
 from .state_dict import install_optimizer_hooks
@@ -50,6 +50,7 @@ def fully_shard(
     ignored_params: Optional[Iterable[nn.Parameter]] = None,
     param_init_fn: Optional[Callable[[nn.Module], None]] = None,
     check_ranks: bool = True,
+    sync_module_states: bool = False,
 ) -> nn.Module:
     """Shard ``module``'s parameters across ``process_group`` in place and return ``module``.
 
@@ -71,7 +72,14 @@ def fully_shard(
     ``check_ranks`` (default on): before each forward, ``summon_full_params``, the full state
     dicts and ``clip_grad_norm_`` (whose norm rides in the same exchange), the ranks exchange
     four integers (one tiny all-gather) and all raise a clear error if they are out of step
-    (``FSDPState.check_lockstep``) instead of hanging on mismatched collectives.
+    (``FSDPState.check_lockstep``) instead of hanging on mismatched collectives. And here,
+    once: every rank must start from the same parameters and buffers (a bitwise checksum of
+    each, compared in the one collective that compares the units), else every rank raises,
+    naming the first that differs.
+
+    ``sync_module_states`` (FSDP1's option): broadcast the parameters and buffers of rank 0 of
+    the group (of the mesh, for hybrid sharding) to every rank before sharding them (a meta
+    model: each module's, once initialized), so ranks whose inits differ start alike.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fully_shard: expected an nn.Module, got {type(module).__name__}")
@@ -95,6 +103,13 @@ def fully_shard(
     compute_device = _compute_device(device, cpu_offload)
     groups = resolve_groups(process_group, device_mesh, strategy, compute_device.type)
     strategy = groups.strategy
+    starting = StartingValues(groups.everyone, bool(sync_module_states), bool(check_ranks))
+    if starting.sync:
+        _check_same_tensors_before_broadcast(module, holders, groups.everyone)
+    if not deferred:  # a meta model's full values exist module by module (deferred_init)
+        for entries in holders.values():
+            path, _, param, attr = entries[0]
+            starting.show("parameter", _fqn(path, attr), param)
     unit_paths = [p for p, m in module.named_modules() if p and is_unit_module(m)]
     assignment = _assign_units(holders, unit_paths)
 
@@ -118,7 +133,7 @@ def fully_shard(
                 modules[unit_path].register_forward_pre_hook(unit_pre_forward(state), with_kwargs=True)
             modules[unit_path].register_forward_hook(unit_post_forward(unit))
     if deferred:
-        materialize_and_shard(module, state, compute_device, param_init_fn)
+        materialize_and_shard(module, state, compute_device, param_init_fn, starting)
     elif param_init_fn is not None:
         raise ValueError(
             "fully_shard: param_init_fn is for a model built on the meta device, but its "
@@ -141,7 +156,9 @@ def fully_shard(
     module.__dict__["_fsdp_root_state"] = state
     install_optimizer_hooks()
     _log_units(module, state)
-    _check_same_on_all_ranks(state, groups.everyone)
+    for name, buf in module.named_buffers():
+        starting.show("buffer", name, buf)
+    _check_same_on_all_ranks(state, groups.everyone, starting)
     return module
 
 
@@ -344,8 +361,24 @@ def _holder_fqns(unit_holders, modules):
     return [_fqn(paths[id(m)], attr) for m, attr in unit_holders]
 
 
-def _check_same_on_all_ranks(state: FSDPState, group) -> None:
-    """Every rank must build the same units: compare a fingerprint with every other rank's."""
+def _check_same_tensors_before_broadcast(module, holders, group) -> None:
+    """``sync_module_states``: the ranks must hold the same tensors (names, shapes, dtypes)
+    before they broadcast them, or the broadcasts would pair different tensors."""
+    mine = [(_fqn(e[0][0], e[0][3]), tuple(e[0][2].shape), str(e[0][2].dtype)) for e in holders.values()]
+    mine += [(name, tuple(b.shape), str(b.dtype)) for name, b in module.named_buffers()]
+    mismatch = first_mismatch_across_ranks(mine, group)
+    if mismatch is not None:
+        rank, theirs = mismatch
+        diff = next((f"{a} vs {b}" for a, b in zip(mine, theirs) if a != b), f"{len(mine)} tensors vs {len(theirs)}")
+        raise RuntimeError(
+            f"fully_shard(sync_module_states=True): this rank's parameters and buffers differ from "
+            f"rank {rank}'s ({diff}); every rank must build the same model"
+        )
+
+
+def _check_same_on_all_ranks(state: FSDPState, group, starting: StartingValues) -> None:
+    """Every rank must build the same units and start from the same values: compare the units'
+    fingerprint and the tensors' checksums with every other rank's, in one collective."""
     if group is None or dist.get_world_size(group) <= 1:
         return
     mine = [  # a TP parameter's global shape: its local one may differ between TP ranks
@@ -354,8 +387,10 @@ def _check_same_on_all_ranks(state: FSDPState, group) -> None:
          str(u.shard_dtype))
         for u in state.units
     ]
+    sums = starting.checksums()
     with naming_collective_failures("fully_shard's comparison of the ranks' units"):
-        mismatch = first_mismatch_across_ranks(mine, group)
+        everyone = values_of_every_rank((mine, sums), group)
+    mismatch = next(((r, theirs) for r, (theirs, _) in enumerate(everyone) if theirs != mine), None)
     if mismatch is not None:
         rank, theirs = mismatch
         diff = next(
@@ -366,4 +401,7 @@ def _check_same_on_all_ranks(state: FSDPState, group) -> None:
             f"fully_shard: this rank's units differ from rank {rank}'s ({diff}); every rank "
             "must build the same model and call fully_shard with the same arguments"
         )
-    log.debug("fully_shard: the units are the same on all %d ranks", dist.get_world_size(group))
+    difference = starting.first_difference(sums, [theirs for _, theirs in everyone])
+    if difference is not None:
+        raise RuntimeError(difference)
+    log.debug("fully_shard: the units and starting values are the same on all %d ranks", dist.get_world_size(group))

@@ -7,9 +7,14 @@ Then, for each module in ``root.modules()`` order that holds meta parameters or 
 1. its meta parameters become full-size tensors on the compute device (new ``nn.Parameter``
    objects registered under every name that held the meta one; the meta object's attributes are
    kept), its meta buffers too;
-2. ``param_init_fn(module)`` runs, else ``module.reset_parameters()`` (FSDP1's rule);
+2. ``param_init_fn(module)`` runs, else ``module.reset_parameters()`` (FSDP1's rule). FSDP1's
+   form ``module.to_empty(device=..., recurse=False); module.reset_parameters()`` works: while
+   this runs, a sharded module's ``to_empty`` onto the compute device is a no-op (its own
+   tensors are already empty there; ``params.py``);
 3. every parameter whose last holder (in that order) is this module is sharded: its rows go
-   into the unit's flat buffer and the parameter becomes the view of its shard.
+   into the unit's flat buffer and the parameter becomes the view of its shard. Just before,
+   its full value is broadcast from rank 0 (``sync_module_states``) or checksummed for the
+   ranks' comparison at the end of ``fully_shard`` (``consistency.StartingValues``).
 
 So at most one module's full parameters exist at a time (a parameter held by several modules,
 e.g. tied embeddings, lives until its last holder is initialized, and keeps the value its first
@@ -19,14 +24,31 @@ rank, the random draws happen in the same order as when the model is built on th
 modules whose ``__init__`` calls ``reset_parameters()``, so the shards equal that model's rows.
 
 Invariant: nothing stays uninitialized without an error. A parameter or buffer that no init
-wrote (its version counter did not move) raises, naming it.
+wrote (its version counter did not move and its data was not replaced) raises, naming it and
+saying which initializer ran.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+
+
+class _Pending(NamedTuple):
+    """A materialized parameter waiting to be sharded (by its last holder)."""
+
+    full: nn.Parameter
+    version: int  # its version counter right after materializing
+    data_ptr: int  # and its data's address
+    fqn: str
+    meta_id: int  # id of the meta parameter it replaced
+    init: str  # what initializes its first holder, for errors (_init_name)
+
+    def written(self) -> bool:
+        """Whether an init wrote it: in place (its version counter moved) or by assigning new
+        data (``param.data = ...``)."""
+        return self.full._version != self.version or self.full.data_ptr() != self.data_ptr
 
 
 def _is_meta(t: Optional[torch.Tensor]) -> bool:
@@ -34,7 +56,8 @@ def _is_meta(t: Optional[torch.Tensor]) -> bool:
 
 
 def materialize_and_shard(
-    root: nn.Module, state, device: torch.device, param_init_fn: Optional[Callable[[nn.Module], None]]
+    root: nn.Module, state, device: torch.device, param_init_fn: Optional[Callable[[nn.Module], None]],
+    starting=None,
 ) -> None:
     modules = list(dict.fromkeys(root.modules()))  # dedupe shared modules, keep first position
     names = {id(m): name for name, m in root.named_modules(remove_duplicate=False)}
@@ -49,11 +72,20 @@ def materialize_and_shard(
             if param is not None:
                 last_holder[id(param)] = position
 
+    state.materializing = device  # a module's to_empty() in param_init_fn is accepted (params.py)
+    try:
+        _materialize_all(modules, names, where, last_holder, device, param_init_fn, starting)
+    finally:
+        state.materializing = None
+
+
+def _materialize_all(modules, names, where, last_holder, device, param_init_fn, starting) -> None:
     replaced: dict[int, nn.Parameter] = {}  # id(meta param) -> its materialized parameter
-    pending: dict[int, tuple] = {}  # id(meta param) -> (param, version after materializing, fqn)
+    pending: dict[int, _Pending] = {}  # id(materialized param) -> it
     for position, sub in enumerate(modules):
         prefix = names[id(sub)]
-        fresh = _materialize_module(sub, device, replaced, pending, where, prefix)
+        init = _init_name(param_init_fn, sub)
+        fresh = _materialize_module(sub, device, replaced, pending, where, prefix, init)
         if not fresh:
             continue
         buffers = {
@@ -62,7 +94,7 @@ def materialize_and_shard(
         own = {attr: p for attr, p in sub._parameters.items() if p is not None and id(p) in fresh}
         # A shared parameter keeps its first holder's init (as tying after construction does);
         # later holders' inits still run, so the random draws stay in construction order.
-        kept = {attr: p.detach().clone() for attr, p in own.items() if pending[id(p)][1] != p._version}
+        kept = {attr: p.detach().clone() for attr, p in own.items() if pending[id(p)].written()}
         with torch.no_grad():
             if param_init_fn is not None:
                 param_init_fn(sub)
@@ -79,16 +111,16 @@ def materialize_and_shard(
             if sub._buffers.get(name) is buf and buf._version == version:
                 raise RuntimeError(
                     f"fully_shard: buffer {_fqn(prefix, name)!r} was on the meta device and no "
-                    f"initializer wrote it ({_init_name(param_init_fn)} on {type(sub).__name__}); "
-                    "compute it in param_init_fn (e.g. HF models: param_init_fn=model._init_weights)"
+                    f"initializer wrote it ({init}); compute it in param_init_fn (e.g. HF models: "
+                    "param_init_fn=model._init_weights)"
                 )
-        _shard_finished(position, sub, last_holder, pending, where)
-    leftover = [entry[2] for entry in pending.values()]
+        _shard_finished(position, sub, last_holder, pending, where, starting)
+    leftover = [entry.fqn for entry in pending.values()]
     if leftover:  # only possible for parameters whose holders vanished during init
         raise RuntimeError(f"fully_shard: parameters {leftover} were materialized but never sharded")
 
 
-def _materialize_module(sub, device, replaced, pending, where, prefix) -> set[int]:
+def _materialize_module(sub, device, replaced, pending, where, prefix, init) -> set[int]:
     """Replace ``sub``'s own meta parameters and buffers by empty full-size tensors on
     ``device``; returns the ids of the new tensors (empty if ``sub`` had nothing on meta)."""
     fresh = set()
@@ -112,7 +144,7 @@ def _materialize_module(sub, device, replaced, pending, where, prefix) -> set[in
         unit, index = where[id(param)]
         for owner, owner_attr in unit.holders[index]:
             owner._parameters[owner_attr] = full
-        pending[id(full)] = (full, full._version, _fqn(prefix, attr), id(param))
+        pending[id(full)] = _Pending(full, full._version, full.data_ptr(), _fqn(prefix, attr), id(param), init)
         fresh.add(id(full))
     for name, buf in list(sub._buffers.items()):
         if _is_meta(buf):
@@ -122,29 +154,39 @@ def _materialize_module(sub, device, replaced, pending, where, prefix) -> set[in
     return fresh
 
 
-def _shard_finished(position, sub, last_holder, pending, where) -> None:
+def _shard_finished(position, sub, last_holder, pending, where, starting=None) -> None:
     """Shard every materialized parameter of ``sub`` whose last holder is ``sub`` (at ``position``)."""
     for attr, param in list(sub._parameters.items()):
         if param is None or id(param) not in pending:
             continue
-        full, version, fqn, meta_id = pending[id(param)]
-        if last_holder.get(meta_id, -1) > position:
+        entry = pending[id(param)]
+        full, fqn = entry.full, entry.fqn
+        if last_holder.get(entry.meta_id, -1) > position:
             continue  # another module holds it too and comes later
         del pending[id(param)]
-        if full._version == version:
+        if not entry.written():
             raise RuntimeError(
                 f"fully_shard: parameter {fqn!r} was on the meta device and no initializer wrote "
-                f"it ({type(sub).__name__} has no reset_parameters() and no param_init_fn was "
-                "given, or it left this parameter alone); pass fully_shard(..., param_init_fn=fn) "
-                "that initializes it"
+                f"it ({entry.init}); pass fully_shard(..., param_init_fn=fn) where fn(module) writes the "
+                "module's own parameters (fully_shard has already materialized them, empty, on the "
+                "compute device; module.to_empty(device=..., recurse=False) in fn is accepted)"
             )
+        if starting is not None:  # broadcast from rank 0, or checksummed (consistency.StartingValues)
+            starting.show("parameter", fqn, full)
         unit, index = where[id(full)]
         with torch.no_grad():
             unit.install_shard(index, full)
 
 
-def _init_name(param_init_fn) -> str:
-    return "reset_parameters()" if param_init_fn is None else f"param_init_fn {getattr(param_init_fn, '__name__', param_init_fn)!r}"
+def _init_name(param_init_fn, sub: nn.Module) -> str:
+    """What initializes ``sub``, for error messages: what ran, and that it left a tensor alone."""
+    cls = type(sub)._fsdp_base_class.__name__ if hasattr(type(sub), "_fsdp_base_class") else type(sub).__name__
+    if param_init_fn is not None:
+        name = getattr(param_init_fn, "__name__", repr(param_init_fn))
+        return f"param_init_fn {name!r} ran on this {cls} and left it alone"
+    if hasattr(sub, "reset_parameters"):
+        return f"{cls}.reset_parameters() ran and left it alone"
+    return f"{cls} has no reset_parameters() and no param_init_fn was given"
 
 
 def _fqn(prefix: str, attr: str) -> str:

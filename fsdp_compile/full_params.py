@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import functools
 
 import torch
 import torch.distributed as dist
@@ -175,11 +176,14 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0) 
     replicated += [p.grad for p in module.parameters() if id(p) not in in_units and p.grad is not None]
     grads = sharded + replicated
     device = grads[0].device if grads else torch.device("cpu")
+    # The norm's dtype: the gradients' own (float32 at least), as torch's clip_grad_norm_ does;
+    # float64 gradients keep float64, so clipping in float64 equals DDP's to rounding.
+    dtype = functools.reduce(torch.promote_types, [g.dtype for g in grads], torch.float32)
 
     def local(gs):
         if not gs:
-            return torch.zeros((), device=device)
-        norms = torch.stack([torch.linalg.vector_norm(g.float(), norm_type) for g in gs])
+            return torch.zeros((), device=device, dtype=dtype)
+        norms = torch.stack([torch.linalg.vector_norm(g, norm_type, dtype=dtype) for g in gs])
         return norms.max() if norm_type == float("inf") else norms.pow(norm_type).sum()
 
     sharded_part, replicated_part = local(sharded), local(replicated)

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 import torch.fx.traceback
+from torch._subclasses.fake_tensor import is_fake
 
 from .log import warn_once
 from .registry import get_unit
@@ -41,6 +42,9 @@ class _GatherUnit(torch.autograd.Function):
     def forward(ctx, unit_id: int, mode: GradMode, extra: Optional[torch.Tensor], *shards):
         unit = get_unit(unit_id)
         ctx.unit_id, ctx.mode = unit_id, mode
+        # An output that took no part in the loss gets no gradient (None, not zeros): its
+        # parameter's .grad stays None, as in a plain model, DDP and FSDP2.
+        ctx.set_materialize_grads(False)
         ctx.shard_dtypes = [s.dtype for s in shards]
         ctx.shard_devices = [s.device for s in shards]
         # Kept on ctx, not saved: a saved tensor would change what activation checkpointing
@@ -51,7 +55,10 @@ class _GatherUnit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *full_grads):
-        with torch.fx.traceback.annotate({"fsdp_unit": ctx.unit_id}):
+        # The parameters without a gradient are part of the compiled backward's collective
+        # fingerprint (passes/schedule_check.py): ranks that disagree fail at the first call.
+        no_grad = tuple(i for i, g in enumerate(full_grads) if g is None)
+        with torch.fx.traceback.annotate({"fsdp_unit": ctx.unit_id, "fsdp_no_grad": no_grad}):
             return _GatherUnit._backward(ctx, full_grads)
 
     @staticmethod
@@ -66,10 +73,23 @@ class _GatherUnit(torch.autograd.Function):
         pending, ctx.pending = ctx.pending, None
         grads = unit.reduce_grads(list(full_grads), ctx.shard_dtypes, pending)
         grads = [
-            g.to(dev) if needed else None
-            for g, dev, needed in zip(grads, ctx.shard_devices, ctx.needs_input_grad[3:])
+            g.to(dev) if needed and _has_grad(full, g, pending) else None
+            for full, g, dev, needed in zip(full_grads, grads, ctx.shard_devices, ctx.needs_input_grad[3:])
         ]
         return (None, None, None, *grads)
+
+
+def _has_grad(full_grad: Optional[torch.Tensor], reduced: torch.Tensor, pending: Optional[torch.Tensor]) -> bool:
+    """Whether a shard gets the reduced gradient, or keeps ``.grad`` None: None where this rank's
+    backward produced no gradient for the parameter (it took no part in the loss), unless
+    ``no_sync`` gradients are pending (they may hold one). The reduction itself always counts
+    such a parameter as zeros, so another rank's gradient still reaches every rank's rows; if
+    eagerly some other rank did produce one (this rank's reduced rows are not all zero), the
+    shard keeps it. Compiled, the decision is part of the graph (no data-dependent branch), and
+    ranks that disagree fail the schedule check at the first call."""
+    if full_grad is not None or pending is not None:
+        return True
+    return not is_fake(reduced) and bool(reduced.any())
 
 
 def gather_unit(unit_id: int, mode: GradMode, extra: Optional[torch.Tensor], *shards) -> tuple:

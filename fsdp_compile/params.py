@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
 
+import torch
 import torch.nn as nn
 
 from . import state_dict as _state_dict
@@ -112,6 +113,16 @@ def _register_parameter(self, name: str, param) -> None:
 
 
 def _to_empty(self, *, device, recurse: bool = True):
+    state = self.__dict__[_TREE_STATE]
+    if state.materializing is not None:  # inside fully_shard's meta init, FSDP1's param_init_fn
+        want, got = state.materializing, torch.device(device)
+        if got.type != want.type or (got.index is not None and want.index is not None and got.index != want.index):
+            raise ValueError(
+                f"fsdp_compile: param_init_fn called {type(self)._fsdp_base_class.__name__}"
+                f".to_empty(device={got}), but fully_shard materializes this model on {want}; "
+                f"pass device={want} (or drop the to_empty call: fully_shard does it)"
+            )
+        return self  # its own tensors are already empty on that device; children come later
     raise RuntimeError(
         f"fsdp_compile: {type(self)._fsdp_base_class.__name__}.to_empty() after fully_shard would "
         "replace this rank's shards by uninitialized memory. Build the model on the meta device "

@@ -108,6 +108,7 @@ class FSDPState:
         self.compiled_graphs: list = []  # backend.CompiledGraphs, one per compiled Dynamo graph
         self.device_meshes: dict = {}  # device type -> (DeviceMesh, placements) of state dicts
         self.check_ranks = True  # fully_shard(check_ranks=): one tiny all-gather per forward
+        self.materializing: Optional[torch.device] = None  # the device, during meta-device init
         self._positions: dict[int, int] = {}  # unit id -> its index in ``units`` (same on every rank)
         # (where, what it raised) once a compiled graph of this rank raised between collectives
         self.abandoned: Optional[tuple[str, str]] = None

@@ -17,9 +17,10 @@ every rank (layout.py), so they appear as plain tensors, the same on every rank,
 state dict call communicates (torch's helpers call them on some ranks only).
 
 Loading accepts, per sharded parameter: such a DTensor (any mesh size: a different layout is
-gathered first), or a plain tensor of the full shape (this rank's rows are taken). Anything
-else -- in particular a tensor of the shard's shape where that differs from the full shape --
-is a size-mismatch error naming the key.
+gathered first), a plain tensor of the full shape (this rank's rows are taken), or the shard
+itself (nothing changes: what torch's full-state-dict helpers put under the keys a partial load
+leaves out). Anything else -- in particular another tensor of the shard's shape where that
+differs from the full shape -- is a size-mismatch error naming the key.
 
 Optimizers: we do not construct them, so a global optimizer step pre-hook (the first ``step``,
 which ``get/set_optimizer_state_dict`` also run) gives every optimizer that holds our shards a
@@ -157,6 +158,8 @@ def load_sharded(module, taken: dict, prefix: str, missing_keys: list, error_msg
         key = prefix + attr
         if key in missing_keys:
             missing_keys.remove(key)
+        if _is_the_shard(value, module._parameters[attr]):
+            continue
         try:
             rows = from_state_value(unit, index, value, key)
         except ValueError as e:
@@ -166,6 +169,22 @@ def load_sharded(module, taken: dict, prefix: str, missing_keys: list, error_msg
         if param.numel() and rows.data_ptr() != param.data_ptr():
             with torch.no_grad():
                 param.copy_(rows)
+
+
+def _is_the_shard(value, param) -> bool:
+    """``value`` is the parameter's shard itself (or a view of exactly its memory): loading it
+    changes nothing. ``torch.distributed.checkpoint.state_dict``'s full-state-dict load fills the
+    keys a partial state dict leaves out (``strict=False``) with ``named_parameters()``'s values,
+    our shards, so those parameters stay untouched; any other shard-shaped tensor is still an
+    error (a local shard saved under a full name)."""
+    if value is param:
+        return True
+    return (
+        type(value) in (torch.Tensor, torch.nn.Parameter) and param.numel() > 0
+        and value.device == param.device and value.dtype == param.dtype
+        and value.shape == param.shape and value.stride() == param.stride()
+        and value.data_ptr() == param.data_ptr()
+    )
 
 
 # ---- optimizers --------------------------------------------------------------------------------

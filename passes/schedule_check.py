@@ -14,7 +14,8 @@ An analysis pass (it never rewrites). Given a forward or backward graph::
 its role: the shard groups of a 2-D mesh are different groups with different names on different
 ranks, but the same role. Ranks compile independently, so a rank-dependent decision anywhere in
 the compiler would reorder collectives and hang the job; ``verify_schedule_across_ranks``
-compares the fingerprints (kind, bytes, dtype, group role) once per graph and raises instead.
+compares the fingerprints (kind, bytes, dtype, group role, and for a gradient reduction which
+of the unit's parameters got no gradient) once per graph and raises instead.
 """
 from __future__ import annotations
 
@@ -43,13 +44,17 @@ class Collective:
     input_bytes: int  # bytes this rank hands to the collective
     dtype: str
     group: str = ""  # the group's role ("shard", "replicate"), else its name
+    # A gradient reduction: the unit's parameters that got no gradient on this rank (their
+    # shards' .grad stays None, ops._has_grad), so ranks that disagree differ here.
+    no_grad: tuple = ()
 
     def __str__(self) -> str:
-        return f"{self.kind}({self.input_bytes} B {self.dtype} on {self.group})"
+        without = f", no gradient for parameters {list(self.no_grad)}" if self.no_grad else ""
+        return f"{self.kind}({self.input_bytes} B {self.dtype} on {self.group}{without})"
 
     @property
     def fingerprint(self) -> tuple:
-        return (self.kind, self.input_bytes, self.dtype, self.group)
+        return (self.kind, self.input_bytes, self.dtype, self.group, self.no_grad)
 
 
 def collective_kind(node: torch.fx.Node):
@@ -86,7 +91,8 @@ def collective_schedule(gm: torch.fx.GraphModule, roles: Optional[dict[str, str]
         kind = collective_kind(node)
         if kind is not None:
             name = _group_name(node)
-            schedule.append(Collective(kind, *_input_bytes(node), (roles or {}).get(name, name)))
+            no_grad = tuple(node.meta.get("custom", {}).get("fsdp_no_grad", ()))
+            schedule.append(Collective(kind, *_input_bytes(node), (roles or {}).get(name, name), no_grad))
     return schedule
 
 
@@ -99,4 +105,18 @@ def verify_schedule_across_ranks(schedule: list[Collective], group, what: str) -
             f"fsdp_compile: the compiled {what} graph on this rank issues collectives "
             f"{fingerprint} but rank {rank}'s issues {theirs}; ranks must compile the same "
             "model with the same inputs (shapes, dtypes) or the job would hang"
+            + _no_grad_hint(fingerprint, theirs)
         )
+
+
+def _no_grad_hint(mine: list[tuple], theirs: list[tuple]) -> str:
+    """When the schedules differ only in which parameters got no gradient: say so."""
+    if len(mine) != len(theirs) or any(a[:-1] != b[:-1] for a, b in zip(mine, theirs)):
+        return ""
+    at = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+    return (
+        f". They differ only in the parameters that got no gradient (the last field, indices in "
+        f"the unit) in collective {at}: {list(mine[at][-1])} here, {list(theirs[at][-1])} there. A "
+        "parameter that takes part in the loss on some ranks only would leave .grad None on some "
+        "ranks and not others; use it on every rank (e.g. add 0 * its output to the loss)"
+    )
