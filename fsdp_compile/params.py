@@ -77,6 +77,7 @@ def _apply(self, fn, recurse: bool = True):
         state.applying = False
     for unit in state.units:
         unit.rebuild_flat()
+    state.assign_templates()
     return self
 
 

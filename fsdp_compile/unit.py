@@ -59,6 +59,8 @@ class Unit:
         self.bw_full: Optional[list[torch.Tensor]] = None  # regathered for backward (FULL_SHARD)
         self.recompute_full: Optional[list[torch.Tensor]] = None  # gathered for a recompute
         self.is_bucket = False  # a merge of other units' gathers (passes/bucketing.py)
+        # the first unit of its tree with the same ``signature()`` (FSDPState.assign_templates)
+        self.template: int = self.id
 
     def __repr__(self) -> str:
         return f"Unit({self.name or '<root>'!r}, {len(self.layout.params)} params, {self.strategy.name})"
@@ -82,6 +84,17 @@ class Unit:
 
     def shards(self) -> list[torch.Tensor]:
         return [holders[0][0]._parameters[holders[0][1]] for holders in self.holders]
+
+    def signature(self) -> tuple:
+        """Everything the unit's gather and reduction depend on except which tensors they move:
+        units with equal signatures (identical blocks) run the same collectives and copies.
+        The root unit is never like another (the backend keeps it gathered)."""
+        params = tuple((p.full_shape, p.chunk_rows, p.offset) for p in self.layout.params)
+        flat = None if self.local_flat is None else (self.local_flat.dtype, self.local_flat.device)
+        return (
+            self.name == "", params, self.layout.world_size, self.layout.replicated,
+            tuple(tuple(s) for s in self.orig_shapes), self.strategy, self.spec, flat, self.compute_device,
+        )
 
     def full_shape(self, index: int) -> torch.Size:
         return self.orig_shapes[index]
