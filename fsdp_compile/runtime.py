@@ -131,6 +131,10 @@ class FSDPState:
                 # ``unit.template``, not ``unit.id``: the id is a constant Dynamo guards on, and
                 # identical blocks compiled one by one share one graph only if it is the same;
                 # passes/insert_collectives tells units apart by their shard inputs.
+                if self.traced_shards is not None:
+                    # The root's forward is traced in this graph: reads may sit inside a
+                    # checkpointed region, whose body may not mutate ``unit`` (Dynamo refuses).
+                    return ops.param_use(shards, extra, unit.template, index, int(mode))
                 unit.full = [
                     ops.param_use(shards, extra, unit.template, i, int(mode)) for i in range(len(shards))
                 ]
