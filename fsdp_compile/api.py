@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable, Iterable, Optional, Union
 
 import torch
@@ -26,7 +27,7 @@ from .config import CPUOffload, MixedPrecision, ShardingStrategy
 from .layout import make_unit_layout
 from .log import get_logger
 from .mesh import resolve_groups, with_tensor_parallel
-from .runtime import FSDPState, unit_post_forward, unit_pre_forward
+from .runtime import UNIT_OF_MODULE, FSDPState
 from .tensor_parallel import is_dtensor, tp_spec_of
 from .unit import Unit
 
@@ -129,9 +130,7 @@ def fully_shard(
         )
         state.add_unit(unit)
         if unit_path:
-            if mixed_precision.param_dtype is not None:
-                modules[unit_path].register_forward_pre_hook(unit_pre_forward(state), with_kwargs=True)
-            modules[unit_path].register_forward_hook(unit_post_forward(unit))
+            modules[unit_path].__dict__[UNIT_OF_MODULE] = unit
     if deferred:
         materialize_and_shard(module, state, compute_device, param_init_fn, starting)
     elif param_init_fn is not None:
@@ -150,9 +149,8 @@ def fully_shard(
     scope_modules = {id(module): module}
     scope_modules.update((id(modules[p]), modules[p]) for p in unit_paths)
     scope_modules.update((id(m), m) for m in modules.values() if any(True for _ in _params.iter_accessors(m)))
-    for sub in scope_modules.values():  # the root, units and parameter holders
-        sub.register_forward_pre_hook(state.pre_forward, with_kwargs=True)
-        sub.register_forward_hook(state.post_forward, with_kwargs=True, always_call=True)
+    _register_shared_hooks(list(scope_modules.values()), state)  # the root, units and parameter holders
+    state.assign_templates()
     module.__dict__["_fsdp_root_state"] = state
     install_optimizer_hooks()
     _log_units(module, state)
@@ -212,6 +210,24 @@ def no_sync(module: nn.Module) -> contextlib.AbstractContextManager:
 
 
 # ---- helpers of fully_shard ---------------------------------------------------------------
+def _register_shared_hooks(modules: list[nn.Module], state: FSDPState) -> None:
+    """``state.pre_forward`` / ``state.post_forward`` (always called) on every module, under ONE
+    hook id per kind shared by all of them. Dynamo, tracing a module's ``_call_impl``, guards on
+    ``<hook id> in module._forward_hooks_always_called``; with an id per module (what
+    ``register_forward_hook`` gives), identical blocks compiled one by one
+    (``block.compile()``) never share a graph -- each recompiles, up to ``recompile_limit``.
+    With one id, one graph serves every block. The handles' ``remove()`` would only reach the
+    first module; nothing removes these hooks."""
+    pre_id = torch.utils.hooks.RemovableHandle(OrderedDict()).id
+    post_id = torch.utils.hooks.RemovableHandle(OrderedDict()).id
+    for sub in modules:
+        sub._forward_pre_hooks[pre_id] = state.pre_forward
+        sub._forward_pre_hooks_with_kwargs[pre_id] = True
+        sub._forward_hooks[post_id] = state.post_forward
+        sub._forward_hooks_with_kwargs[post_id] = True
+        sub._forward_hooks_always_called[post_id] = True
+
+
 def _policy_predicate(policy: Policy) -> Callable[[nn.Module], bool]:
     if policy is None:
         return lambda m: False

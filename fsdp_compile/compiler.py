@@ -44,7 +44,7 @@ from .kernels.traced import LOWERINGS, lowering_for_trace
 from .config import ShardingStrategy
 from .failures import named_failure, naming_collective_failures
 from .log import get_logger
-from .registry import get_unit
+from .registry import get_unit, live_units
 from .runtime import Phase, graph_id
 from .unit import Unit
 
@@ -104,7 +104,7 @@ class FSDPBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs) -> Callable:
         lifted = hoist_markers(gm)
-        gathers = insert_collectives(gm)
+        gathers = insert_collectives(gm, _unit_resolver(gm, example_inputs))
         units = {g.unit_id: get_unit(g.unit_id) for g in gathers}
         log.debug("hoist_markers: %d parameter reads lifted out of checkpointed regions", lifted)
         log.debug("insert_collectives: %d gathers, units %s", len(gathers),
@@ -184,6 +184,26 @@ def _kinds(schedule: list[Collective]) -> str:
     for c in schedule:
         counts[c.kind] = counts.get(c.kind, 0) + 1
     return ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "none"
+
+
+def _unit_resolver(gm: torch.fx.GraphModule, example_inputs) -> Callable[[int, tuple], int]:
+    """``(template, shard nodes) -> unit id``: the unit whose flat buffer holds the example input
+    of a shard placeholder (the unit this graph is traced for; another block of the same
+    template may run the graph later). Falls back to the template."""
+    values = dict(zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs))
+
+    def resolve(template: int, shard_nodes: tuple) -> int:
+        candidates = [u for u in live_units() if u.template == template and u.local_flat is not None]
+        for node in shard_nodes:
+            value = values.get(node)
+            if isinstance(value, torch.Tensor) and value.numel() and not isinstance(value, torch._subclasses.FakeTensor):
+                ptr = value.untyped_storage().data_ptr()
+                for unit in candidates:
+                    if unit.local_flat.untyped_storage().data_ptr() == ptr:
+                        return unit.id
+        return template
+
+    return resolve
 
 
 def _check_inductor_options(options: dict, inner: str) -> None:
@@ -275,12 +295,19 @@ def _guard_backward(record: CompiledGraphs, units: dict) -> Callable[[Callable],
 def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -> Callable:
     """Per call: the ranks' lockstep check (``FSDPState.check_lockstep``: same phase, same
     gradient mode, same graph); when any rank runs its graph for the first time, every rank
-    compares its graph's forward and backward collective schedules; after each call, drop
-    pending ``no_sync`` gradients the graph has consumed (it holds them until its backward)."""
-    consumed = [units[g.unit_id] for g in record.gathers if g.mode == ops.GradMode.SYNC_PENDING]
+    compares its graph's forward and backward collective schedules; a pre-hook on the call's
+    backward node checks again before its backward's collectives (a rank that called a graph
+    more often than another meets the other's backward there, instead of hanging); after each
+    call, drop pending ``no_sync`` gradients the graph has consumed (it holds them until its
+    backward). One graph may serve several units (identical blocks compiled one by one):
+    what a call consumed is found among its inputs, not from the units it was traced for."""
+    has_pending = any(g.mode == ops.GradMode.SYNC_PENDING for g in record.gathers)
     state = _collective_state(units)
     checked = False
     this_graph = 0  # graph_id of the schedules, computed at the first call (they exist by then)
+
+    def check_backward(grad_outputs):
+        state.check_lockstep(Phase.BACKWARD, "a compiled backward", this_graph)
 
     @functools.wraps(compiled)
     def run(*args):
@@ -290,6 +317,9 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
             if not this_graph:
                 collectives = (record.schedules.get("forward") or []) + (record.joint_schedule or [])
                 this_graph = graph_id([c.fingerprint for c in collectives])
+                state.graph_names[this_graph] = ", ".join(
+                    repr(units[g.unit_id].name or "<root>") for g in record.gathers if g.unit_id in units
+                )
             first_call = state.check_lockstep(Phase.FORWARD, "a compiled forward", this_graph, first_call)
         if first_call and group is not None:
             # The joint graph holds the backward's collectives too: a rank whose backward
@@ -302,6 +332,8 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
             log.debug("schedule_check: the forward and joint collective schedules are the same on all %d ranks",
                       group.size())
             checked = True
+        inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
+        taken = {id(a) for a in inputs if isinstance(a, torch.Tensor)} if has_pending else ()
         try:
             out = compiled(*args)
         except Exception as error:
@@ -311,8 +343,14 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
             if failure is error:
                 raise
             raise failure from error
-        for unit in consumed:
-            unit.pending = None
+        if has_pending:
+            for unit in state.units if state is not None else ():
+                if unit.pending is not None and id(unit.pending) in taken:
+                    unit.pending = None
+        if state is not None and record.joint_schedule and state.check_ranks and torch.is_grad_enabled():
+            node = next((t.grad_fn for t in out if isinstance(t, torch.Tensor) and t.grad_fn is not None), None)
+            if node is not None:
+                node.register_prehook(check_backward)
         return out
 
     run._boxed_call = getattr(compiled, "_boxed_call", False)

@@ -79,6 +79,7 @@ def _apply(self, fn, recurse: bool = True):
         state.applying = False
     for unit in state.units:
         unit.rebuild_flat()
+    state.assign_templates()
     return self
 
 

@@ -41,6 +41,9 @@ from .mesh import Groups
 from .unit import Unit
 
 
+UNIT_OF_MODULE = "_fsdp_unit"  # module.__dict__ key: the Unit a policy-chosen module owns
+
+
 class Phase(enum.IntEnum):
     """What a rank is about to do, as exchanged by ``FSDPState.check_lockstep``."""
 
@@ -50,6 +53,7 @@ class Phase(enum.IntEnum):
     FULL_STATE_DICT = 4
     FULL_OPTIM_STATE_DICT = 5
     CLIP_GRAD_NORM = 6  # the record carries this rank's partial norm (float64 bits)
+    BACKWARD = 7  # the backward of a compiled graph, before its collectives
 
 
 # What ``_describe`` calls a phase that is one of our functions.
@@ -112,6 +116,7 @@ class FSDPState:
         self._positions: dict[int, int] = {}  # unit id -> its index in ``units`` (same on every rank)
         # (where, what it raised) once a compiled graph of this rank raised between collectives
         self.abandoned: Optional[tuple[str, str]] = None
+        self.graph_names: dict[int, str] = {}  # compiled graph id -> the units it gathers (errors)
 
     @property
     def group(self):
@@ -124,14 +129,35 @@ class FSDPState:
 
     # ---- reads -----------------------------------------------------------------------------
     def read(self, unit: Unit, index: int, shard: torch.Tensor) -> torch.Tensor:
-        """What ``module.<name>`` returns for parameter ``index`` of ``unit`` (shard ``shard``)."""
+        """What ``module.<name>`` returns for parameter ``index`` of ``unit`` (shard ``shard``).
+
+        Inside a forward a unit is gathered once, at its first read, and ``unit.full`` holds the
+        result until its module's forward ends; every later read returns it. That holds across
+        graph boundaries: a compiled graph stores the unit's marker results in ``unit.full``
+        (a Dynamo side effect), which the unit's post-forward hook clears in the same graph --
+        so a graph that holds the whole unit outputs nothing extra, and a graph break inside the
+        unit makes the graph output the gathered tensors, which the resumed graph (or eager code)
+        reads as inputs: no second gather, and autograd carries their gradients back into the
+        first graph's one reduction."""
         if self.summoned is not None:
             return self.summoned[unit.id][index]
         if self.in_forward:
+            if unit.full is not None:
+                return unit.wrap_full(index, unit.full[index])
             if torch.compiler.is_compiling():
                 mode, extra = self.grad_mode(unit)
-                full = ops.param_use(self._traced_shards(unit), extra, unit.id, index, int(mode))
-                return unit.wrap_full(index, full)
+                shards = self._traced_shards(unit)
+                # ``unit.template``, not ``unit.id``: the id is a constant Dynamo guards on, and
+                # identical blocks compiled one by one share one graph only if it is the same;
+                # passes/insert_collectives tells units apart by their shard inputs.
+                if self.traced_shards is not None:
+                    # The root's forward is traced in this graph: reads may sit inside a
+                    # checkpointed region, whose body may not mutate ``unit`` (Dynamo refuses).
+                    return unit.wrap_full(index, ops.param_use(shards, extra, unit.template, index, int(mode)))
+                unit.full = [
+                    ops.param_use(shards, extra, unit.template, i, int(mode)) for i in range(len(shards))
+                ]
+                return unit.wrap_full(index, unit.full[index])
             return unit.wrap_full(index, self._gather_for_forward(unit)[index])
         if in_recompute():
             return unit.wrap_full(index, self._gather_for_recompute(unit)[index])
@@ -177,7 +203,7 @@ class FSDPState:
         fulls = list(ops.gather_unit(unit.id, int(mode), extra, *shards))
         if mode == ops.GradMode.SYNC_PENDING:
             unit.pending = None  # consumed: the graph holds it until backward
-        if register:
+        if register and self._saved_hooks is not None:  # only the eager root's hooks look them up
             self.register_full(unit, fulls)
         return fulls
 
@@ -234,10 +260,12 @@ class FSDPState:
         if other is not None:
             rank, theirs = other
             raise RuntimeError(
-                f"fsdp_compile: ranks are out of step: this rank is about to run {_describe(mine, what, self.units)}, "
-                f"but rank {rank} is about to run {_describe(theirs, units=self.units)}. Every rank must make the same "
+                f"fsdp_compile: ranks are out of step: this rank is about to run "
+                f"{_describe(mine, what, self.units, self.graph_names)}, but rank {rank} is about to run "
+                f"{_describe(theirs, units=self.units, names=self.graph_names)}. Every rank must make the same "
                 "calls in the same order (forward, backward, no_sync, summon_full_params, full_state_dict, "
-                "full_optim_state_dict, clip_grad_norm_) and compile the same graphs; see the README's Troubleshooting"
+                "full_optim_state_dict, clip_grad_norm_), compile the same graphs and call them the same "
+                "number of times; see the README's Troubleshooting"
             )
         return records
 
@@ -309,6 +337,9 @@ class FSDPState:
     # forward scope, and only it closes the scope. Inner modules' hooks do nothing.
     def pre_forward(self, module, args, kwargs):
         if self.in_forward or in_recompute():  # a recompute reads through in_recompute instead
+            # a policy unit's module casts its inputs (mixed precision) wherever it runs
+            if self.param_dtype is not None and UNIT_OF_MODULE in module.__dict__:
+                return self.cast_inputs(args, kwargs)
             return None
         if self.summoned is not None:
             raise RuntimeError(
@@ -330,9 +361,21 @@ class FSDPState:
         return self.cast_inputs(args, kwargs)
 
     def post_forward(self, module, args, kwargs, output):
+        """After the forward of a module of the tree: a policy unit's module reshards its unit
+        (eagerly; compiled, it drops ``unit.full``, see ``read``); the scope's owner closes it."""
+        unit = module.__dict__.get(UNIT_OF_MODULE)
+        if unit is not None and self.in_forward and unit.full is not None:
+            if torch.compiler.is_compiling():
+                unit.full = None
+            else:
+                self.reshard(unit)
         if self.scope_owner is not module:
             return output
-        if not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            for unit in self.units:
+                if unit.full is not None:
+                    unit.full = None
+        else:
             for unit in self.units:
                 self.reshard(unit)
             if self._saved_hooks is not None:
@@ -342,6 +385,13 @@ class FSDPState:
         self.scope_owner = None
         self.traced_shards = None
         return output
+
+    def assign_templates(self) -> None:
+        """``unit.template``: the first unit whose gather is the same as this one's (``Unit.signature``).
+        A compiled graph names a unit's gather by its template, so identical blocks share graphs."""
+        first: dict = {}
+        for unit in self.units:
+            unit.template = first.setdefault(unit.signature(), unit.id)
 
     def cast_inputs(self, args, kwargs):
         if self.param_dtype is None:
@@ -399,27 +449,7 @@ class FSDPState:
             self.sync_grads = previous
 
 
-def unit_post_forward(unit: Unit):
-    """Forward hook of a policy unit's module: reshard right after its forward (eager)."""
-
-    def hook(module, args, output):
-        if not torch.compiler.is_compiling() and unit.state.in_forward:
-            unit.state.reshard(unit)
-        return output
-
-    return hook
-
-
-def unit_pre_forward(state: FSDPState):
-    """Forward pre-hook of a policy unit's module: mixed-precision input cast."""
-
-    def hook(module, args, kwargs):
-        return state.cast_inputs(args, kwargs)
-
-    return hook
-
-
-def _describe(record: tuple[int, ...], what: str = "", units: Optional[list] = None) -> str:
+def _describe(record: tuple[int, ...], what: str = "", units: Optional[list] = None, names: Optional[dict] = None) -> str:
     phase, synced, graph, _ = record
     if phase in _CALLS:
         return _CALLS[Phase(phase)] + ("" if synced else " inside no_sync")
@@ -427,6 +457,10 @@ def _describe(record: tuple[int, ...], what: str = "", units: Optional[list] = N
         name = units[graph - 1].name if units and 0 < graph <= len(units) else f"#{graph - 1}"
         return f"the all-gather of unit {name or '<root>'!r}" + ("" if synced else " inside no_sync")
     body = f"compiled graph {graph - 1:08x}" if graph else "an eager forward"
+    if graph and names and graph in names:
+        body += f" (gathering {names[graph] or 'nothing'})"
+    if phase == Phase.BACKWARD:
+        body = "the backward of " + body
     if what and not graph:
         body += f" ({what})"
     return body + ("" if synced else " inside no_sync")

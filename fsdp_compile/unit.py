@@ -64,6 +64,9 @@ class Unit:
         # the layout then describes its TP-local tensor), else None
         self.tp_specs: list[Optional[TPSpec]] = [None] * len(holders)
 
+        # the first unit of its tree with the same ``signature()`` (FSDPState.assign_templates)
+        self.template: int = self.id
+
     def __repr__(self) -> str:
         return f"Unit({self.name or '<root>'!r}, {len(self.layout.params)} params, {self.strategy.name})"
 
@@ -97,6 +100,20 @@ class Unit:
         parameter's as a DTensor on its TP mesh (``TPSpec.wrap``), others as they are."""
         spec = self.tp_specs[index]
         return full if spec is None else spec.wrap(full)
+
+    def signature(self) -> tuple:
+        """Everything the unit's gather and reduction depend on except which tensors they move:
+        units with equal signatures (identical blocks) run the same collectives and copies.
+        The root unit is never like another (the backend keeps it gathered), nor is a unit with
+        tensor-parallel parameters (their shards are tensors of their own, not views of the flat
+        buffer by which the backend tells units that share a graph apart)."""
+        params = tuple((p.full_shape, p.chunk_rows, p.offset) for p in self.layout.params)
+        flat = None if self.local_flat is None else (self.local_flat.dtype, self.local_flat.device)
+        return (
+            self.name == "", params, self.layout.world_size, self.layout.replicated,
+            tuple(tuple(s) for s in self.orig_shapes), self.strategy, self.spec, flat, self.compute_device,
+            self.id if any(s is not None for s in self.tp_specs) else None,
+        )
 
     def full_shape(self, index: int) -> torch.Size:
         return self.orig_shapes[index]

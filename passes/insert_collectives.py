@@ -7,6 +7,11 @@ Before (one marker per read of an original parameter; ``shards`` are all of the 
     b1 = fsdp_compile.param_use([s0, s1, s2], None, unit=3, index=1, mode=SYNC)
     w1_again = fsdp_compile.param_use([s0, s1, s2], None, unit=3, index=0, mode=SYNC)
 
+A marker names its unit by the unit's *template* (the first unit with the same layout, see
+``FSDPState.assign_templates``), so that identical blocks compiled one at a time trace the same
+graph; two units in one graph are told apart by their shard inputs, and ``resolve`` (given the
+template and the shard nodes) names the unit the graph was traced with.
+
 After (the gather sits where the unit's first marker was; repeated reads share one result)::
 
     full = fsdp_compile.ops.gather_unit(3, GradMode.SYNC, None, s0, s1, s2)
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.fx
@@ -43,15 +49,25 @@ def is_param_use(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.ops.fsdp_compile.param_use.default
 
 
-def insert_collectives(gm: torch.fx.GraphModule) -> list[UnitGather]:
-    """Rewrite ``gm`` in place; return the inserted gathers in program order."""
+def insert_collectives(
+    gm: torch.fx.GraphModule, resolve: Optional[Callable[[int, tuple], int]] = None
+) -> list[UnitGather]:
+    """Rewrite ``gm`` in place; return the inserted gathers in program order. ``resolve(template,
+    shard_nodes)`` gives the unit id for a group of markers (default: the template)."""
     graph = gm.graph
-    markers: dict[int, list[torch.fx.Node]] = {}
+    markers: dict[tuple, list[torch.fx.Node]] = {}
     for node in graph.nodes:
         if is_param_use(node):
-            markers.setdefault(node.args[2], []).append(node)
+            markers.setdefault((node.args[2], tuple(node.args[0])), []).append(node)
     inserted = []
-    for unit_id, nodes in markers.items():
+    seen: dict[int, tuple] = {}
+    for (template, shard_nodes), nodes in markers.items():
+        unit_id = template if resolve is None else resolve(template, shard_nodes)
+        if seen.setdefault(unit_id, shard_nodes) != shard_nodes:
+            raise RuntimeError(
+                f"fsdp_compile: two different shard lists of unit {unit_id} in one graph; "
+                "cannot tell which unit each gather belongs to"
+            )
         first = nodes[0]
         shards, extra, _, _, marked_mode = first.args
         mode = GradMode(marked_mode)
