@@ -307,7 +307,8 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
     this_graph = 0  # graph_id of the schedules, computed at the first call (they exist by then)
 
     def check_backward(grad_outputs):
-        state.check_lockstep(Phase.BACKWARD, "a compiled backward", this_graph)
+        units_read = state.graph_names.get(this_graph) or "none"
+        state.check_lockstep(Phase.BACKWARD, f"the compiled backward of units {units_read}", this_graph)
 
     @functools.wraps(compiled)
     def run(*args):

@@ -147,13 +147,15 @@ class FSDPState:
             if torch.compiler.is_compiling():
                 mode, extra = self.grad_mode(unit)
                 shards = self._traced_shards(unit)
-                # ``unit.template``, not ``unit.id``: the id is a constant Dynamo guards on, and
-                # identical blocks compiled one by one share one graph only if it is the same;
-                # passes/insert_collectives tells units apart by their shard inputs.
                 if self.traced_shards is not None:
-                    # The root's forward is traced in this graph: reads may sit inside a
-                    # checkpointed region, whose body may not mutate ``unit`` (Dynamo refuses).
-                    return unit.wrap_full(index, ops.param_use(shards, extra, unit.template, index, int(mode)))
+                    # The root's forward is traced in this graph (one graph for the model): the
+                    # marker names the unit itself. Reads may sit inside a checkpointed region,
+                    # whose body may not mutate ``unit`` (Dynamo refuses), so nothing is kept.
+                    return unit.wrap_full(index, ops.param_use(shards, extra, unit.id, index, int(mode)))
+                # A region compiled inside an eager forward (per-block compile): ``unit.template``,
+                # not ``unit.id``, which is a constant Dynamo guards on; identical blocks share
+                # one graph only if it is the same. passes/insert_collectives tells their units
+                # apart by their shard inputs.
                 unit.full = [
                     ops.param_use(shards, extra, unit.template, i, int(mode)) for i in range(len(shards))
                 ]

@@ -7,10 +7,11 @@ Before (one marker per read of an original parameter; ``shards`` are all of the 
     b1 = fsdp_compile.param_use([s0, s1, s2], None, unit=3, index=1, mode=SYNC)
     w1_again = fsdp_compile.param_use([s0, s1, s2], None, unit=3, index=0, mode=SYNC)
 
-A marker names its unit by the unit's *template* (the first unit with the same layout, see
-``FSDPState.assign_templates``), so that identical blocks compiled one at a time trace the same
-graph; two units in one graph are told apart by their shard inputs, and ``resolve`` (given the
-template and the shard nodes) names the unit the graph was traced with.
+A marker names its unit by id in a whole-model trace, and by the unit's *template* (the first
+unit with the same layout, see ``FSDPState.assign_templates``) in a region compiled inside an
+eager forward, so that identical blocks compiled one at a time trace the same graph; two units
+in one graph are told apart by their shard inputs, and ``resolve`` (given the named id and the
+shard nodes) names the unit the graph was traced with.
 
 After (the gather sits where the unit's first marker was; repeated reads share one result)::
 

@@ -331,30 +331,31 @@ def test_fsdp_over_tp_trains_like_one_process_on_the_global_batch_eager_and_comp
                 assert got["same_object"], what
 
 
-def test_sequence_parallel_trains_like_one_process_eager_and_compiled(world4_results, ref):
-    ref_losses, ref_norms, ref_params = ref["clipped"]
+def _assert_case_matches(world4_results, reference, case: str, label: str) -> list[dict]:
+    """Every rank's run of ``case``, eager and compiled, equals ``reference`` (losses of its dp
+    rank's batch, clipped norms, final parameters); returns those runs."""
+    ref_losses, ref_norms, ref_params = reference
+    runs = []
     for rank, result in enumerate(world4_results):
         out = case_result(result["parity"])
         for mode in MODES:
-            got = out[("sequence_parallel", mode)]
-            what = f"rank {rank} sequence parallel {mode}"
+            got = out[(case, mode)]
+            what = f"rank {rank} {label} {mode}"
             assert_close(got["losses"], ref_losses[:, rank // TP], msg=lambda m: f"{what} losses: {m}")
             assert_close(got["norms"], ref_norms, msg=lambda m: f"{what} norms: {m}")
             _assert_params(got["params"], ref_params, what)
-            assert got["placements"]["blocks.0.norm1.weight"] == "(Shard(dim=0), Replicate())", what
+            runs.append(got)
+    return runs
+
+
+def test_sequence_parallel_trains_like_one_process_eager_and_compiled(world4_results, ref):
+    for got in _assert_case_matches(world4_results, ref["clipped"], "sequence_parallel", "sequence parallel"):
+        assert got["placements"]["blocks.0.norm1.weight"] == "(Shard(dim=0), Replicate())"
 
 
 def test_no_sync_and_activation_checkpointing_with_tp_train_like_one_process(world4_results, ref):
     """no_sync micro-batches from step 1 on and every block checkpointed, eager and compiled."""
-    ref_losses, ref_norms, ref_params = ref["accumulated"]
-    for rank, result in enumerate(world4_results):
-        out = case_result(result["parity"])
-        for mode in MODES:
-            got = out[("no_sync_checkpointed", mode)]
-            what = f"rank {rank} no_sync + checkpointing {mode}"
-            assert_close(got["losses"], ref_losses[:, rank // TP], msg=lambda m: f"{what} losses: {m}")
-            assert_close(got["norms"], ref_norms, msg=lambda m: f"{what} norms: {m}")
-            _assert_params(got["params"], ref_params, what)
+    _assert_case_matches(world4_results, ref["accumulated"], "no_sync_checkpointed", "no_sync + checkpointing")
 
 
 def test_fsdp_over_tp_equals_torch_fsdp2_with_the_same_plan(world4_results, ref):
