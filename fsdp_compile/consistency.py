@@ -86,7 +86,14 @@ class StartingValues:
         self._sums: list[torch.Tensor] = []
 
     def show(self, what: str, name: str, tensor: torch.Tensor) -> None:
-        """``what`` ("parameter" / "buffer") ``name``'s full value, before it is sharded."""
+        """``what`` ("parameter" / "buffer") ``name``'s full value, before it is sharded. A
+        ``DTensor`` (a tensor-parallel parameter) is neither broadcast nor checked: its local
+        tensor legitimately differs across the ranks of its TP mesh, and torch's TP plan placed
+        it (``distribute_tensor``)."""
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            return
         if self.sync:
             with torch.no_grad():
                 dist.broadcast(tensor.detach(), src=dist.get_global_rank(self.group, 0), group=self.group)

@@ -56,7 +56,7 @@ def test_fully_shard_and_the_backend_log_what_they_did(fake_world2, caplog):
         (api, DEBUG, "fully_shard: unit '<root>': 2 params, FULL_SHARD, world 2, 5 of 10 elements on this rank"),
         (api, DEBUG, "fully_shard: unit '0': 2 params, FULL_SHARD, world 2, 10 of 20 elements on this rank"),
         (api, DEBUG, "fully_shard: unit '2': 2 params, FULL_SHARD, world 2, 10 of 20 elements on this rank"),
-        (api, DEBUG, "fully_shard: the units are the same on all 2 ranks"),
+        (api, DEBUG, "fully_shard: the units and starting values are the same on all 2 ranks"),
         (comp, DEBUG, "hoist_markers: 0 parameter reads lifted out of checkpointed regions"),
         (comp, DEBUG, "insert_collectives: 3 gathers, units ['0', '2', '<root>']"),
         (comp, DEBUG, "keep_root_gathered: the root unit stays gathered from forward to backward"),
