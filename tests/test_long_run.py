@@ -19,6 +19,9 @@ from fsdp_compile.testing.gpt import GPT, Block, gpt_batch
 from fsdp_compile.testing.loop import train_steps
 from fsdp_compile.testing.spawn import run_ranks
 
+# five 1,000-step runs on 2 ranks in one module fixture: longer than the suite-wide 600 s timeout
+pytestmark = pytest.mark.timeout(2400)
+
 STEPS, EVERY = 1000, 100
 # Loss difference allowed at a checked step, and parameter difference (max abs) at the end,
 # against DDP. Eager and aot_eager reproduce DDP bit for bit over 1,000 steps.
