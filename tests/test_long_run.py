@@ -26,11 +26,6 @@ STEPS, EVERY = 1000, 100
 # Loss difference allowed at a checked step, and parameter difference (max abs) at the end,
 # against DDP. Eager and aot_eager reproduce DDP bit for bit over 1,000 steps.
 EXACT = {"loss": 0.0, "param": 0.0}
-# Inductor against DDP: the rounding of its fused float32 kernels, carried through 1,000 Adam
-# steps, grows (0 to 5e-7 up to step 600, then 3e-3 to 1.1e-2 on a loss near ln(96) = 4.56).
-# The bounds leave room for that drift; a missing or doubled reduction moves parameters by
-# O(lr * steps) = O(1) and the loss by far more.
-
 NAMES = ("ddp", "eager", "compiled", "compiled_no_overlap", "inductor")
 
 
