@@ -21,6 +21,7 @@ from an earlier checkout interleaved with this one (``measure.prepare_baseline``
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import os
 import statistics
@@ -56,11 +57,19 @@ def _ratios_vs_ddp_compile(by_round: list[dict[str, dict]], results: list[dict])
             r["max_loss_diff_vs_ddp"] = max(abs(a - b) for a, b in zip(r["losses"], ddp["losses"]))
 
 
+def _model_name(text: str) -> str:
+    """argparse type of ``--model``: a named model or an ``L<layers>xD<dim>`` GPT."""
+    if text in systems.MODELS or re.fullmatch(r"L[1-9][0-9]*xD[1-9][0-9]*", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: choose {', '.join(systems.MODELS)} or L<layers>xD<dim>")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="systems:\n" + systems.describe())
-    ap.add_argument("--model", choices=systems.MODELS, default="readme")
+    ap.add_argument("--model", type=_model_name, default="readme",
+                    help=f"{' | '.join(systems.MODELS)} | L<layers>xD<dim> (e.g. L16xD256)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (A B C A B C ...)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="3 steps (a smoke run)")

@@ -133,6 +133,24 @@ def _fsdp_compile(reduce_scatter: str = "", **backend_options) -> Builder:
     return build
 
 
+def _per_block(wrap: Builder, backend: str = "inductor") -> Builder:
+    """torchtitan's ``apply_compile``: every Block compiled on its own (``fullgraph=True``) before
+    the data-parallel wrapper ``wrap`` is applied; the embedding and the head run eagerly."""
+
+    def build(model, world, cfg):
+        if backend == "fsdp_compile":
+            import fsdp_compile
+
+            compile_backend = fsdp_compile.backend()
+        else:
+            compile_backend = backend
+        for block in model.blocks:
+            block.compile(backend=compile_backend, fullgraph=True)
+        return wrap(model, world, cfg)
+
+    return build
+
+
 _INDUCTOR_OVERLAP = {
     "reorder_for_compute_comm_overlap": True,
     "reorder_for_compute_comm_overlap_passes": [  # Inductor config.py's recommended list
@@ -159,9 +177,17 @@ SYSTEMS: dict[str, System] = {
         "torchtitan SimpleFSDP data_parallel(mode='fully_shard') on a CPU mesh, then torch.compile "
         "(inductor); skipped with the reason when torchtitan is missing or fails on this model",
         compiled=True, optional=True),
+    "ddp_per_block": System(_per_block(_ddp), "DDP over Blocks each compiled on their own (inductor, fullgraph)",
+                            compiled=True),
+    "fsdp2_per_block": System(_per_block(_fsdp2), "FSDP2 over Blocks each compiled on their own (inductor, "
+                              "fullgraph), torchtitan's order: compile, then fully_shard", compiled=True),
     "fsdp_compile_eager": System(_fsdp_compile_eager, "fsdp_compile.fully_shard(model, policy={Block})"),
     "fsdp_compile": System(_fsdp_compile(), "the same, then torch.compile(model, backend='fsdp_compile')",
                            compiled=True, breakdown=True),
+    "fsdp_compile_per_block": System(
+        _per_block(_fsdp_compile_eager, backend="fsdp_compile"),
+        "each Block compiled on its own with backend='fsdp_compile' (fullgraph), then fully_shard; the "
+        "embedding and head eager", compiled=True),
     "fsdp_compile_prefetch0": _variant("backend(prefetch=0): no all-gather prefetch", prefetch=0),
     "fsdp_compile_prefetch2": _variant("backend(prefetch=2): two gathers ahead", prefetch=2),
     "fsdp_compile_bucket1mb": _variant("backend(bucket_bytes=1 MiB): units bucketed", bucket_bytes=1 << 20),

@@ -141,3 +141,37 @@ def test_the_native_reduce_scatter_lever_sets_every_unit_and_rejects_other_kinds
     assert [u.spec.reduce_scatter for u in fsdp_compile.sharding_info(model).units] == ["all_to_all"] * 2
     with pytest.raises(ValueError, match="kind must be one of"):
         set_reduce_scatter(model, "ring")
+
+
+def test_compile_forms_table_compares_each_form_with_ddp_compiled_the_same_way():
+    import compile_forms
+    import systems
+
+    assert set(compile_forms.SYSTEMS) <= set(systems.SYSTEMS)
+    point = lambda system, ms, graphs=1: {  # noqa: E731
+        "system": system, "layers": 4, "status": "ok", "first_step_s": 12.0, "median_step_ms": ms,
+        "graphs": graphs, "final_loss": 1.0, "reason": None}
+    text = compile_forms.table([
+        point("ddp_compile", 10.0), point("ddp_per_block", 20.0), point("fsdp_compile", 25.0, graphs=2),
+        point("fsdp_compile_per_block", 30.0),
+        {"system": "fsdp2_per_block", "layers": 4, "status": "failed", "first_step_s": None,
+         "median_step_ms": None, "graphs": None, "final_loss": None, "reason": "boom"},
+    ]).splitlines()
+    cells = lambda line: [c.strip() for c in line.split("|")[1:-1]]  # noqa: E731
+    assert cells(text[4]) == ["fsdp_compile", "4", "12.0", "25.0", "2", "2.50"]  # over ddp_compile
+    assert cells(text[5]) == ["fsdp_compile_per_block", "4", "12.0", "30.0", "1", "1.50"]  # over ddp_per_block
+    assert cells(text[6]) == ["fsdp2_per_block", "4", "failed", "boom", "-", "-"]
+
+
+def test_step_cli_takes_a_layers_by_dim_gpt_and_rejects_other_model_names():
+    import step
+
+    assert step._model_name("L16xD256") == "L16xD256"
+    assert step._model_name("8x512") == "8x512"
+    for bad in ("L0xD256", "16x256", "llama"):
+        try:
+            step._model_name(bad)
+        except Exception as e:  # argparse.ArgumentTypeError
+            assert bad in str(e)
+        else:
+            raise AssertionError(f"{bad!r} accepted")
