@@ -215,7 +215,8 @@ def decorator_and_explain_run(rank: int, world: int) -> dict:
         "plain_names": [n for n, _ in ddp.module.named_parameters()],
         "explain": fsdp_compile.explain(compiled),
     }
-    from fsdp_compile.passes.schedule_check import Collective, verify_schedule_across_ranks
+    from fsdp_compile.consistency import verify_schedule_across_ranks
+    from fsdp_compile.passes.schedule_check import Collective
 
     mine = [Collective("all_gather_into_tensor", 64 * (rank + 1), "float32")]
     try:
