@@ -71,7 +71,7 @@ def fully_shard(
 
     ``check_ranks`` (default on): before each forward, ``summon_full_params``, the full state
     dicts and ``clip_grad_norm_`` (whose norm rides in the same exchange), the ranks exchange
-    four integers (one tiny all-gather) and all raise a clear error if they are out of step
+    five integers (one tiny all-gather) and all raise a clear error if they are out of step
     (``FSDPState.check_lockstep``) instead of hanging on mismatched collectives. And here,
     once: every rank must start from the same parameters and buffers (a bitwise checksum of
     each, compared in the one collective that compares the units), else every rank raises,

@@ -24,6 +24,7 @@ No pass reads or writes state per step: the only per-call work is clearing a uni
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -63,7 +64,6 @@ class CompiledGraphs:
     schedules: dict[str, list[Collective]] = field(default_factory=dict)
     joint_schedule: Optional[list[Collective]] = None  # forward then backward, before partitioning
     buckets: list[list[int]] = field(default_factory=list)  # unit ids merged per gather
-    bucket_units: list = field(default_factory=list)  # keeps bucket Units alive (weak registry)
     # units whose strategy reshards after forward but that stay gathered into backward here
     kept_gathered: list[str] = field(default_factory=list)
 
@@ -115,7 +115,8 @@ class FSDPBackend:
 
             def make_bucket(unit_ids: list[int]) -> int:
                 bucket = Unit.bucket([units[i] for i in unit_ids])
-                record.bucket_units.append(bucket)
+                # owned by the model's state (the registry is weak): freed with the model
+                _state_of(units[unit_ids[0]]).bucket_units.append(bucket)
                 units[bucket.id] = bucket
                 return bucket.id
 
@@ -273,13 +274,21 @@ def _collective_state(units: dict):
     return next((_state_of(u) for u in units.values() if u.spec.communicates or u.spec.replicates), None)
 
 
+def _weak_state(units: dict) -> Callable[[], object]:
+    """``_collective_state(units)``, held weakly: what a compiled graph's call wrappers keep.
+    Dynamo's code cache keeps compiled graphs after their model is gone (until
+    ``torch._dynamo.reset()``); through these wrappers it must not keep the model."""
+    state = _collective_state(units)
+    return (lambda: None) if state is None else weakref.ref(state)
+
+
 def _guard_backward(record: CompiledGraphs, units: dict) -> Callable[[Callable], Callable]:
     """Wraps a compiled backward's boxed call (which the autograd engine runs): a collective
     failure becomes a ``CollectiveError`` naming the graph's units, and any error abandons this
     rank's collectives (``FSDPState.abandon``) so that the other ranks stop at once. The
     engine re-raises it from the user's ``backward()`` as it is."""
     names = ", ".join(repr(units[g.unit_id].name or "<root>") for g in record.gathers)
-    state = _collective_state(units)
+    state_of = _weak_state(units)
 
     def guard(compiled_backward: Callable) -> Callable:
         def run(args):
@@ -287,6 +296,7 @@ def _guard_backward(record: CompiledGraphs, units: dict) -> Callable[[Callable],
                 return compiled_backward(args)
             except Exception as error:
                 failure = named_failure(f"the compiled backward of units {names}", error)
+                state = state_of()
                 if state is not None:
                     state.abandon("compiled backward", failure)
                 if failure is error:
@@ -309,13 +319,18 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
     backward). One graph may serve several units (identical blocks compiled one by one):
     what a call consumed is found among its inputs, not from the units it was traced for."""
     has_pending = any(g.mode == ops.GradMode.SYNC_PENDING for g in record.gathers)
-    state = _collective_state(units)
+    state_of = _weak_state(units)  # the model, its state and this record die together
+    record_of = weakref.ref(record)
+    names = ", ".join(repr(units[g.unit_id].name or "<root>") for g in record.gathers if g.unit_id in units)
     checked = False
     this_graph = 0  # graph_id of the schedules, computed at the first call (they exist by then)
     shard_inputs: Optional[list[int]] = None  # which inputs are units' shards (consistency.call_units)
 
     def check_backward(units_key: int):
         def hook(grad_outputs):
+            state = state_of()
+            if state is None:
+                return
             units_read = state.call_names.get(units_key) or state.graph_names.get(this_graph) or "none"
             state.check_lockstep(Phase.BACKWARD, f"the compiled backward of units {units_read}", this_graph, units=units_key)
 
@@ -324,6 +339,7 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
     @functools.wraps(compiled)
     def run(*args):
         nonlocal checked, this_graph, shard_inputs
+        state, record = state_of(), record_of()
         first_call = not checked
         inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
         units_key = 0
@@ -331,13 +347,11 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
             if not this_graph:
                 collectives = (record.schedules.get("forward") or []) + (record.joint_schedule or [])
                 this_graph = graph_id([c.fingerprint for c in collectives])
-                state.graph_names[this_graph] = ", ".join(
-                    repr(units[g.unit_id].name or "<root>") for g in record.gathers if g.unit_id in units
-                )
+                state.graph_names[this_graph] = names
             if state.check_ranks:  # which units this call gathers (a shared graph serves several)
                 units_key, shard_inputs = call_units(state, inputs, shard_inputs)
             first_call = state.check_lockstep(Phase.FORWARD, "a compiled forward", this_graph, first_call, units_key)
-        if first_call and group is not None:
+        if first_call and group is not None and record is not None:
             # The joint graph holds the backward's collectives too: a rank whose backward
             # differs (e.g. it froze a unit) fails here, before the backward could hang on a
             # collective the others never issue.
@@ -361,7 +375,7 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
         if has_pending:
             for rt in state.runtime.values() if state is not None else ():
                 rt.drop_pending_taken(taken)
-        if state is not None and record.joint_schedule and state.check_ranks and torch.is_grad_enabled():
+        if state is not None and record is not None and record.joint_schedule and state.check_ranks and torch.is_grad_enabled():
             node = next((t.grad_fn for t in out if isinstance(t, torch.Tensor) and t.grad_fn is not None), None)
             if node is not None:
                 node.register_prehook(check_backward(units_key))

@@ -14,6 +14,7 @@ State dicts read ``_parameters``, so they see shards; ``_save_to_state_dict`` /
 """
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -26,7 +27,9 @@ from .tensor_parallel import is_dtensor
 if TYPE_CHECKING:
     from .unit import Unit
 
-_SWAPPED: dict[tuple[type, frozenset[str]], type] = {}
+# (class, sharded attribute names) -> its swapped subclass, shared by every module of that kind (so
+# Dynamo sees one class for identical blocks); weak: a class goes with its last sharded module.
+_SWAPPED: "weakref.WeakValueDictionary[tuple[type, frozenset[str]], type]" = weakref.WeakValueDictionary()
 _ACCESSORS = "_fsdp_accessors"
 _TREE_STATE = "_fsdp_tree_state"
 
@@ -135,7 +138,8 @@ def _to_empty(self, *, device, recurse: bool = True):
 
 def _swapped_class(base: type, names: frozenset[str]) -> type:
     key = (base, names)
-    if key not in _SWAPPED:
+    swapped = _SWAPPED.get(key)
+    if swapped is None:
         attrs = {name: _make_property(name) for name in sorted(names)}
         attrs["named_parameters"] = _named_parameters
         attrs["_apply"] = _apply
@@ -145,8 +149,8 @@ def _swapped_class(base: type, names: frozenset[str]) -> type:
         attrs["_load_from_state_dict"] = _load_from_state_dict
         attrs["_fsdp_base_class"] = base
         attrs["__module__"] = base.__module__
-        _SWAPPED[key] = type(f"Sharded{base.__name__}", (base,), attrs)
-    return _SWAPPED[key]
+        swapped = _SWAPPED[key] = type(f"Sharded{base.__name__}", (base,), attrs)
+    return swapped
 
 
 def _swap(module: nn.Module) -> None:

@@ -86,6 +86,7 @@ class FSDPState:
         self.groups: Optional[Groups] = None  # the process groups of every unit (mesh.py)
         self.fqn_to_param: dict = {}  # every registered name -> (unit, index)
         self.compiled_graphs: list = []  # backend.CompiledGraphs, one per compiled Dynamo graph
+        self.bucket_units: list[Unit] = []  # the bucket units its compiled graphs gather by (registry is weak)
         self.device_meshes: dict = {}  # device type -> (DeviceMesh, placements) of state dicts
         self.check_ranks = True  # fully_shard(check_ranks=): one tiny all-gather per forward
         self.materializing: Optional[torch.device] = None  # the device, during meta-device init

@@ -180,7 +180,7 @@ OUT_OF_STEP = [(odd, c) for odd in ("no_sync", "summon_full_params", "skipped un
 @pytest.mark.parametrize("odd_one,compiled", OUT_OF_STEP, ids=[f"{o.replace(' ', '_')}-{'compiled' if c else 'eager'}" for o, c in OUT_OF_STEP])
 def test_ranks_out_of_step_all_raise_naming_what_differs(odd_one, compiled):
     """One rank in ``no_sync`` or ``summon_full_params`` while the other is not, or a rank whose
-    forward skips a unit: the lockstep check (four integers, one all-gather, before each forward
+    forward skips a unit: the lockstep check (five integers, one all-gather, before each forward
     and, eagerly, before each unit's forward all-gather) makes every rank raise within seconds, naming
     both sides, before any collective mismatches (compiled ranks on different graphs compare
     the graphs' schedules, which names the collectives). Without it the skipped unit is the worst case:
