@@ -11,15 +11,17 @@ gather's :class:`~fsdp_compile.ops.GradMode`.
 Each unit's runtime state is a ``UnitRuntime`` (unit_runtime.py) in ``FSDPState.runtime``: the
 decisions are here, the checked transitions there. Eagerly: SHARDED -> gathered for its forward
 at the first read in its module's forward (``rt.full``) -> SHARDED after that forward
-(``reshard``); FULL_SHARD units are re-gathered on demand in backward (``UnitRuntime.regathered_for_backward``,
-through saved-tensor hooks that replace saved full parameters by tokens) and freed by their
-reduce (``UnitRuntime.after_backward_use``). Under ``torch.compile`` the hooks only flip flags.
+(``reshard``); FULL_SHARD units are re-gathered on demand in backward
+(``UnitRuntime.regathered_for_backward``, through saved-tensor hooks that replace saved full
+parameters by tokens) and freed by their reduce (``UnitRuntime.after_backward_use``). Under
+``torch.compile`` the hooks only flip flags.
 
 ``check_lockstep``: before each forward, ``summon_full_params``, the full state dicts,
-``clip_grad_norm_`` and (eagerly) each unit's all-gather the ranks exchange a few integers and all
-raise when they are out of step, instead of issuing mismatched collectives (the check itself
-is ``consistency.check_lockstep``; ARCHITECTURE.md, "Ranks in lockstep"). ``abandon``: a compiled graph that raised between collectives tells the
-other ranks and closes this rank's connections, so they fail at once instead of waiting.
+``clip_grad_norm_`` and (eagerly) each unit's all-gather the ranks exchange a few integers and
+all raise when they are out of step, instead of issuing mismatched collectives (the check
+itself is ``consistency.check_lockstep``; ARCHITECTURE.md, "Ranks in lockstep"). ``abandon``: a
+compiled graph that raised between collectives tells the other ranks and closes this rank's
+connections, so they fail at once instead of waiting.
 """
 from __future__ import annotations
 
@@ -31,8 +33,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
-from . import ops
-from . import consistency
+from . import consistency, ops
 from .consistency import Phase
 from .failures import first_line, report_failure
 from .gloo_worker import abandon_twin

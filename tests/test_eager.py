@@ -354,6 +354,33 @@ def test_the_global_optimizer_hook_lives_exactly_while_a_sharded_model_does():
         assert out == {"before": 0, "two models": 1, "dtensor state": True, "one model": 1, "no model": 0}, out
 
 
+def test_unit_runtime_transitions_are_checked_and_sharding_info_reports_them():
+    """A unit's runtime record (``UnitRuntime``, owned by the model's ``FSDPState``) refuses an
+    illegal change with an internal error naming the unit and what it holds; during a forward
+    ``sharding_info`` lists the gathered units, afterwards none (in process, world size 1)."""
+    from fsdp_compile.unit_runtime import Gathered, UnitStateError
+
+    model = fully_shard(_seeded(GPT, ODD), policy={Block})
+    state = fsdp_compile.api.root_state(model)
+    rt = state.runtime[state.units[1].id]
+    seen = {}
+    model.blocks[0].register_forward_pre_hook(lambda *_: seen.setdefault("before", sharding_info(model).gathered) and None)
+    model.blocks[0].fc2.register_forward_hook(lambda *_: seen.setdefault("inside", sharding_info(model).gathered) and None)
+    model(*gpt_batch(0, 0, ODD)).backward()
+    assert seen == {"before": ("",), "inside": ("", "blocks.0")} and sharding_info(model).gathered == ()
+    assert rt.held == () and "SHARDED" in repr(rt)
+    fulls = rt.regathered_for_backward()
+    assert rt.held == (Gathered.BACKWARD,) and rt.regathered_for_backward() is fulls
+    rt.gathered_for_recompute(fulls)
+    with pytest.raises(UnitStateError, match=r"unit 'blocks.0' cannot be gathered for a recompute again while it is regathered for backward, gathered for a recompute"):
+        rt.gathered_for_recompute(fulls)
+    rt.after_backward_use()
+    rt.gathered_for_forward(fulls)
+    with pytest.raises(UnitStateError, match="internal error"):
+        rt.gathered_for_forward(fulls)
+    assert rt.resharded() and not rt.resharded() and rt.held == ()
+
+
 # ---- 4. errors (in process: no process group needed) ----------------------------------------------
 def test_error_sharding_twice():
     model = fully_shard(GPT(ODD), policy={Block})
