@@ -299,18 +299,26 @@ def call_units(state, inputs: Sequence, indices: Optional[list[int]]) -> tuple[i
     places when identical blocks share it. The names of each key's units are kept in
     ``state.call_names`` for error messages. (A tensor-parallel unit's shards have storage of
     their own and are not seen.)"""
-    flats = {u.local_flat.untyped_storage().data_ptr(): i for i, u in enumerate(state.units) if u.local_flat is not None}
-    if indices is None:
-        indices = [
-            i for i, a in enumerate(inputs)
-            if isinstance(a, torch.Tensor) and not a.is_meta and a.untyped_storage().data_ptr() in flats
-        ]
+    flats = state.flat_positions
+    if flats is None:  # rebuilt after the flat buffers move (params._apply)
+        flats = state.flat_positions = {
+            u.local_flat.untyped_storage().data_ptr(): i for i, u in enumerate(state.units) if u.local_flat is not None
+        }
+    if indices is None:  # the first input of each unit's (a unit's shards stay together)
+        first: dict[int, int] = {}
+        for i, a in enumerate(inputs):
+            if isinstance(a, torch.Tensor) and not a.is_meta:
+                position = flats.get(a.untyped_storage().data_ptr())
+                if position is not None:
+                    first.setdefault(position, i)
+        indices = list(first.values())
     found = (flats.get(inputs[i].untyped_storage().data_ptr()) for i in indices)
-    positions = list(dict.fromkeys(p for p in found if p is not None))
+    positions = tuple(dict.fromkeys(p for p in found if p is not None))
     if not positions:
         return 0, indices
-    key = graph_id(tuple(positions))
-    if key not in state.call_names:
+    key = state.call_keys.get(positions)
+    if key is None:
+        key = state.call_keys[positions] = graph_id(positions)
         state.call_names[key] = ", ".join(repr(state.units[i].name or "<root>") for i in positions)
     return key, indices
 

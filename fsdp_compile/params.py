@@ -83,6 +83,7 @@ def _apply(self, fn, recurse: bool = True):
     for unit in state.units:
         if unit.rebuild_flat():
             state.runtime[unit.id].after_rebuild(unit.local_flat.device)
+            state.flat_positions = None
     state.assign_templates()
     return self
 

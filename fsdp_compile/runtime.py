@@ -96,6 +96,8 @@ class FSDPState:
         self.abandoned: Optional[tuple[str, str]] = None
         self.graph_names: dict[int, str] = {}  # compiled graph id -> the units it gathers (errors)
         self.call_names: dict[int, str] = {}  # a compiled call's units key -> their names (errors)
+        self.call_keys: dict[tuple, int] = {}  # unit positions -> their key (consistency.call_units)
+        self.flat_positions: Optional[dict[int, int]] = None  # flat buffer storage -> unit position
         # state_dict.OptimizerHooks: the process-wide optimizer hook lives while some state holds it
         self.optimizer_hooks = None
         for unit in units:
