@@ -19,9 +19,8 @@ import torch.nn as nn
 
 from . import params as _params
 from .collectives import CommSpec, reduce_scatter_kind
-from .consistency import StartingValues, first_mismatch_across_ranks, values_of_every_rank
+from .consistency import StartingValues, check_same_tensors_before_broadcast, check_units_and_starting_values
 from .deferred_init import materialize_and_shard
-from .failures import naming_collective_failures
 from .state_dict import install_optimizer_hooks
 from .config import CPUOffload, MixedPrecision, ShardingStrategy
 from .layout import make_unit_layout
@@ -72,7 +71,7 @@ def fully_shard(
 
     ``check_ranks`` (default on): before each forward, ``summon_full_params``, the full state
     dicts and ``clip_grad_norm_`` (whose norm rides in the same exchange), the ranks exchange
-    four integers (one tiny all-gather) and all raise a clear error if they are out of step
+    five integers (one tiny all-gather) and all raise a clear error if they are out of step
     (``FSDPState.check_lockstep``) instead of hanging on mismatched collectives. And here,
     once: every rank must start from the same parameters and buffers (a bitwise checksum of
     each, compared in the one collective that compares the units), else every rank raises,
@@ -128,9 +127,8 @@ def fully_shard(
             unit_path, modules[unit_path], members, strategy, mixed_precision,
             groups, compute_device, state, deferred, cpu_offload,
         )
-        state.add_unit(unit)
         if unit_path:
-            modules[unit_path].__dict__[UNIT_OF_MODULE] = unit
+            modules[unit_path].__dict__[UNIT_OF_MODULE] = state.runtime[unit.id]
     if deferred:
         materialize_and_shard(module, state, compute_device, param_init_fn, starting)
     elif param_init_fn is not None:
@@ -152,7 +150,7 @@ def fully_shard(
     _register_shared_hooks(list(scope_modules.values()), state)  # the root, units and parameter holders
     state.assign_templates()
     module.__dict__["_fsdp_root_state"] = state
-    install_optimizer_hooks()
+    state.optimizer_hooks = install_optimizer_hooks(state)
     _log_units(module, state)
     for name, buf in module.named_buffers():
         starting.show("buffer", name, buf)
@@ -337,7 +335,8 @@ def _build_unit(path, module, members, strategy, mp, groups, compute_device, sta
         reduce_scatter_kind(groups.shard, torch.device(compute_device)),
     )
     holders = [[(m, attr) for _, m, _, attr in entries] for entries in members]
-    unit = Unit(path, module, holders, layout, [torch.Size(s) for s in shapes], strategy, spec, compute_device, state)
+    unit = Unit(path, module, holders, layout, [torch.Size(s) for s in shapes], strategy, spec, compute_device)
+    state.add_unit(unit)
     unit.tp_specs = tp_specs
     if deferred:  # a zero buffer now; deferred_init fills it module by module
         offload = cpu_offload is not None and cpu_offload.offload_params
@@ -378,46 +377,15 @@ def _holder_fqns(unit_holders, modules):
 
 
 def _check_same_tensors_before_broadcast(module, holders, group) -> None:
-    """``sync_module_states``: the ranks must hold the same tensors (names, shapes, dtypes)
-    before they broadcast them, or the broadcasts would pair different tensors."""
+    """``sync_module_states``: the ranks hold the same tensors before they broadcast them."""
     mine = [(_fqn(e[0][0], e[0][3]), tuple(e[0][2].shape), str(e[0][2].dtype)) for e in holders.values()]
     mine += [(name, tuple(b.shape), str(b.dtype)) for name, b in module.named_buffers()]
-    mismatch = first_mismatch_across_ranks(mine, group)
-    if mismatch is not None:
-        rank, theirs = mismatch
-        diff = next((f"{a} vs {b}" for a, b in zip(mine, theirs) if a != b), f"{len(mine)} tensors vs {len(theirs)}")
-        raise RuntimeError(
-            f"fully_shard(sync_module_states=True): this rank's parameters and buffers differ from "
-            f"rank {rank}'s ({diff}); every rank must build the same model"
-        )
+    check_same_tensors_before_broadcast(mine, group)
 
 
 def _check_same_on_all_ranks(state: FSDPState, group, starting: StartingValues) -> None:
-    """Every rank must build the same units and start from the same values: compare the units'
-    fingerprint and the tensors' checksums with every other rank's, in one collective."""
+    """Every rank must build the same units and start from the same values (consistency.py)."""
     if group is None or dist.get_world_size(group) <= 1:
         return
-    mine = [  # a TP parameter's global shape: its local one may differ between TP ranks
-        (u.name, u.strategy.name,
-         [(p.fqn, p.full_shape if s is None else tuple(s.shape)) for p, s in zip(u.layout.params, u.tp_specs)],
-         str(u.shard_dtype))
-        for u in state.units
-    ]
-    sums = starting.checksums()
-    with naming_collective_failures("fully_shard's comparison of the ranks' units"):
-        everyone = values_of_every_rank((mine, sums), group)
-    mismatch = next(((r, theirs) for r, (theirs, _) in enumerate(everyone) if theirs != mine), None)
-    if mismatch is not None:
-        rank, theirs = mismatch
-        diff = next(
-            (f"{a} vs {b}" for a, b in zip(mine, theirs) if a != b),
-            f"{len(mine)} units vs {len(theirs)}",
-        )
-        raise RuntimeError(
-            f"fully_shard: this rank's units differ from rank {rank}'s ({diff}); every rank "
-            "must build the same model and call fully_shard with the same arguments"
-        )
-    difference = starting.first_difference(sums, [theirs for _, theirs in everyone])
-    if difference is not None:
-        raise RuntimeError(difference)
+    check_units_and_starting_values(state.units, group, starting)
     log.debug("fully_shard: the units and starting values are the same on all %d ranks", dist.get_world_size(group))

@@ -14,7 +14,7 @@ Pipeline for one Dynamo graph:
    reduction overlap the next unit's backward.
 4. ``passes.schedule_check`` records the collective schedule of each graph; the first call of
    each compiled graph compares the forward's and the backward's fingerprints across ranks (a
-   clear error instead of a hang).
+   clear error instead of a hang; ``consistency.py`` holds every cross-rank check).
 5. The inner compiler (Inductor, or ``aot_eager`` for debugging) compiles both graphs; Inductor
    with ``INDUCTOR_DEFAULTS`` (its peak-memory reordering off: it would move our waits).
 
@@ -24,6 +24,7 @@ No pass reads or writes state per step: the only per-call work is clearing a uni
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -37,15 +38,16 @@ from fsdp_compile.passes.hoist_markers import hoist_markers
 from fsdp_compile.passes.insert_collectives import UnitGather, insert_collectives
 from fsdp_compile.passes.reorder import prefetch_all_gathers
 from fsdp_compile.passes.reshard import tag_reshard
-from fsdp_compile.passes.schedule_check import Collective, collective_schedule, verify_schedule_across_ranks
+from fsdp_compile.passes.schedule_check import Collective, collective_schedule
 
 from . import ops
 from .kernels.traced import LOWERINGS, lowering_for_trace
 from .config import ShardingStrategy
 from .failures import named_failure, naming_collective_failures
 from .log import get_logger
+from .params import tree_state
 from .registry import get_unit, live_units
-from .runtime import Phase, graph_id
+from .consistency import Phase, call_units, graph_id, verify_schedule_across_ranks
 from .unit import Unit
 
 log = get_logger("compiler")
@@ -62,7 +64,6 @@ class CompiledGraphs:
     schedules: dict[str, list[Collective]] = field(default_factory=dict)
     joint_schedule: Optional[list[Collective]] = None  # forward then backward, before partitioning
     buckets: list[list[int]] = field(default_factory=list)  # unit ids merged per gather
-    bucket_units: list = field(default_factory=list)  # keeps bucket Units alive (weak registry)
     # units whose strategy reshards after forward but that stay gathered into backward here
     kept_gathered: list[str] = field(default_factory=list)
 
@@ -114,16 +115,18 @@ class FSDPBackend:
 
             def make_bucket(unit_ids: list[int]) -> int:
                 bucket = Unit.bucket([units[i] for i in unit_ids])
-                record.bucket_units.append(bucket)
+                # owned by the model's state (the registry is weak): freed with the model
+                _state_of(units[unit_ids[0]]).bucket_units.append(bucket)
                 units[bucket.id] = bucket
                 return bucket.id
 
             record.buckets = bucket_gathers(gm, self.bucket_bytes, make_bucket)
             log.debug("bucketing (bucket_bytes=%d): %d buckets, units %s", self.bucket_bytes, len(record.buckets),
                       [[units[i].name or "<root>" for i in bucket] for bucket in record.buckets])
-        for state in {id(u.state): u.state for u in units.values()}.values():
+        states = {id(s): s for s in map(_state_of, units.values())}
+        for state in states.values():
             state.compiled_graphs.append(record)
-        state = next((u.state for u in units.values()), None)
+        state = next(iter(states.values()), None)
         # Every rank of the mesh compares schedules (both groups of a hybrid mesh); collectives
         # are named by their group's role, the same on every rank.
         group = state.groups.everyone if state is not None and state.groups is not None else None
@@ -261,9 +264,22 @@ def _compile_inner(
     return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=inductor_options or None)
 
 
+def _state_of(unit: Unit):
+    """The ``FSDPState`` of ``unit``'s model (a bucket's: its first member's)."""
+    return tree_state(unit.module)
+
+
 def _collective_state(units: dict):
     """The runtime state of a graph's communicating units (None when none communicates)."""
-    return next((u.state for u in units.values() if u.spec.communicates or u.spec.replicates), None)
+    return next((_state_of(u) for u in units.values() if u.spec.communicates or u.spec.replicates), None)
+
+
+def _weak_state(units: dict) -> Callable[[], object]:
+    """``_collective_state(units)``, held weakly: what a compiled graph's call wrappers keep.
+    Dynamo's code cache keeps compiled graphs after their model is gone (until
+    ``torch._dynamo.reset()``); through these wrappers it must not keep the model."""
+    state = _collective_state(units)
+    return (lambda: None) if state is None else weakref.ref(state)
 
 
 def _guard_backward(record: CompiledGraphs, units: dict) -> Callable[[Callable], Callable]:
@@ -272,7 +288,7 @@ def _guard_backward(record: CompiledGraphs, units: dict) -> Callable[[Callable],
     rank's collectives (``FSDPState.abandon``) so that the other ranks stop at once. The
     engine re-raises it from the user's ``backward()`` as it is."""
     names = ", ".join(repr(units[g.unit_id].name or "<root>") for g in record.gathers)
-    state = _collective_state(units)
+    state_of = _weak_state(units)
 
     def guard(compiled_backward: Callable) -> Callable:
         def run(args):
@@ -280,6 +296,7 @@ def _guard_backward(record: CompiledGraphs, units: dict) -> Callable[[Callable],
                 return compiled_backward(args)
             except Exception as error:
                 failure = named_failure(f"the compiled backward of units {names}", error)
+                state = state_of()
                 if state is not None:
                     state.abandon("compiled backward", failure)
                 if failure is error:
@@ -293,8 +310,8 @@ def _guard_backward(record: CompiledGraphs, units: dict) -> Callable[[Callable],
 
 
 def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -> Callable:
-    """Per call: the ranks' lockstep check (``FSDPState.check_lockstep``: same phase, same
-    gradient mode, same graph); when any rank runs its graph for the first time, every rank
+    """Per call: the ranks' lockstep check (``consistency.check_lockstep``: same phase, same
+    gradient mode, same graph, same units gathered); when any rank runs its graph for the first time, every rank
     compares its graph's forward and backward collective schedules; a pre-hook on the call's
     backward node checks again before its backward's collectives (a rank that called a graph
     more often than another meets the other's backward there, instead of hanging); after each
@@ -302,27 +319,39 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
     backward). One graph may serve several units (identical blocks compiled one by one):
     what a call consumed is found among its inputs, not from the units it was traced for."""
     has_pending = any(g.mode == ops.GradMode.SYNC_PENDING for g in record.gathers)
-    state = _collective_state(units)
+    state_of = _weak_state(units)  # the model, its state and this record die together
+    record_of = weakref.ref(record)
+    names = ", ".join(repr(units[g.unit_id].name or "<root>") for g in record.gathers if g.unit_id in units)
     checked = False
     this_graph = 0  # graph_id of the schedules, computed at the first call (they exist by then)
+    shard_inputs: Optional[list[int]] = None  # which inputs are units' shards (consistency.call_units)
 
-    def check_backward(grad_outputs):
-        units_read = state.graph_names.get(this_graph) or "none"
-        state.check_lockstep(Phase.BACKWARD, f"the compiled backward of units {units_read}", this_graph)
+    def check_backward(units_key: int):
+        def hook(grad_outputs):
+            state = state_of()
+            if state is None:
+                return
+            units_read = state.call_names.get(units_key) or state.graph_names.get(this_graph) or "none"
+            state.check_lockstep(Phase.BACKWARD, f"the compiled backward of units {units_read}", this_graph, units=units_key)
+
+        return hook
 
     @functools.wraps(compiled)
     def run(*args):
-        nonlocal checked, this_graph
+        nonlocal checked, this_graph, shard_inputs
+        state, record = state_of(), record_of()
         first_call = not checked
+        inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
+        units_key = 0
         if state is not None:
             if not this_graph:
                 collectives = (record.schedules.get("forward") or []) + (record.joint_schedule or [])
                 this_graph = graph_id([c.fingerprint for c in collectives])
-                state.graph_names[this_graph] = ", ".join(
-                    repr(units[g.unit_id].name or "<root>") for g in record.gathers if g.unit_id in units
-                )
-            first_call = state.check_lockstep(Phase.FORWARD, "a compiled forward", this_graph, first_call)
-        if first_call and group is not None:
+                state.graph_names[this_graph] = names
+            if state.check_ranks:  # which units this call gathers (a shared graph serves several)
+                units_key, shard_inputs = call_units(state, inputs, shard_inputs)
+            first_call = state.check_lockstep(Phase.FORWARD, "a compiled forward", this_graph, first_call, units_key)
+        if first_call and group is not None and record is not None:
             # The joint graph holds the backward's collectives too: a rank whose backward
             # differs (e.g. it froze a unit) fails here, before the backward could hang on a
             # collective the others never issue.
@@ -333,7 +362,6 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
             log.debug("schedule_check: the forward and joint collective schedules are the same on all %d ranks",
                       group.size())
             checked = True
-        inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
         taken = {id(a) for a in inputs if isinstance(a, torch.Tensor)} if has_pending else ()
         try:
             out = compiled(*args)
@@ -345,13 +373,12 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
                 raise
             raise failure from error
         if has_pending:
-            for unit in state.units if state is not None else ():
-                if unit.pending is not None and id(unit.pending) in taken:
-                    unit.pending = None
-        if state is not None and record.joint_schedule and state.check_ranks and torch.is_grad_enabled():
+            for rt in state.runtime.values() if state is not None else ():
+                rt.drop_pending_taken(taken)
+        if state is not None and record is not None and record.joint_schedule and state.check_ranks and torch.is_grad_enabled():
             node = next((t.grad_fn for t in out if isinstance(t, torch.Tensor) and t.grad_fn is not None), None)
             if node is not None:
-                node.register_prehook(check_backward)
+                node.register_prehook(check_backward(units_key))
         return out
 
     run._boxed_call = getattr(compiled, "_boxed_call", False)

@@ -39,9 +39,7 @@ def sharding_info(model: nn.Module) -> ShardingInfo:
         compiled_graphs=tuple(state.compiled_graphs),
         in_forward=state.in_forward,
         summoned=state.summoned is not None,
-        gathered=tuple(
-            u.name for u in state.units if u.full is not None or u.bw_full is not None or u.recompute_full is not None
-        ),
+        gathered=tuple(rt.unit.name for rt in state.runtime.values() if rt.held),
     )
 
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .api import root_state
 from .failures import naming_collective_failures
-from .runtime import Phase
+from .consistency import Phase
 from .tensor_parallel import local_of
 from .unit import Unit
 

@@ -24,7 +24,7 @@ import torch.fx.traceback
 from torch._subclasses.fake_tensor import is_fake
 
 from .log import warn_once
-from .registry import get_unit
+from .registry import get_unit, runtime_of
 
 
 class GradMode(enum.IntEnum):
@@ -32,7 +32,7 @@ class GradMode(enum.IntEnum):
 
     SYNC = 0  # reduce them now (one reduce-scatter / all-reduce)
     # no communication: the packed full gradients become the gradient of ``extra``, the unit's
-    # accumulator leaf, and wait in ``Unit.pending`` (``no_sync``)
+    # accumulator leaf, and wait in ``UnitRuntime.pending`` (``no_sync``)
     NO_SYNC = 1
     SYNC_PENDING = 2  # reduce the gradients plus ``extra`` (the pending packed gradients)
 
@@ -65,7 +65,9 @@ class _GatherUnit(torch.autograd.Function):
     def _backward(ctx, full_grads):
         unit = get_unit(ctx.unit_id)
         none_for_shards = [None] * len(full_grads)
-        unit.after_backward_use()
+        runtime = runtime_of(ctx.unit_id)
+        if runtime is not None:  # eagerly: drop what backward gathered (regather, recompute)
+            runtime.after_backward_use()
         if all(g is None for g in full_grads):
             return (None, None, None, *none_for_shards)
         if ctx.mode == GradMode.NO_SYNC:

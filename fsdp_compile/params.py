@@ -14,6 +14,7 @@ State dicts read ``_parameters``, so they see shards; ``_save_to_state_dict`` /
 """
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -26,7 +27,9 @@ from .tensor_parallel import is_dtensor
 if TYPE_CHECKING:
     from .unit import Unit
 
-_SWAPPED: dict[tuple[type, frozenset[str]], type] = {}
+# (class, sharded attribute names) -> its swapped subclass, shared by every module of that kind (so
+# Dynamo sees one class for identical blocks); weak: a class goes with its last sharded module.
+_SWAPPED: "weakref.WeakValueDictionary[tuple[type, frozenset[str]], type]" = weakref.WeakValueDictionary()
 _ACCESSORS = "_fsdp_accessors"
 _TREE_STATE = "_fsdp_tree_state"
 
@@ -37,8 +40,8 @@ def _make_property(name: str) -> property:
         entry = self.__dict__[_ACCESSORS].get(name)
         if entry is None:
             return param
-        unit, index = entry
-        return unit.state.read(unit, index, param)
+        unit, index, runtime = entry
+        return self.__dict__[_TREE_STATE].read(runtime, index, param)
 
     def fset(self, value):
         nn.Module.__setattr__(self, name, value)
@@ -78,14 +81,16 @@ def _apply(self, fn, recurse: bool = True):
     finally:
         state.applying = False
     for unit in state.units:
-        unit.rebuild_flat()
+        if unit.rebuild_flat():
+            state.runtime[unit.id].after_rebuild(unit.local_flat.device)
+            state.flat_positions = None
     state.assign_templates()
     return self
 
 
 def _save_to_state_dict(self, destination, prefix, keep_vars):
     type(self)._fsdp_base_class._save_to_state_dict(self, destination, prefix, keep_vars)
-    _state_dict.save_sharded(self, list(iter_accessors(self)), destination, prefix, keep_vars)
+    _state_dict.save_sharded(self, self.__dict__[_TREE_STATE], list(iter_accessors(self)), destination, prefix, keep_vars)
 
 
 def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -93,7 +98,7 @@ def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, miss
     type(self)._fsdp_base_class._load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     )
-    _state_dict.load_sharded(self, taken, prefix, missing_keys, error_msgs)
+    _state_dict.load_sharded(self, self.__dict__[_TREE_STATE], taken, prefix, missing_keys, error_msgs)
 
 
 def _register_parameter(self, name: str, param) -> None:
@@ -102,7 +107,7 @@ def _register_parameter(self, name: str, param) -> None:
     ``fully_shard`` (it would split the shard, not the parameter)."""
     entry = self.__dict__[_ACCESSORS].get(name)
     if entry is not None and is_dtensor(param):
-        unit, index = entry
+        unit, index, _ = entry
         if unit.tp_specs[index] is None:
             raise RuntimeError(
                 f"fsdp_compile: parameter {unit.layout.params[index].fqn!r} is being replaced by a "
@@ -134,7 +139,8 @@ def _to_empty(self, *, device, recurse: bool = True):
 
 def _swapped_class(base: type, names: frozenset[str]) -> type:
     key = (base, names)
-    if key not in _SWAPPED:
+    swapped = _SWAPPED.get(key)
+    if swapped is None:
         attrs = {name: _make_property(name) for name in sorted(names)}
         attrs["named_parameters"] = _named_parameters
         attrs["_apply"] = _apply
@@ -144,8 +150,8 @@ def _swapped_class(base: type, names: frozenset[str]) -> type:
         attrs["_load_from_state_dict"] = _load_from_state_dict
         attrs["_fsdp_base_class"] = base
         attrs["__module__"] = base.__module__
-        _SWAPPED[key] = type(f"Sharded{base.__name__}", (base,), attrs)
-    return _SWAPPED[key]
+        swapped = _SWAPPED[key] = type(f"Sharded{base.__name__}", (base,), attrs)
+    return swapped
 
 
 def _swap(module: nn.Module) -> None:
@@ -161,8 +167,9 @@ def attach_module(module: nn.Module, state) -> None:
 
 
 def install_accessor(module: nn.Module, attr: str, unit: "Unit", index: int) -> None:
-    """Make ``module.<attr>`` the sharded parameter ``index`` of ``unit``."""
-    module.__dict__[_ACCESSORS][attr] = (unit, index)
+    """Make ``module.<attr>`` the sharded parameter ``index`` of ``unit`` (whose runtime record the
+    module's tree state already holds: ``FSDPState.add_unit``)."""
+    module.__dict__[_ACCESSORS][attr] = (unit, index, module.__dict__[_TREE_STATE].runtime[unit.id])
     _swap(module)
 
 
@@ -175,5 +182,5 @@ def tree_state(module: nn.Module):
 
 
 def iter_accessors(module: nn.Module) -> Iterator[tuple[str, "Unit", int]]:
-    for attr, (unit, index) in module.__dict__.get(_ACCESSORS, {}).items():
+    for attr, (unit, index, _) in module.__dict__.get(_ACCESSORS, {}).items():
         yield attr, unit, index

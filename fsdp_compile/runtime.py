@@ -8,67 +8,42 @@ passes turn into one gather; during an activation-checkpointing recompute (``in_
 unit gathered once per recompute; otherwise the shard. ``sync_grads`` (``no_sync``) picks each
 gather's :class:`~fsdp_compile.ops.GradMode`.
 
-Eager unit states (the tensors live on the ``Unit``, the decisions here): SHARDED -> UNSHARDED on
-the first read in its module's forward (``unit.full``) -> SHARDED after that forward
-(``reshard``); FULL_SHARD units are re-gathered on demand in backward (``regather_for_backward``,
-through saved-tensor hooks that replace saved full parameters by tokens) and freed by their
-reduce (``Unit.after_backward_use``). Under ``torch.compile`` the hooks only flip flags.
+Each unit's runtime state is a ``UnitRuntime`` (unit_runtime.py) in ``FSDPState.runtime``: the
+decisions are here, the checked transitions there. Eagerly: SHARDED -> gathered for its forward
+at the first read in its module's forward (``rt.full``) -> SHARDED after that forward
+(``reshard``); FULL_SHARD units are re-gathered on demand in backward
+(``UnitRuntime.regathered_for_backward``, through saved-tensor hooks that replace saved full
+parameters by tokens) and freed by their reduce (``UnitRuntime.after_backward_use``). Under
+``torch.compile`` the hooks only flip flags.
 
 ``check_lockstep``: before each forward, ``summon_full_params``, the full state dicts,
-``clip_grad_norm_`` and (eagerly) each unit's all-gather the ranks exchange four integers and all
-raise when they are out of step, instead of issuing mismatched collectives (ARCHITECTURE.md,
-"Ranks in lockstep"). ``abandon``: a compiled graph that raised between collectives tells the
-other ranks and closes this rank's connections, so they fail at once instead of waiting.
+``clip_grad_norm_`` and (eagerly) each unit's all-gather the ranks exchange a few integers and
+all raise when they are out of step, instead of issuing mismatched collectives (the check
+itself is ``consistency.check_lockstep``; ARCHITECTURE.md, "Ranks in lockstep"). ``abandon``: a
+compiled graph that raised between collectives tells the other ranks and closes this rank's
+connections, so they fail at once instead of waiting.
 """
 from __future__ import annotations
 
 import contextlib
-import enum
-import zlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
-from . import ops
-from .consistency import exchange_records
-from .failures import first_line, naming_collective_failures, report_failure
+from . import consistency, ops
+from .consistency import Phase
+from .failures import first_line, report_failure
 from .gloo_worker import abandon_twin
 from .mesh import Groups
+from .registry import register_runtime
 from .unit import Unit
+from .unit_runtime import UnitRuntime
 
 
-UNIT_OF_MODULE = "_fsdp_unit"  # module.__dict__ key: the Unit a policy-chosen module owns
-
-
-class Phase(enum.IntEnum):
-    """What a rank is about to do, as exchanged by ``FSDPState.check_lockstep``."""
-
-    FORWARD = 1
-    SUMMON = 2
-    GATHER = 3  # an eager forward all-gather of one unit
-    FULL_STATE_DICT = 4
-    FULL_OPTIM_STATE_DICT = 5
-    CLIP_GRAD_NORM = 6  # the record carries this rank's partial norm (float64 bits)
-    BACKWARD = 7  # the backward of a compiled graph, before its collectives
-
-
-# What ``_describe`` calls a phase that is one of our functions.
-_CALLS = {
-    Phase.SUMMON: "summon_full_params",
-    Phase.FULL_STATE_DICT: "full_state_dict",
-    Phase.FULL_OPTIM_STATE_DICT: "full_optim_state_dict",
-    Phase.CLIP_GRAD_NORM: "clip_grad_norm_",
-}
-
-
-def graph_id(fingerprint) -> int:
-    """A compiled graph's identity across ranks: a CRC of its collective schedule (Python's
-    ``hash`` differs between processes)."""
-    return zlib.crc32(repr(fingerprint).encode()) + 1  # 0 means "eager"
+UNIT_OF_MODULE = "_fsdp_unit"  # module.__dict__ key: the UnitRuntime of the unit a policy-chosen module owns
 
 
 def in_recompute() -> bool:
@@ -84,7 +59,7 @@ def in_recompute() -> bool:
 class _SavedFull:
     """A full parameter (or a view of it) that autograd saved, by reference."""
 
-    unit: Unit
+    runtime: UnitRuntime
     index: int
     size: torch.Size
     stride: tuple[int, ...]
@@ -94,7 +69,9 @@ class _SavedFull:
 class FSDPState:
     def __init__(self, root: nn.Module, units: list[Unit], param_dtype: Optional[torch.dtype]):
         self.root_ref = root
-        self.units = units
+        self.units: list[Unit] = []
+        # unit id -> its runtime state (the owner: a record lives as long as this state)
+        self.runtime: dict[int, UnitRuntime] = {}
         self.param_dtype = param_dtype
         self.in_forward = False
         self.scope_owner: Optional[nn.Module] = None  # the module whose forward opened the scope
@@ -105,11 +82,12 @@ class FSDPState:
         # Dynamo builds each unit's list once per trace instead of once per parameter read
         # (which made tracing quadratic in the parameters of a unit). None otherwise.
         self.traced_shards: Optional[dict[int, list[torch.Tensor]]] = None
-        self._full_storages: dict[int, list[tuple[Unit, int, torch.Tensor]]] = {}
+        self._full_storages: dict[int, list[tuple[UnitRuntime, int, torch.Tensor]]] = {}
         self._saved_hooks: Optional[contextlib.AbstractContextManager] = None
         self.groups: Optional[Groups] = None  # the process groups of every unit (mesh.py)
         self.fqn_to_param: dict = {}  # every registered name -> (unit, index)
         self.compiled_graphs: list = []  # backend.CompiledGraphs, one per compiled Dynamo graph
+        self.bucket_units: list[Unit] = []  # the bucket units its compiled graphs gather by (registry is weak)
         self.device_meshes: dict = {}  # device type -> (DeviceMesh, placements) of state dicts
         self.check_ranks = True  # fully_shard(check_ranks=): one tiny all-gather per forward
         self.materializing: Optional[torch.device] = None  # the device, during meta-device init
@@ -117,60 +95,73 @@ class FSDPState:
         # (where, what it raised) once a compiled graph of this rank raised between collectives
         self.abandoned: Optional[tuple[str, str]] = None
         self.graph_names: dict[int, str] = {}  # compiled graph id -> the units it gathers (errors)
+        self.call_names: dict[int, str] = {}  # a compiled call's units key -> their names (errors)
+        self.call_keys: dict[tuple, int] = {}  # unit positions -> their key (consistency.call_units)
+        self.flat_positions: Optional[dict[int, int]] = None  # flat buffer storage -> unit position
+        # state_dict.OptimizerHooks: the process-wide optimizer hook lives while some state holds it
+        self.optimizer_hooks = None
+        for unit in units:
+            self.add_unit(unit)
 
     @property
     def group(self):
         """The shard group (what parameters are split over); None without a process group."""
         return None if self.groups is None else self.groups.shard
 
-    def add_unit(self, unit: Unit) -> None:
+    def add_unit(self, unit: Unit) -> UnitRuntime:
         self._positions[unit.id] = len(self.units)
         self.units.append(unit)
+        runtime = self.runtime[unit.id] = UnitRuntime(unit)
+        register_runtime(unit.id, runtime)
+        return runtime
 
     # ---- reads -----------------------------------------------------------------------------
-    def read(self, unit: Unit, index: int, shard: torch.Tensor) -> torch.Tensor:
-        """What ``module.<name>`` returns for parameter ``index`` of ``unit`` (shard ``shard``).
+    def read(self, rt: UnitRuntime, index: int, shard: torch.Tensor) -> torch.Tensor:
+        """What ``module.<name>`` returns for parameter ``index`` of ``rt.unit`` (shard ``shard``);
+        ``rt`` is the unit's ``UnitRuntime`` (reached from the module, not by the unit's id, a
+        constant Dynamo would guard on).
 
-        Inside a forward a unit is gathered once, at its first read, and ``unit.full`` holds the
+        Inside a forward a unit is gathered once, at its first read, and ``rt.full`` holds the
         result until its module's forward ends; every later read returns it. That holds across
-        graph boundaries: a compiled graph stores the unit's marker results in ``unit.full``
+        graph boundaries: a compiled graph stores the unit's marker results in ``rt.full``
         (a Dynamo side effect), which the unit's post-forward hook clears in the same graph --
         so a graph that holds the whole unit outputs nothing extra, and a graph break inside the
         unit makes the graph output the gathered tensors, which the resumed graph (or eager code)
         reads as inputs: no second gather, and autograd carries their gradients back into the
         first graph's one reduction."""
+        unit = rt.unit
         if self.summoned is not None:
             return self.summoned[unit.id][index]
         if self.in_forward:
-            if unit.full is not None:
-                return unit.wrap_full(index, unit.full[index])
+            if rt.full is not None:
+                return unit.wrap_full(index, rt.full[index])
             if torch.compiler.is_compiling():
-                mode, extra = self.grad_mode(unit)
+                mode, extra = self.grad_mode(rt)
                 shards = self._traced_shards(unit)
                 if self.traced_shards is not None:
                     # The root's forward is traced in this graph (one graph for the model): the
                     # marker names the unit itself. Reads may sit inside a checkpointed region,
-                    # whose body may not mutate ``unit`` (Dynamo refuses), so nothing is kept.
+                    # whose body may not mutate ``rt`` (Dynamo refuses), so nothing is kept.
                     return unit.wrap_full(index, ops.param_use(shards, extra, unit.id, index, int(mode)))
                 # A region compiled inside an eager forward (per-block compile): ``unit.template``,
                 # not ``unit.id``, which is a constant Dynamo guards on; identical blocks share
                 # one graph only if it is the same. passes/insert_collectives tells their units
                 # apart by their shard inputs.
-                unit.full = [
+                rt.full = [
                     ops.param_use(shards, extra, unit.template, i, int(mode)) for i in range(len(shards))
                 ]
-                return unit.wrap_full(index, unit.full[index])
-            return unit.wrap_full(index, self._gather_for_forward(unit)[index])
+                return unit.wrap_full(index, rt.full[index])
+            return unit.wrap_full(index, self._gather_for_forward(rt)[index])
         if in_recompute():
-            return unit.wrap_full(index, self._gather_for_recompute(unit)[index])
+            return unit.wrap_full(index, self._gather_for_recompute(rt)[index])
         return shard
 
-    def grad_mode(self, unit: Unit) -> tuple[ops.GradMode, Optional[torch.Tensor]]:
-        """How the next gather of ``unit`` treats its gradients (under torch.compile, guards)."""
+    def grad_mode(self, rt: UnitRuntime) -> tuple[ops.GradMode, Optional[torch.Tensor]]:
+        """How the next gather of ``rt.unit`` treats its gradients (under torch.compile, guards)."""
         if not self.sync_grads:
-            return ops.GradMode.NO_SYNC, unit.accumulator
-        if unit.pending is not None:
-            return ops.GradMode.SYNC_PENDING, unit.pending
+            return ops.GradMode.NO_SYNC, rt.accumulator
+        if rt.pending is not None:
+            return ops.GradMode.SYNC_PENDING, rt.pending
         return ops.GradMode.SYNC, None
 
     def _traced_shards(self, unit: Unit) -> list[torch.Tensor]:
@@ -179,118 +170,51 @@ class FSDPState:
         return unit.local_shards() if self.traced_shards is None else self.traced_shards[unit.id]
 
     # ---- eager gathers ---------------------------------------------------------------------
-    def _gather_for_forward(self, unit: Unit) -> list[torch.Tensor]:
-        if unit.full is None:
-            self._check_gather(unit)
-            unit.full = self._gather(unit, register=unit.strategy.reshards_after_forward)
-        return unit.full
+    def _gather_for_forward(self, rt: UnitRuntime) -> list[torch.Tensor]:
+        if rt.full is None:
+            self._check_gather(rt.unit)
+            rt.gathered_for_forward(self._gather(rt, register=rt.unit.strategy.reshards_after_forward))
+        return rt.full
 
-    def _gather_for_recompute(self, unit: Unit) -> list[torch.Tensor]:
+    def _gather_for_recompute(self, rt: UnitRuntime) -> list[torch.Tensor]:
         """The unit gathered once per recompute (every read of it until its gradients are
         reduced shares the result), through the same autograd gather as the forward: a
         non-reentrant recompute must save exactly what the forward saved, and a reentrant one
         back-propagates through this gather (its backward reduces the gradients)."""
-        if unit.recompute_full is None:
-            unit.recompute_full = self._gather(unit, register=False)
-            torch.autograd.Variable._execution_engine.queue_callback(unit.after_backward_use)
-        return unit.recompute_full
+        if rt.recompute_full is None:
+            rt.gathered_for_recompute(self._gather(rt, register=False))
+            torch.autograd.Variable._execution_engine.queue_callback(rt.after_backward_use)
+        return rt.recompute_full
 
-    def _gather(self, unit: Unit, register: bool) -> list[torch.Tensor]:
+    def _gather(self, rt: UnitRuntime, register: bool) -> list[torch.Tensor]:
+        unit = rt.unit
         shards = unit.local_shards()
         unit.check_shards(shards)
         if not (torch.is_grad_enabled() and any(s.requires_grad for s in shards)):
             with torch.no_grad():
                 return unit.all_gather(shards)
-        mode, extra = self.grad_mode(unit)
+        mode, extra = self.grad_mode(rt)
         fulls = list(ops.gather_unit(unit.id, int(mode), extra, *shards))
         if mode == ops.GradMode.SYNC_PENDING:
-            unit.pending = None  # consumed: the graph holds it until backward
+            rt.take_pending()  # consumed: the graph holds it until backward
         if register and self._saved_hooks is not None:  # only the eager root's hooks look them up
-            self.register_full(unit, fulls)
+            self.register_full(rt, fulls)
         return fulls
 
-    def reshard(self, unit: Unit) -> None:
-        if unit.full is not None:
-            self.unregister_full(unit)
-            unit.full = None
-
-    def regather_for_backward(self, unit: Unit) -> list[torch.Tensor]:
-        if unit.bw_full is None:
-            with torch.no_grad():
-                unit.bw_full = unit.all_gather(unit.local_shards())
-        return unit.bw_full
+    def reshard(self, rt: UnitRuntime) -> None:
+        if rt.full is not None:
+            self.unregister_full(rt)
+            rt.resharded()
 
     # ---- lockstep ------------------------------------------------------------------------
-    def check_lockstep(self, phase: Phase, what: str, graph: int = 0, first_call: bool = False) -> bool:
-        """Before a forward (eager, or each compiled graph), ``summon_full_params`` and the full
-        state dicts: every rank exchanges ``(phase, gradients synced, compiled graph id, first
-        call)`` -- one all-gather of four integers -- and raises on every rank, naming both
-        sides, if another rank is about to do something else: one rank inside ``no_sync`` or
-        ``summon_full_params`` while another is not, or running another compiled graph (a
-        recompile for other shapes that changes the collectives, a graph break on one rank).
-        Such ranks would otherwise issue mismatched collectives: a hang until the process
-        group's timeout, an abort on mismatched sizes, or silently wrong data. Returns True when
-        some rank runs a compiled graph for the first time, or the ranks run different compiled
-        graphs (the caller then compares the graphs' collective schedules on every rank, which
-        names what differs). Off with ``fully_shard(check_ranks=False)``."""
-        self.raise_if_abandoned()
-        everyone = None if self.groups is None else self.groups.everyone
-        if not self.check_ranks or everyone is None:
-            return first_call
-        mine = (int(phase), int(self.sync_grads), graph, int(first_call))
-        records = self._exchange(mine, what, compare_graphs=True)
-        # Different compiled graphs on every rank: the caller's schedule comparison names the
-        # collectives that differ, or finds none (then the ranks go on).
-        return any(rec[3] for rec in records) or len({rec[2] for rec in records}) > 1
-
-    def _exchange(
-        self, mine: tuple[int, ...], what: str, compare_graphs: bool, doing: str = ""
-    ) -> list[tuple[int, ...]]:
-        """Every rank's lockstep record; raises on every rank when one differs in phase or
-        gradient mode (or, with ``compare_graphs``, in graph id, unless all run compiled forwards)."""
-        with naming_collective_failures(doing or f"the lockstep check before {what}"):
-            records = exchange_records(mine, self.groups.everyone, self.units[0].compute_device)
-        compiled_forwards = mine[0] == Phase.FORWARD and all(rec[0] == Phase.FORWARD and rec[2] for rec in records)
-        other = next(
-            (
-                (rank, rec)
-                for rank, rec in enumerate(records)
-                if rec[:2] != mine[:2] or (compare_graphs and rec[2] != mine[2] and not compiled_forwards)
-            ),
-            None,
-        )
-        if other is not None:
-            rank, theirs = other
-            raise RuntimeError(
-                f"fsdp_compile: ranks are out of step: this rank is about to run "
-                f"{_describe(mine, what, self.units, self.graph_names)}, but rank {rank} is about to run "
-                f"{_describe(theirs, units=self.units, names=self.graph_names)}. Every rank must make the same "
-                "calls in the same order (forward, backward, no_sync, summon_full_params, full_state_dict, "
-                "full_optim_state_dict, clip_grad_norm_), compile the same graphs and call them the same "
-                "number of times; see the README's Troubleshooting"
-            )
-        return records
+    def check_lockstep(self, phase: Phase, what: str, graph: int = 0, first_call: bool = False, units: int = 0) -> bool:
+        """The ranks' lockstep check before ``what`` (``consistency.check_lockstep``)."""
+        return consistency.check_lockstep(self, phase, what, graph, first_call, units)
 
     def reduce_norm(self, part: torch.Tensor, maximum: bool) -> torch.Tensor:
-        """``clip_grad_norm_``'s sum (``maximum``: max) of the ranks' partial norms over the shard
-        group. With ``check_ranks`` the partial norm travels in this rank's lockstep record (its
-        float64 bits in the graph-id slot), so the exchange that keeps ranks in lockstep is the
-        reduction itself: no collective beyond the one the norm needs. The sum runs in float64
-        in shard-rank order, the same on every rank, and returns in ``part``'s dtype."""
-        self.raise_if_abandoned()
-        shard = self.groups.shard
-        if not self.check_ranks:
-            with naming_collective_failures("clip_grad_norm_'s all-reduce of the gradient norm"):
-                dist.all_reduce(part, op=dist.ReduceOp.MAX if maximum else dist.ReduceOp.SUM, group=shard)
-            return part
-        bits = part.detach().to(torch.float64).reshape(1).view(torch.int64).item()
-        records = self._exchange((int(Phase.CLIP_GRAD_NORM), int(self.sync_grads), bits, 0), "clip_grad_norm_", False,
-                                 "clip_grad_norm_'s exchange of the gradient norm (and lockstep check)")
-        order = dist.get_process_group_ranks(self.groups.everyone)
-        members = [order.index(r) for r in dist.get_process_group_ranks(shard)]
-        norms = torch.tensor([records[i][2] for i in members], dtype=torch.int64).view(torch.float64)
-        total = norms.max() if maximum else norms.sum()
-        return total.to(device=part.device, dtype=part.dtype)
+        """``clip_grad_norm_``'s reduction of partial norms, in the lockstep exchange
+        (``consistency.reduce_norm``)."""
+        return consistency.reduce_norm(self, part, maximum)
 
     # ---- a compiled graph that raised ------------------------------------------------------
     def abandon(self, where: str, error: BaseException) -> None:
@@ -364,22 +288,22 @@ class FSDPState:
 
     def post_forward(self, module, args, kwargs, output):
         """After the forward of a module of the tree: a policy unit's module reshards its unit
-        (eagerly; compiled, it drops ``unit.full``, see ``read``); the scope's owner closes it."""
-        unit = module.__dict__.get(UNIT_OF_MODULE)
-        if unit is not None and self.in_forward and unit.full is not None:
+        (eagerly; compiled, it drops ``rt.full``, see ``read``); the scope's owner closes it."""
+        rt = module.__dict__.get(UNIT_OF_MODULE)
+        if rt is not None and self.in_forward and rt.full is not None:
             if torch.compiler.is_compiling():
-                unit.full = None
+                rt.full = None  # a plain write Dynamo traces (unit_runtime.py)
             else:
-                self.reshard(unit)
+                self.reshard(rt)
         if self.scope_owner is not module:
             return output
         if torch.compiler.is_compiling():
-            for unit in self.units:
-                if unit.full is not None:
-                    unit.full = None
+            for rt in self.runtime.values():
+                if rt.full is not None:
+                    rt.full = None
         else:
-            for unit in self.units:
-                self.reshard(unit)
+            for rt in self.runtime.values():
+                self.reshard(rt)
             if self._saved_hooks is not None:
                 self._saved_hooks.__exit__(None, None, None)
                 self._saved_hooks = None
@@ -406,15 +330,15 @@ class FSDPState:
         return tree_map(cast, args), tree_map(cast, kwargs)
 
     # ---- FULL_SHARD: free after forward, regather for backward ---------------------------
-    def register_full(self, unit: Unit, fulls: list[torch.Tensor]) -> None:
+    def register_full(self, rt: UnitRuntime, fulls: list[torch.Tensor]) -> None:
         for index, full in enumerate(fulls):
             if full.numel():
                 key = full.untyped_storage().data_ptr()
-                self._full_storages.setdefault(key, []).append((unit, index, full))
+                self._full_storages.setdefault(key, []).append((rt, index, full))
 
-    def unregister_full(self, unit: Unit) -> None:
+    def unregister_full(self, rt: UnitRuntime) -> None:
         for key in list(self._full_storages):
-            kept = [e for e in self._full_storages[key] if e[0] is not unit]
+            kept = [e for e in self._full_storages[key] if e[0] is not rt]
             if kept:
                 self._full_storages[key] = kept
             else:
@@ -426,43 +350,27 @@ class FSDPState:
         if type(tensor) not in (torch.Tensor, nn.Parameter):
             return tensor  # a wrapper subclass (DTensor, a user's async collective result): not ours
         offset = tensor.storage_offset()
-        for unit, index, full in self._full_storages.get(tensor.untyped_storage().data_ptr(), ()):
+        for rt, index, full in self._full_storages.get(tensor.untyped_storage().data_ptr(), ()):
             start = full.storage_offset()
             if full.dtype == tensor.dtype and start <= offset < start + full.numel():
-                return _SavedFull(unit, index, tensor.size(), tensor.stride(), offset - start)
+                return _SavedFull(rt, index, tensor.size(), tensor.stride(), offset - start)
         return tensor
 
     @staticmethod
     def _unpack(saved):
         if not isinstance(saved, _SavedFull):
             return saved
-        full = saved.unit.state.regather_for_backward(saved.unit)[saved.index]
+        full = saved.runtime.regathered_for_backward()[saved.index]
         return full.as_strided(saved.size, saved.stride, full.storage_offset() + saved.storage_offset)
 
     # ---- no_sync -------------------------------------------------------------------------
     @contextlib.contextmanager
     def no_sync(self):
-        for unit in self.units:
-            unit.ensure_accumulator()
+        for rt in self.runtime.values():
+            rt.ensure_accumulator()
         previous, self.sync_grads = self.sync_grads, False
         try:
             yield
         finally:
             self.sync_grads = previous
 
-
-def _describe(record: tuple[int, ...], what: str = "", units: Optional[list] = None, names: Optional[dict] = None) -> str:
-    phase, synced, graph, _ = record
-    if phase in _CALLS:
-        return _CALLS[Phase(phase)] + ("" if synced else " inside no_sync")
-    if phase == Phase.GATHER:
-        name = units[graph - 1].name if units and 0 < graph <= len(units) else f"#{graph - 1}"
-        return f"the all-gather of unit {name or '<root>'!r}" + ("" if synced else " inside no_sync")
-    body = f"compiled graph {graph - 1:08x}" if graph else "an eager forward"
-    if graph and names and graph in names:
-        body += f" (gathering {names[graph] or 'nothing'})"
-    if phase == Phase.BACKWARD:
-        body = "the backward of " + body
-    if what and not graph:
-        body += f" ({what})"
-    return body + ("" if synced else " inside no_sync")

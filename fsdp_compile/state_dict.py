@@ -25,7 +25,9 @@ differs from the full shape -- is a size-mismatch error naming the key.
 Optimizers: we do not construct them, so a global optimizer step pre-hook (the first ``step``,
 which ``get/set_optimizer_state_dict`` also run) gives every optimizer that holds our shards a
 ``state_dict`` post-hook (shard-shaped state -> DTensor) and a ``load_state_dict`` pre-hook (the
-reverse), and converts any DTensor state already loaded.
+reverse), and converts any DTensor state already loaded. The global hook is registered while
+some sharded model is alive (``OptimizerHooks``, held by every ``FSDPState``) and removed with
+the last one.
 """
 from __future__ import annotations
 
@@ -36,7 +38,6 @@ from typing import Optional
 import torch
 
 from .mesh import mesh_for_state_dicts
-from .registry import live_units
 from .tensor_parallel import local_of
 
 
@@ -45,17 +46,18 @@ def _is_sharded(unit) -> bool:
     return unit.spec.communicates and not unit.spec.replicated
 
 
-def _mesh(unit, device: torch.device):
-    """(DeviceMesh, placements) of the DTensors of ``unit``'s state on ``device`` (mesh.py)."""
-    meshes = unit.state.device_meshes
+def _mesh(state, device: torch.device):
+    """(DeviceMesh, placements) of the DTensors of ``state``'s units on ``device`` (mesh.py),
+    cached on the ``FSDPState``."""
+    meshes = state.device_meshes
     if device.type not in meshes:
-        meshes[device.type] = mesh_for_state_dicts(unit.state.groups, device)
+        meshes[device.type] = mesh_for_state_dicts(state.groups, device)
     return meshes[device.type]
 
 
-def to_state_value(unit, index: int, local: torch.Tensor) -> torch.Tensor:
-    """This rank's ``local`` tensor (shard-shaped) of parameter ``index`` of ``unit`` -> what a
-    state dict holds for it (see the module docstring)."""
+def to_state_value(state, unit, index: int, local: torch.Tensor) -> torch.Tensor:
+    """This rank's ``local`` tensor (shard-shaped) of parameter ``index`` of ``unit`` (of
+    ``FSDPState`` ``state``) -> what a state dict holds for it (see the module docstring)."""
     from torch.distributed.tensor import DTensor
 
     tp = unit.tp_specs[index]
@@ -70,7 +72,7 @@ def to_state_value(unit, index: int, local: torch.Tensor) -> torch.Tensor:
         if not _is_sharded(unit) or len(full_shape) == 0:  # held whole (a 0-d one as (1,): layout.py)
             return local if local.shape == full_shape else local.view(full_shape)
         stride = tuple(math.prod(full_shape[i + 1:]) for i in range(len(full_shape)))
-        mesh, placements = _mesh(unit, local.device)
+        mesh, placements = _mesh(state, local.device)
     if local.requires_grad:  # keep_vars=True: differentiable, built as usual
         return DTensor.from_local(local, mesh, placements, run_check=False, shape=full_shape, stride=stride)
     # A DTensor's wrapper copies its local tensor's storage offset, and DCP's async staging
@@ -85,8 +87,8 @@ def to_state_value(unit, index: int, local: torch.Tensor) -> torch.Tensor:
     return dtensor
 
 
-def from_state_value(unit, index: int, value, key: str) -> torch.Tensor:
-    """A state-dict value for parameter ``index`` of ``unit`` -> this rank's rows of it, in the
+def from_state_value(state, unit, index: int, value, key: str) -> torch.Tensor:
+    """A state-dict value for parameter ``index`` of ``unit`` (of ``FSDPState`` ``state``) -> this rank's rows of it, in the
     shard's shape. Raises ``ValueError`` (naming ``key``) when it cannot be the parameter."""
     from torch.distributed.tensor import DTensor
 
@@ -99,7 +101,7 @@ def from_state_value(unit, index: int, value, key: str) -> torch.Tensor:
         if tuple(value.shape) != full_shape:
             raise ValueError(_mismatch(key, value.shape, full_shape, "global shape"))
         if _is_sharded(unit) and tuple(value.to_local().shape) == shard_shape:
-            mesh, placements = _mesh(unit, value.device)
+            mesh, placements = _mesh(state, value.device)
             if value.placements == placements and value.device_mesh == mesh:
                 return value.to_local()
         value = value.full_tensor()
@@ -138,12 +140,12 @@ def _mismatch(key, got, want, what) -> str:
 
 
 # ---- modules (called by the accessor classes of params.py) -----------------------------------
-def save_sharded(module, accessors, destination, prefix: str, keep_vars: bool) -> None:
+def save_sharded(module, state, accessors, destination, prefix: str, keep_vars: bool) -> None:
     for attr, unit, index in accessors:
         key = prefix + attr
         if key in destination:
             param = module._parameters[attr]
-            destination[key] = to_state_value(unit, index, param if keep_vars else param.detach())
+            destination[key] = to_state_value(state, unit, index, param if keep_vars else param.detach())
 
 
 def take_sharded(accessors, state_dict, prefix: str) -> dict:
@@ -153,7 +155,7 @@ def take_sharded(accessors, state_dict, prefix: str) -> dict:
             for attr, unit, index in accessors if prefix + attr in state_dict}
 
 
-def load_sharded(module, taken: dict, prefix: str, missing_keys: list, error_msgs: list) -> None:
+def load_sharded(module, state, taken: dict, prefix: str, missing_keys: list, error_msgs: list) -> None:
     for attr, (unit, index, value) in taken.items():
         key = prefix + attr
         if key in missing_keys:
@@ -161,7 +163,7 @@ def load_sharded(module, taken: dict, prefix: str, missing_keys: list, error_msg
         if _is_the_shard(value, module._parameters[attr]):
             continue
         try:
-            rows = from_state_value(unit, index, value, key)
+            rows = from_state_value(state, unit, index, value, key)
         except ValueError as e:
             error_msgs.append(str(e))
             continue
@@ -188,30 +190,59 @@ def _is_the_shard(value, param) -> bool:
 
 
 # ---- optimizers --------------------------------------------------------------------------------
-_HOOKED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()  # hold our shards: hooked
-_EXAMINED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
-_SHARDINGS = [0]  # fully_shard calls so far (install_optimizer_hooks counts them)
-_GLOBAL_HOOK = None
+class OptimizerHooks:
+    """The process-wide optimizer step pre-hook, alive exactly while some sharded model is.
 
+    Every ``FSDPState`` holds this one object (``install_optimizer_hooks``); this module keeps
+    only a weak reference, so when the last sharded model is freed the object goes and takes
+    torch's global hook with it (``weakref.finalize``). What it remembers of optimizers is
+    weak too: ``hooked`` (those holding our shards, given state-dict hooks) and ``examined``
+    (the others, with what had changed when they were last looked at)."""
 
-def install_optimizer_hooks() -> None:
-    """Called by every fully_shard: once per process, the global step pre-hook that hooks
-    optimizers holding our shards."""
-    global _GLOBAL_HOOK
-    _SHARDINGS[0] += 1
-    if _GLOBAL_HOOK is None:
+    def __init__(self):
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-        _GLOBAL_HOOK = register_optimizer_step_pre_hook(_on_step)
+        self.states: "weakref.WeakSet" = weakref.WeakSet()  # the live FSDPStates
+        self.shardings = 0  # fully_shard calls while this object lives
+        self.hooked: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+        self.examined: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
+        handle = register_optimizer_step_pre_hook(_on_step)
+        weakref.finalize(self, handle.remove)
+
+    def shard_positions(self) -> dict[int, tuple]:
+        """id(shard parameter) -> (state, unit, index), over every unit of every live model."""
+        return {
+            id(shard): (state, unit, index)
+            for state in list(self.states)
+            for unit in state.units
+            for index, shard in enumerate(unit.shards())
+        }
+
+
+_hooks: "Optional[weakref.ReferenceType[OptimizerHooks]]" = None  # weak: FSDPStates own it
+
+
+def _live_hooks() -> Optional[OptimizerHooks]:
+    return None if _hooks is None else _hooks()
+
+
+def install_optimizer_hooks(state) -> OptimizerHooks:
+    """Called by every fully_shard: the global step pre-hook that hooks optimizers holding our
+    shards, made when no sharded model has it alive. ``state`` keeps it alive (the caller
+    stores the result on it)."""
+    global _hooks
+    hooks = _live_hooks()
+    if hooks is None:
+        hooks = OptimizerHooks()
+        _hooks = weakref.ref(hooks)
+    hooks.shardings += 1
+    hooks.states.add(state)
+    return hooks
 
 
 def _shard_positions() -> dict[int, tuple]:
-    """id(shard parameter) -> (unit, index), over every live (non-bucket) unit."""
-    return {
-        id(shard): (unit, index)
-        for unit in live_units() if not unit.is_bucket
-        for index, shard in enumerate(unit.shards())
-    }
+    hooks = _live_hooks()
+    return {} if hooks is None else hooks.shard_positions()
 
 
 def _indexed_params(optimizer) -> list:
@@ -225,18 +256,19 @@ def _indexed_params(optimizer) -> list:
 
 
 def _on_step(optimizer, args, kwargs) -> None:
-    if optimizer in _HOOKED:
+    hooks = _live_hooks()
+    if hooks is None or optimizer in hooks.hooked:
         return
     # An optimizer holding none of our shards is looked at again only when something changed
     # (a fully_shard since, or a new parameter group): two integer comparisons per step.
-    seen = (_SHARDINGS[0], len(optimizer.param_groups))
-    if _EXAMINED.get(optimizer) == seen:
+    seen = (hooks.shardings, len(optimizer.param_groups))
+    if hooks.examined.get(optimizer) == seen:
         return
-    _EXAMINED[optimizer] = seen
-    positions = _shard_positions()
+    hooks.examined[optimizer] = seen
+    positions = hooks.shard_positions()
     if not any(id(p) in positions for p in _indexed_params(optimizer)):
         return
-    _HOOKED.add(optimizer)
+    hooks.hooked.add(optimizer)
     optimizer.register_state_dict_post_hook(_optimizer_state_dict_post)
     optimizer.register_load_state_dict_pre_hook(_optimizer_load_pre)
     for p, state in list(optimizer.state.items()):  # DTensors loaded before this first step
@@ -256,9 +288,9 @@ def _optimizer_state_dict_post(optimizer, state_dict):
         param = params[i]
         if id(param) not in positions:
             continue
-        unit, index = positions[id(param)]
+        owner, unit, index = positions[id(param)]
         state[i] = {
-            k: to_state_value(unit, index, v) if _is_shard_state(v, param) else v
+            k: to_state_value(owner, unit, index, v) if _is_shard_state(v, param) else v
             for k, v in per_param.items()
         }
     return {**state_dict, "state": state}
@@ -271,7 +303,7 @@ def _local_state(position, per_param: dict, where: str, current: Optional[dict] 
     is 0-d too (Adam's ``step``; without a current state, the key ``step``)."""
     from torch.distributed.tensor import DTensor
 
-    unit, index = position
+    owner, unit, index = position
     tp = unit.tp_specs[index]
     full_shape = tuple(unit.orig_shapes[index] if tp is None else tp.shape)
     shard_shape = tuple(unit.layout.shard_shapes(unit.spec.rank)[index])
@@ -284,7 +316,7 @@ def _local_state(position, per_param: dict, where: str, current: Optional[dict] 
             now = (current or {}).get(k)
             per_element = now.dim() > 0 if isinstance(now, torch.Tensor) else k != "step"
         if per_element:
-            v = from_state_value(unit, index, v, f"{where} {unit.layout.params[index].fqn}.{k}")
+            v = from_state_value(owner, unit, index, v, f"{where} {unit.layout.params[index].fqn}.{k}")
             if tp is not None:  # a DTensor parameter's state is a DTensor like it
                 v = DTensor.from_local(
                     v, tp.sharded_mesh, tp.sharded_placements, run_check=False, shape=tp.shape, stride=tp.stride

@@ -5,16 +5,16 @@ A ``Unit`` owns the local flat buffer that its shards are views of, the ``UnitLa
 ``(module, attr)`` that holds the parameter, the first one canonical), so a shard replaced by
 the user (``m.weight = nn.Parameter(t)``) is picked up at the next gather.
 
-It holds the eager gathered tensors (``full``: during its module's forward; ``bw_full``: regathered
-in backward; ``recompute_full``: for an activation-checkpointing recompute), but never decides
-when they exist: ``runtime.FSDPState`` does. ``Unit`` reads no runtime state and imports nothing
-above ``collectives`` (``ops`` calls into it through the registry, never the reverse).
+It holds no runtime state: what it is gathered for and its ``no_sync`` gradients live in its
+``UnitRuntime`` (unit_runtime.py), owned by ``runtime.FSDPState``, which decides when a unit
+gathers. ``Unit`` imports nothing above ``collectives`` (``ops`` calls into it through the
+registry, never the reverse).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -25,9 +25,6 @@ from .failures import naming_collective_failures
 from .layout import UnitLayout, make_unit_layout
 from .registry import register_unit
 from .tensor_parallel import TPSpec, install_local, local_of
-
-if TYPE_CHECKING:
-    from .runtime import FSDPState
 
 
 class Unit:
@@ -41,7 +38,6 @@ class Unit:
         strategy: ShardingStrategy,
         spec: collectives.CommSpec,
         compute_device: torch.device,
-        state: "FSDPState",
     ):
         self.name = name
         self.module = module
@@ -51,14 +47,8 @@ class Unit:
         self.strategy = strategy
         self.spec = spec
         self.compute_device = compute_device
-        self.state = state  # the owning root's runtime state; read by the layers above, never here
         self.id = register_unit(self)
         self.local_flat: Optional[torch.Tensor] = None
-        self.accumulator: Optional[torch.Tensor] = None  # no_sync gradient sink (a leaf)
-        self.pending: Optional[torch.Tensor] = None  # packed gradients held back by no_sync
-        self.full: Optional[list[torch.Tensor]] = None  # gathered for its module's forward
-        self.bw_full: Optional[list[torch.Tensor]] = None  # regathered for backward (FULL_SHARD)
-        self.recompute_full: Optional[list[torch.Tensor]] = None  # gathered for a recompute
         self.is_bucket = False  # a merge of other units' gathers (passes/bucketing.py)
         # per parameter: its TPSpec when it is a tensor-parallel DTensor (tensor_parallel.py;
         # the layout then describes its TP-local tensor), else None
@@ -159,27 +149,6 @@ class Unit:
             for g, p in zip(full_grads, self.layout.params)
         ]
 
-    # ---- no_sync -------------------------------------------------------------------------
-    def ensure_accumulator(self) -> None:
-        """Create the no_sync gradient sink: a zero-stride leaf whose gradient is the packed full
-        gradients; a hook moves each accumulated gradient into ``pending``."""
-        if self.accumulator is not None:
-            return
-        numel = self.layout.local_numel * (1 if self.spec.replicated or not self.spec.communicates else self.spec.world_size)
-        leaf = torch.zeros((), dtype=self.reduce_dtype, device=self.compute_device).expand(numel)
-        leaf.requires_grad_(True)
-        leaf.register_post_accumulate_grad_hook(self._take_pending)
-        self.accumulator = leaf
-
-    def _take_pending(self, leaf: torch.Tensor) -> None:
-        grad, leaf.grad = leaf.grad, None
-        self.pending = grad.detach() if self.pending is None else self.pending + grad
-
-    def after_backward_use(self) -> None:
-        """Its gradients are reduced: drop what backward gathered (regather, recompute)."""
-        self.bw_full = None
-        self.recompute_full = None
-
     @classmethod
     def bucket(cls, units: list["Unit"]) -> "Unit":
         """One unit made of ``units`` (same strategy, group and dtypes): their layouts one after
@@ -195,7 +164,7 @@ class Unit:
         merged = cls(
             name, first.module, [h for u in units for h in u.holders], layout,
             [s for u in units for s in u.orig_shapes], first.strategy, first.spec,
-            first.compute_device, first.state,
+            first.compute_device,
         )
         merged.local_flat = first.local_flat  # dtype and device only
         merged.tp_specs = [s for u in units for s in u.tp_specs]
@@ -248,7 +217,8 @@ class Unit:
 
     def rebuild_flat(self) -> bool:
         """After ``model.to(dtype/device)`` (``nn.Module._apply``) replaced the shards' data:
-        make them views of one new flat buffer again. Returns False when nothing changed."""
+        make them views of one new flat buffer again. Returns False when nothing changed (the
+        caller then updates the unit's runtime state: ``UnitRuntime.after_rebuild``)."""
         shards = self.shards()
         flat = self.local_flat
         if all(s.device == flat.device and s.dtype == flat.dtype and _views_into(s, flat) for s in shards):
@@ -269,9 +239,6 @@ class Unit:
                 view.copy_(shard.detach())
                 shard.data = view
                 shard.grad = grad
-        self.accumulator = None  # rebuilt in the new dtype by the next no_sync
-        if self.pending is not None:
-            self.pending = self.pending.to(device=device)
         return True
 
 

@@ -26,6 +26,7 @@ from typing import Callable
 import torch.fx
 
 from fsdp_compile.ops import GradMode, gather_unit
+from fsdp_compile.params import tree_state
 from fsdp_compile.registry import get_unit
 
 
@@ -34,7 +35,7 @@ def is_gather(node: torch.fx.Node) -> bool:
 
 
 def _bucket_key(unit):
-    return (unit.strategy, unit.spec, unit.shard_dtype, unit.compute_device, id(unit.state))
+    return (unit.strategy, unit.spec, unit.shard_dtype, unit.compute_device, id(tree_state(unit.module)))
 
 
 def _shard_bytes(unit) -> int:

@@ -1,4 +1,4 @@
-"""Read the collective schedule of a compiled graph, and check that every rank has the same one.
+"""Read the collective schedule of a compiled graph (what every rank must issue alike).
 
 An analysis pass (it never rewrites). Given a forward or backward graph::
 
@@ -13,9 +13,9 @@ An analysis pass (it never rewrites). Given a forward or backward graph::
 ..., "shard"), Collective("all_reduce", ..., "replicate")]`` in program order. A group is named by
 its role: the shard groups of a 2-D mesh are different groups with different names on different
 ranks, but the same role. Ranks compile independently, so a rank-dependent decision anywhere in
-the compiler would reorder collectives and hang the job; ``verify_schedule_across_ranks``
+the compiler would reorder collectives and hang the job; ``consistency.verify_schedule_across_ranks``
 compares the fingerprints (kind, bytes, dtype, group role, and for a gradient reduction which
-of the unit's parameters got no gradient) once per graph and raises instead.
+of the unit's parameters got no gradient) across ranks once per graph and raises instead.
 """
 from __future__ import annotations
 
@@ -24,8 +24,6 @@ from typing import Optional
 
 import torch
 import torch.fx
-
-from fsdp_compile.consistency import first_mismatch_across_ranks
 
 _COLLECTIVES = {
     "all_gather_into_tensor": 0,
@@ -94,29 +92,3 @@ def collective_schedule(gm: torch.fx.GraphModule, roles: Optional[dict[str, str]
             no_grad = tuple(node.meta.get("custom", {}).get("fsdp_no_grad", ()))
             schedule.append(Collective(kind, *_input_bytes(node), (roles or {}).get(name, name), no_grad))
     return schedule
-
-
-def verify_schedule_across_ranks(schedule: list[Collective], group, what: str) -> None:
-    fingerprint = [c.fingerprint for c in schedule]
-    mismatch = first_mismatch_across_ranks(fingerprint, group)
-    if mismatch is not None:
-        rank, theirs = mismatch
-        raise RuntimeError(
-            f"fsdp_compile: the compiled {what} graph on this rank issues collectives "
-            f"{fingerprint} but rank {rank}'s issues {theirs}; ranks must compile the same "
-            "model with the same inputs (shapes, dtypes) or the job would hang"
-            + _no_grad_hint(fingerprint, theirs)
-        )
-
-
-def _no_grad_hint(mine: list[tuple], theirs: list[tuple]) -> str:
-    """When the schedules differ only in which parameters got no gradient: say so."""
-    if len(mine) != len(theirs) or any(a[:-1] != b[:-1] for a, b in zip(mine, theirs)):
-        return ""
-    at = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
-    return (
-        f". They differ only in the parameters that got no gradient (the last field, indices in "
-        f"the unit) in collective {at}: {list(mine[at][-1])} here, {list(theirs[at][-1])} there. A "
-        "parameter that takes part in the loss on some ranks only would leave .grad None on some "
-        "ranks and not others; use it on every rank (e.g. add 0 * its output to the loss)"
-    )

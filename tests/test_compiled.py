@@ -215,7 +215,8 @@ def decorator_and_explain_run(rank: int, world: int) -> dict:
         "plain_names": [n for n, _ in ddp.module.named_parameters()],
         "explain": fsdp_compile.explain(compiled),
     }
-    from fsdp_compile.passes.schedule_check import Collective, verify_schedule_across_ranks
+    from fsdp_compile.consistency import verify_schedule_across_ranks
+    from fsdp_compile.passes.schedule_check import Collective
 
     mine = [Collective("all_gather_into_tensor", 64 * (rank + 1), "float32")]
     try:
@@ -538,3 +539,35 @@ def test_reductions_overlap_the_next_units_backward_by_default_and_train_like_ea
         assert got["no_overlap"] == got["eager"], got
         assert got["default_deferred"] and not got["default_waited_at_once"], got
         assert got["no_overlap_waited_at_once"] and not got["no_overlap_deferred"], got
+
+
+def _compiled_model_lifetime_rank(rank, world) -> dict:
+    """A compiled (``aot_eager``, bucketed) model trained one step, then deleted: whether its
+    ``FSDPState``, its units and the global optimizer hook outlive it after ``gc.collect()``
+    (Dynamo's code cache keeps the compiled graphs until ``torch._dynamo.reset()``)."""
+    import gc
+    import weakref
+
+    from fsdp_compile.registry import live_units
+    from fsdp_compile.state_dict import _live_hooks
+
+    torch.manual_seed(0)
+    model = fsdp_compile.fully_shard(GPT(GPTConfig(layers=2)), policy={Block})
+    compiled = torch.compile(model, backend=fsdp_compile.backend(inner="aot_eager", bucket_bytes=1 << 30))
+    opt = torch.optim.AdamW(model.parameters())
+    compiled(*gpt_batch(0, rank)).backward()
+    opt.step()
+    state = weakref.ref(model.__dict__["_fsdp_root_state"])
+    out = {"buckets": len(state().bucket_units), "units": len(live_units())}
+    del model, compiled, opt
+    gc.collect()
+    out.update(state=state() is not None, units_after=len(live_units()), hook=_live_hooks() is not None)
+    return out
+
+
+def test_a_deleted_compiled_model_frees_its_state_units_and_optimizer_hook():
+    """The compiled graphs' call wrappers hold the model's state weakly and bucket units belong
+    to the state, so Dynamo's code cache (which outlives the model) keeps none of them."""
+    for out in run_ranks(_compiled_model_lifetime_rank, 2, timeout=300):
+        assert out["buckets"] >= 1 and out["units"] > out["buckets"], out
+        assert out == {**out, "state": False, "units_after": 0, "hook": False}, out

@@ -313,6 +313,74 @@ def test_world_size_one_without_process_group():
     _assert_world_one(_world_one(), "no process group")
 
 
+def _optimizer_hook_lifetime_rank(rank, world):
+    """How many of our global optimizer step pre-hooks torch holds: before any model, with two
+    sharded models, after deleting one and then the other (each followed by ``gc.collect``),
+    and whether an optimizer stepped meanwhile got its state-dict hooks (DTensor state)."""
+    import gc
+
+    from torch.distributed.tensor import DTensor
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+    from fsdp_compile.state_dict import _on_step
+
+    def ours() -> int:
+        return sum(1 for hook in _global_optimizer_pre_hooks.values() if hook is _on_step)
+
+    _init_rank()
+    gc.collect()
+    out = {"before": ours()}
+    first, second = (fully_shard(_seeded(GPT, ODD), policy={Block}) for _ in range(2))
+    out["two models"] = ours()
+    opt = torch.optim.AdamW(first.parameters())
+    first(*gpt_batch(0, rank, ODD)).backward()
+    opt.step()
+    out["dtensor state"] = isinstance(opt.state_dict()["state"][0]["exp_avg"], DTensor)
+    del first, opt
+    gc.collect()
+    out["one model"] = ours()
+    del second
+    gc.collect()
+    out["no model"] = ours()
+    return out
+
+
+def test_the_global_optimizer_hook_lives_exactly_while_a_sharded_model_does():
+    """``fully_shard`` registers one process-wide optimizer step pre-hook (state_dict.py's
+    ``OptimizerHooks``, held by every ``FSDPState``): one for any number of models, there while
+    one is alive, removed once the last one is freed. In fresh rank processes (2 ranks, so
+    optimizer state of a shard is a DTensor)."""
+    for out in run_ranks(_optimizer_hook_lifetime_rank, 2, timeout=120):
+        assert out == {"before": 0, "two models": 1, "dtensor state": True, "one model": 1, "no model": 0}, out
+
+
+def test_unit_runtime_transitions_are_checked_and_sharding_info_reports_them():
+    """A unit's runtime record (``UnitRuntime``, owned by the model's ``FSDPState``) refuses an
+    illegal change with an internal error naming the unit and what it holds; during a forward
+    ``sharding_info`` lists the gathered units, afterwards none (in process, world size 1)."""
+    from fsdp_compile.unit_runtime import Gathered, UnitStateError
+
+    model = fully_shard(_seeded(GPT, ODD), policy={Block})
+    state = fsdp_compile.api.root_state(model)
+    rt = state.runtime[state.units[1].id]
+    seen = {}
+    model.blocks[0].register_forward_pre_hook(lambda *_: seen.setdefault("before", sharding_info(model).gathered) and None)
+    model.blocks[0].fc2.register_forward_hook(lambda *_: seen.setdefault("inside", sharding_info(model).gathered) and None)
+    model(*gpt_batch(0, 0, ODD)).backward()
+    assert seen == {"before": ("",), "inside": ("", "blocks.0")} and sharding_info(model).gathered == ()
+    assert rt.held == () and "SHARDED" in repr(rt)
+    fulls = rt.regathered_for_backward()
+    assert rt.held == (Gathered.BACKWARD,) and rt.regathered_for_backward() is fulls
+    rt.gathered_for_recompute(fulls)
+    with pytest.raises(UnitStateError, match=r"unit 'blocks.0' cannot be gathered for a recompute again while it is regathered for backward, gathered for a recompute"):
+        rt.gathered_for_recompute(fulls)
+    rt.after_backward_use()
+    rt.gathered_for_forward(fulls)
+    with pytest.raises(UnitStateError, match="internal error"):
+        rt.gathered_for_forward(fulls)
+    assert rt.resharded() and not rt.resharded() and rt.held == ()
+
+
 # ---- 4. errors (in process: no process group needed) ----------------------------------------------
 def test_error_sharding_twice():
     model = fully_shard(GPT(ODD), policy={Block})

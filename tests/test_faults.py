@@ -180,7 +180,7 @@ OUT_OF_STEP = [(odd, c) for odd in ("no_sync", "summon_full_params", "skipped un
 @pytest.mark.parametrize("odd_one,compiled", OUT_OF_STEP, ids=[f"{o.replace(' ', '_')}-{'compiled' if c else 'eager'}" for o, c in OUT_OF_STEP])
 def test_ranks_out_of_step_all_raise_naming_what_differs(odd_one, compiled):
     """One rank in ``no_sync`` or ``summon_full_params`` while the other is not, or a rank whose
-    forward skips a unit: the lockstep check (four integers, one all-gather, before each forward
+    forward skips a unit: the lockstep check (five integers, one all-gather, before each forward
     and, eagerly, before each unit's forward all-gather) makes every rank raise within seconds, naming
     both sides, before any collective mismatches (compiled ranks on different graphs compare
     the graphs' schedules, which names the collectives). Without it the skipped unit is the worst case:
@@ -199,6 +199,70 @@ def test_ranks_out_of_step_all_raise_naming_what_differs(odd_one, compiled):
         else:
             assert "all-gather of unit 'blocks.1'" in out["message"], (rank, out["message"])
             assert "all-gather of unit 'blocks.2'" in out["message"], (rank, out["message"])
+
+
+class ReluBlock(nn.Module):
+    """Block's parameter shapes with other code: its compiled graph differs from a Block's, its
+    collectives do not."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+class TwoBlocks(nn.Module):
+    """Two blocks (equal Blocks, or a Block and a ReluBlock), each compiled on its own, called in
+    the other order when ``swap``."""
+
+    def __init__(self, distinct: bool):
+        super().__init__()
+        self.first, self.second = Block(), ReluBlock() if distinct else Block()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x, swap: bool = False):
+        a, b = (self.second, self.first) if swap else (self.first, self.second)
+        return self.head(b(a(x)))
+
+
+def graphs_in_another_order(rank: int, world: int, distinct: bool) -> dict:
+    """Three steps with each block compiled on its own (``aot_eager``); at step 1 rank 1 calls
+    the blocks in the other order. Returns the error and how long after step 1 began it came."""
+    torch.manual_seed(0)
+    model = fully_shard(TwoBlocks(distinct), policy={Block, ReluBlock})
+    backend = fsdp_compile.backend(inner="aot_eager")
+    model.first.compile(backend=backend)
+    model.second.compile(backend=backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    start = None
+    try:
+        for step in range(3):
+            if step == 1:
+                start = time.monotonic()
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(10 * step + rank))
+            model(x, swap=rank == 1 and step == 1).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    except Exception as error:  # noqa: BLE001 -- reported to the parent
+        return {"type": type(error).__name__, "message": str(error), "seconds": time.monotonic() - start}
+    return {"type": None}
+
+
+@pytest.mark.parametrize("distinct", [True, False], ids=["two-graphs", "one-shared-graph"])
+def test_compiled_graphs_called_in_another_order_all_raise_naming_them(distinct):
+    """Rank 1 calls its blocks' compiled graphs in the other order at step 1. Their collectives
+    are the same (equal parameter shapes), so the graphs' ids (a CRC of their collective
+    schedules) agree, and without the per-call units in the lockstep record rank 0's all-gather
+    of block ``first`` would pair with rank 1's of ``second`` and train on a mix of the two
+    blocks, without any error. Two graphs (a tanh and a relu block), or one graph that both
+    equal blocks share: every rank raises within 10 s, naming the units each side gathers."""
+    for rank, out in enumerate(run_ranks(graphs_in_another_order, 2, distinct, timeout=120)):
+        assert out["type"] == "RuntimeError" and out["seconds"] < 10, (rank, out)
+        message = out["message"]
+        assert "ranks are out of step" in message and "compiled graph" in message, (rank, message)
+        assert "(gathering 'first')" in message and "(gathering 'second')" in message, (rank, message)
 
 
 @pytest.fixture(scope="module")

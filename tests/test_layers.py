@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Lowest first. A module may import modules of earlier entries only (and itself's package).
 LAYERS = [
     "config", "log", "failures", "gloo_worker", "mesh", "consistency", "layout", "tensor_parallel", "kernels",
-    "collectives", "registry", "unit", "ops", "runtime", "state_dict", "params", "deferred_init", "api", "passes",
+    "collectives", "registry", "unit", "unit_runtime", "ops", "runtime", "state_dict", "params", "deferred_init", "api", "passes",
     "compiler", "explain", "full_params", "testing", "estimate",
 ]
 
@@ -95,19 +95,29 @@ def _violations() -> list[str]:
     return bad
 
 
+def _check_probe(path: Path) -> list[str]:
+    """What ``_violations`` says of ``path`` read as fsdp_compile.registry."""
+    return [
+        f"fsdp_compile.registry imports {t}, a higher layer"
+        for t in _imports("fsdp_compile.registry", path)
+        if LAYERS.index(_layer_of(t)) > LAYERS.index("registry")
+    ]
+
+
 def test_every_import_goes_down_a_layer():
     assert _violations() == []
 
 
 def test_the_check_sees_a_violation(tmp_path):
-    """The checker is not vacuous: unit.py's TYPE_CHECKING import of the runtime is skipped,
-    and the same import outside that block would be reported."""
-    path = REPO / "fsdp_compile" / "unit.py"
-    assert "fsdp_compile.runtime" not in _imports("fsdp_compile.unit", path)
-    assert "from .runtime import FSDPState" in path.read_text()  # present, under TYPE_CHECKING
-    probe = tmp_path / "unit.py"
-    probe.write_text("from .runtime import FSDPState\n")
-    assert _imports("fsdp_compile.unit", probe) == ["fsdp_compile.runtime"]
+    """The checker is not vacuous: registry.py's TYPE_CHECKING import of the unit's runtime
+    record is skipped, and the same import outside that block would be reported."""
+    path = REPO / "fsdp_compile" / "registry.py"
+    assert "fsdp_compile.unit_runtime" not in _imports("fsdp_compile.registry", path)
+    assert "from .unit_runtime import UnitRuntime" in path.read_text()  # present, under TYPE_CHECKING
+    probe = tmp_path / "registry.py"
+    probe.write_text("from .unit_runtime import UnitRuntime\n")
+    assert _imports("fsdp_compile.registry", probe) == ["fsdp_compile.unit_runtime"]
+    assert any("a higher layer" in v for v in _check_probe(probe))
 
 
 FIRST_IMPORTS = ["fsdp_compile.passes.reorder", "fsdp_compile.passes.reshard", "fsdp_compile.unit"]

@@ -220,7 +220,7 @@ def _trace_rank(rank, factory, world, mesh_dims, strategy, bf16, ac, batch, seq,
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from fsdp_compile.api import fully_shard
+    from fsdp_compile.api import fully_shard, root_state
     from fsdp_compile.compiler import FSDPBackend
     from fsdp_compile.config import MixedPrecision
     from fsdp_compile.explain import sharding_info
@@ -260,7 +260,7 @@ def _trace_rank(rank, factory, world, mesh_dims, strategy, bf16, ac, batch, seq,
             loss = compiled(idx, torch.randint(0, vocab, (batch, seq)))
             loss.backward()
         info = sharding_info(model)
-        groups = info.units[0].state.groups if info.units else None
+        groups = root_state(model).groups if info.units else None
         group_sizes = {"shard": groups.shard_size if groups else 1, "replicate": groups.replicate_size if groups else 1}
         timeline, schedule = _walk(info.compiled_graphs, backend == "gloo")
         buffer_bytes = sum(b.untyped_storage().nbytes() for b in model.buffers())
