@@ -7,6 +7,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from . import torch_private
+
 
 def first_mismatch_across_ranks(value: Any, group=None) -> Optional[tuple[int, Any]]:
     """``(rank, their_value)`` for the first rank of ``group`` whose picklable ``value`` differs
@@ -37,9 +39,7 @@ def exchange_records(record: Sequence[int], group, device: torch.device) -> list
 def _real_tensors():
     """These checks exchange Python values: under a ``FakeTensorMode`` (``fsdp_compile.estimate``
     traces a step under one) their few tensors must still be real to be read back."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    return unset_fake_temporarily()
+    return torch_private.unset_fake_temporarily()
 
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

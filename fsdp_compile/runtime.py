@@ -31,9 +31,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils._pytree import tree_map
 
-from . import ops
+from . import ops, torch_private
 from .consistency import exchange_records
 from .failures import first_line, naming_collective_failures, report_failure
 from .gloo_worker import abandon_twin
@@ -77,7 +76,7 @@ def in_recompute() -> bool:
     backward graph task. Backward hooks run with grad disabled, so they still see shards."""
     if torch.compiler.is_compiling():  # compiled regions recompute inside the compiled backward
         return False
-    return torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
+    return torch.is_grad_enabled() and torch_private.current_graph_task_id() != -1
 
 
 @dataclass(frozen=True)
@@ -192,7 +191,7 @@ class FSDPState:
         back-propagates through this gather (its backward reduces the gradients)."""
         if unit.recompute_full is None:
             unit.recompute_full = self._gather(unit, register=False)
-            torch.autograd.Variable._execution_engine.queue_callback(unit.after_backward_use)
+            torch_private.queue_backward_callback(unit.after_backward_use)
         return unit.recompute_full
 
     def _gather(self, unit: Unit, register: bool) -> list[torch.Tensor]:
@@ -403,7 +402,7 @@ class FSDPState:
         def cast(x):
             return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
-        return tree_map(cast, args), tree_map(cast, kwargs)
+        return torch_private.tree_map(cast, args), torch_private.tree_map(cast, kwargs)
 
     # ---- FULL_SHARD: free after forward, regather for backward ---------------------------
     def register_full(self, unit: Unit, fulls: list[torch.Tensor]) -> None:

@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 
+from . import torch_private
 from .mesh import mesh_for_state_dicts
 from .registry import live_units
 from .tensor_parallel import local_of
@@ -81,7 +82,7 @@ def to_state_value(unit, index: int, local: torch.Tensor) -> torch.Tensor:
         local.as_strided(local.shape, local.stride(), 0), mesh, placements, run_check=False,
         shape=full_shape, stride=stride,
     )
-    dtensor._local_tensor = local
+    torch_private.set_local_tensor(dtensor, local)
     return dtensor
 
 

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.fx
 
+from fsdp_compile import torch_private
 from fsdp_compile.consistency import first_mismatch_across_ranks
 
 _COLLECTIVES = {
@@ -59,11 +60,11 @@ class Collective:
 
 def collective_kind(node: torch.fx.Node):
     target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+    if node.op != "call_function" or not isinstance(target, torch_private.OpOverload):
         return None
     if target.namespace != "_c10d_functional":
         return None
-    name = target._schema.name.split("::")[-1]
+    name = torch_private.op_schema_name(target).split("::")[-1]
     return name if name in _COLLECTIVES else None
 
 
