@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import params as _params
+from . import torch_private
 from .collectives import CommSpec, reduce_scatter_kind
 from .consistency import StartingValues, check_same_tensors_before_broadcast, check_units_and_starting_values
 from .deferred_init import materialize_and_shard
@@ -219,11 +220,7 @@ def _register_shared_hooks(modules: list[nn.Module], state: FSDPState) -> None:
     pre_id = torch.utils.hooks.RemovableHandle(OrderedDict()).id
     post_id = torch.utils.hooks.RemovableHandle(OrderedDict()).id
     for sub in modules:
-        sub._forward_pre_hooks[pre_id] = state.pre_forward
-        sub._forward_pre_hooks_with_kwargs[pre_id] = True
-        sub._forward_hooks[post_id] = state.post_forward
-        sub._forward_hooks_with_kwargs[post_id] = True
-        sub._forward_hooks_always_called[post_id] = True
+        torch_private.add_shared_forward_hooks(sub, pre_id, state.pre_forward, post_id, state.post_forward)
 
 
 def _policy_predicate(policy: Policy) -> Callable[[nn.Module], bool]:
@@ -327,7 +324,7 @@ def _build_unit(path, module, members, strategy, mp, groups, compute_device, sta
         )
     tp_specs = _tp_specs(path, fqns, params, groups)
     replicated = strategy == ShardingStrategy.NO_SHARD
-    shapes = [tuple(p.shape if s is None else p._local_tensor.shape) for p, s in zip(params, tp_specs)]
+    shapes = [tuple(p.shape if s is None else torch_private.local_tensor(p).shape) for p, s in zip(params, tp_specs)]
     layout = make_unit_layout(fqns, shapes, groups.shard_size, replicated)
     spec = CommSpec(
         groups.shard_name, groups.shard_size, groups.shard_rank, replicated, mp.param_dtype, mp.reduce_dtype,

@@ -25,11 +25,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import kernels
+from . import kernels, torch_private
 from .gloo_worker import served_by_gloo
 from .layout import UnitLayout
 
-_c10d = torch.ops._c10d_functional
+_c10d = torch_private.c10d_functional
 
 
 @dataclass(frozen=True)

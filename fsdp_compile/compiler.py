@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-import torch._functorch.config as functorch_config
 import torch.fx
 
 from fsdp_compile.passes.bucketing import bucket_gathers
@@ -40,7 +39,7 @@ from fsdp_compile.passes.reorder import prefetch_all_gathers
 from fsdp_compile.passes.reshard import tag_reshard
 from fsdp_compile.passes.schedule_check import Collective, collective_schedule
 
-from . import ops
+from . import ops, torch_private
 from .kernels.traced import LOWERINGS, lowering_for_trace
 from .config import ShardingStrategy
 from .failures import named_failure, naming_collective_failures
@@ -174,7 +173,7 @@ class FSDPBackend:
             log.info("compiled the %s graph (inner=%s): %d collectives: %s", name, self.inner,
                      len(record.schedules[name]), _kinds(record.schedules[name]))
 
-        with functorch_config.patch(joint_custom_pass=joint_pass), lowering_for_trace(self.copies):
+        with torch_private.joint_custom_pass(joint_pass), lowering_for_trace(self.copies):
             compiled = _compile_inner(
                 self.inner, gm, example_inputs, on_graph, self.inductor_options, _guard_backward(record, units)
             )
@@ -199,7 +198,7 @@ def _unit_resolver(gm: torch.fx.GraphModule, example_inputs) -> Callable[[int, t
         candidates = [u for u in live_units() if u.template == template and u.local_flat is not None]
         for node in shard_nodes:
             value = values.get(node)
-            if isinstance(value, torch.Tensor) and value.numel() and not isinstance(value, torch._subclasses.FakeTensor):
+            if isinstance(value, torch.Tensor) and value.numel() and not isinstance(value, torch_private.FakeTensor):
                 ptr = value.untyped_storage().data_ptr()
                 for unit in candidates:
                     if unit.local_flat.untyped_storage().data_ptr() == ptr:
@@ -210,11 +209,9 @@ def _unit_resolver(gm: torch.fx.GraphModule, example_inputs) -> Callable[[int, t
 
 
 def _check_inductor_options(options: dict, inner: str) -> None:
-    import torch._inductor.config as inductor_config
-
     if inner != "inductor":
         raise ValueError(f"fsdp_compile.backend: inductor_options apply to inner='inductor', not inner={inner!r}")
-    unknown = sorted(k for k in options if k not in inductor_config._config)
+    unknown = sorted(k for k in options if k not in torch_private.inductor_config_keys())
     if unknown:
         raise ValueError(
             f"fsdp_compile.backend: inductor_options has unknown torch._inductor.config keys {unknown}"
@@ -227,11 +224,10 @@ def _compile_inner(
 ) -> Callable:
     """The Dynamo graph compiled by AOTAutograd and ``inner``; ``on_graph`` sees each partitioned
     graph, ``guard_backward`` wraps the compiled backward's (boxed) call."""
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from functorch.compile import min_cut_rematerialization_partition
 
     if inner == "aot_eager":
         from functorch.compile import make_boxed_func
-        from torch._dynamo.backends.common import aot_autograd
 
         def recording(is_backward):
             def compiler(graph, inputs):
@@ -241,19 +237,17 @@ def _compile_inner(
 
             return compiler
 
-        return aot_autograd(
+        return torch_private.aot_autograd(
             fw_compiler=recording(False),
             bw_compiler=recording(True),
             partition_fn=min_cut_rematerialization_partition,
             keep_inference_input_mutations=True,
         )(gm, example_inputs)
 
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
     def inner_compile(graph, inputs, **kwargs):
         is_backward = bool(kwargs.get("is_backward", False))
         on_graph(graph, is_backward)
-        out = compile_fx_inner(graph, inputs, **kwargs)
+        out = torch_private.compile_fx_inner(graph, inputs, **kwargs)
         if is_backward and hasattr(out, "current_callable"):  # in place: AOTAutograd may cache it
             out.current_callable = guard_backward(out.current_callable)
         elif is_backward:
@@ -261,7 +255,9 @@ def _compile_inner(
         return out
 
     # config_patches also reach the backward, which Inductor compiles lazily at its first call
-    return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=inductor_options or None)
+    return torch_private.compile_fx(
+        gm, example_inputs, inner_compile=inner_compile, config_patches=inductor_options or None
+    )
 
 
 def _state_of(unit: Unit):
@@ -303,8 +299,7 @@ def _guard_backward(record: CompiledGraphs, units: dict) -> Callable[[Callable],
                     raise
                 raise failure from error
 
-        run._boxed_call = True
-        return run
+        return torch_private.set_boxed_call(run)
 
     return guard
 
@@ -381,8 +376,7 @@ def _wrap_call(compiled: Callable, record: CompiledGraphs, units: dict, group) -
                 node.register_prehook(check_backward(units_key))
         return out
 
-    run._boxed_call = getattr(compiled, "_boxed_call", False)
-    return run
+    return torch_private.set_boxed_call(run, torch_private.is_boxed_call(compiled))
 
 
 def backend(

@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from . import torch_private
 from .failures import naming_collective_failures
 
 
@@ -87,9 +88,7 @@ def exchange_records(record: Sequence[int], group, device: torch.device) -> list
 def _real_tensors():
     """These checks exchange Python values: under a ``FakeTensorMode`` (``fsdp_compile.estimate``
     traces a step under one) their few tensors must still be real to be read back."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    return unset_fake_temporarily()
+    return torch_private.unset_fake_temporarily()
 
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

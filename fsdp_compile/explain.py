@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import torch_private
 from .api import root_state
 from .unit import Unit
 
@@ -117,6 +118,5 @@ def explain(model: nn.Module) -> str:
 
 
 def _resolve_group(name: str):
-    from torch.distributed.distributed_c10d import _resolve_process_group
 
-    return _resolve_process_group(name)
+    return torch_private.resolve_process_group(name)

@@ -20,6 +20,8 @@ import time
 
 import torch.distributed as dist
 
+from . import torch_private
+
 _MARKS = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "read error",
           "write error", "processgroup", "broken pipe", "socket")
 
@@ -74,9 +76,8 @@ def _message(what: str, error: BaseException) -> str:
 def _store():
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    from torch.distributed.distributed_c10d import _get_default_store
 
-    return _get_default_store()
+    return torch_private.default_store()
 
 
 def report_failure(text: str) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import torch_private
 from .api import root_state
 from .failures import naming_collective_failures
 from .consistency import Phase
@@ -216,7 +217,7 @@ def _clip_over_tensor_parallel(module: nn.Module, state, max_norm: float, norm_t
             in_units.add(id(shard))
             if shard.grad is None:
                 continue
-            grad = local_of(shard.grad) if tp is None else shard.grad._local_tensor
+            grad = local_of(shard.grad) if tp is None else torch_private.local_tensor(shard.grad)
             distinct = unit.spec.world_size if sharded and len(shape) else 1
             if tp is not None:
                 distinct *= math.prod(

@@ -34,8 +34,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import _register_process_group
-
+from . import torch_private
 from .failures import naming_collective_failures
 
 # user group -> its twin
@@ -70,7 +69,7 @@ def abandon_twin(group: Optional[dist.ProcessGroup]) -> None:
     so a later ``fully_shard`` connects a new one."""
     twin = _twins.pop(group, None) if group is not None else None
     if twin is not None:
-        twin._get_backend(torch.device("cpu")).abort()
+        torch_private.cpu_backend(twin).abort()
 
 
 def served_by_gloo(group, device: torch.device) -> bool:
@@ -84,44 +83,30 @@ def served_by_gloo(group, device: torch.device) -> bool:
 
 def _make_twin(group: dist.ProcessGroup) -> dist.ProcessGroup:
     from torch.distributed import ProcessGroupGloo
-    from torch.distributed.distributed_c10d import _get_default_store
 
     n = _made.get(group.group_name, 0)
     _made[group.group_name] = n + 1
     name = f"{group.group_name}{SUFFIX}/{n}"
-    store = dist.PrefixStore(f"{name}/", _get_default_store())
+    store = dist.PrefixStore(f"{name}/", torch_private.default_store())
     rank, size = dist.get_rank(group), dist.get_world_size(group)
 
-    options = ProcessGroupGloo._Options()
-    theirs = _gloo_options(group)
-    if theirs is not None:
-        options._devices = theirs._devices
-        options._timeout = theirs._timeout
-    else:
-        options._devices = [ProcessGroupGloo.create_default_device()]
-    options._threads = 1
+    options = torch_private.gloo_options(threads=1, like=_gloo_options(group))
     backend = ProcessGroupGloo(store, rank, size, options)
-
-    twin = dist.ProcessGroup(store, rank, size)
-    twin._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
-    twin._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, backend)
-    twin._set_group_name(name)
-    _register_process_group(name, twin)
-    return twin
+    return torch_private.process_group_over(store, rank, size, backend, name)
 
 
 def _gloo_options(group: dist.ProcessGroup):
     """The user's gloo backend options (devices, timeout), or None when they cannot be read
     (a debug wrapper around the backend, for instance)."""
     try:
-        return group._get_backend(torch.device("cpu")).options
+        return torch_private.cpu_backend(group).options
     except (AttributeError, RuntimeError):
         return None
 
 
 def _drop_destroyed() -> None:
     """Forget twins of groups ``destroy_process_group`` has destroyed (their worker exits)."""
-    live = dist.distributed_c10d._world.pg_map if dist.is_initialized() else {}
+    live = torch_private.live_process_groups()
     for group in [g for g in _twins if g not in live]:
         del _twins[group]
 
@@ -130,6 +115,6 @@ def worker_threads(group) -> Optional[int]:
     """How many worker threads run the collectives of ``group`` (a group or a group name), or
     None when its CPU backend is not a readable ``ProcessGroupGloo``."""
     if isinstance(group, str):
-        group = dist.distributed_c10d._resolve_process_group(group)
+        group = torch_private.resolve_process_group(group)
     options = _gloo_options(group)
-    return None if options is None else options._threads
+    return None if options is None else torch_private.gloo_threads(options)

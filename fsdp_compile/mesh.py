@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from . import torch_private
 from .config import ShardingStrategy
 from .gloo_worker import one_worker_group_name, served_by_gloo
 
@@ -147,7 +148,7 @@ def _from_mesh(mesh, strategy: ShardingStrategy) -> Groups:
     if mesh.size() == dist.get_world_size():
         everyone = dist.group.WORLD
     else:
-        everyone = mesh._flatten().get_group()
+        everyone = torch_private.flatten_mesh(mesh).get_group()
     return Groups(
         shard, shard.group_name if shard_size > 1 else None, shard_size, mesh.get_local_rank("shard"),
         replicate, replicate.group_name if replicate_size > 1 else None, replicate_size,
@@ -206,7 +207,7 @@ def with_tensor_parallel(groups: Groups, tp_specs) -> Groups:
     roles = {}
     for spec in tp_specs:
         for dim, name in enumerate(spec.mesh.mesh_dim_names):
-            roles[spec.mesh._dim_group_names[dim]] = name
+            roles[spec.mesh.get_group(dim).group_name] = name
     combined = max((s.sharded_mesh for s in tp_specs), key=lambda m: m.size())
-    everyone = dist.group.WORLD if combined.size() == dist.get_world_size() else combined._flatten().get_group()
+    everyone = dist.group.WORLD if combined.size() == dist.get_world_size() else torch_private.flatten_mesh(combined).get_group()
     return dataclasses.replace(groups, other_roles=tuple(sorted(roles.items())), everyone=everyone)

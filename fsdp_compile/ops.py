@@ -21,8 +21,8 @@ from typing import Optional
 
 import torch
 import torch.fx.traceback
-from torch._subclasses.fake_tensor import is_fake
 
+from .torch_private import is_fake
 from .log import warn_once
 from .registry import get_unit, runtime_of
 

@@ -31,9 +31,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_map
 
-from . import consistency, ops
+from . import consistency, ops, torch_private
 from .consistency import Phase
 from .failures import first_line, report_failure
 from .gloo_worker import abandon_twin
@@ -52,7 +51,7 @@ def in_recompute() -> bool:
     backward graph task. Backward hooks run with grad disabled, so they still see shards."""
     if torch.compiler.is_compiling():  # compiled regions recompute inside the compiled backward
         return False
-    return torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
+    return torch.is_grad_enabled() and torch_private.current_graph_task_id() != -1
 
 
 @dataclass(frozen=True)
@@ -183,7 +182,7 @@ class FSDPState:
         back-propagates through this gather (its backward reduces the gradients)."""
         if rt.recompute_full is None:
             rt.gathered_for_recompute(self._gather(rt, register=False))
-            torch.autograd.Variable._execution_engine.queue_callback(rt.after_backward_use)
+            torch_private.queue_backward_callback(rt.after_backward_use)
         return rt.recompute_full
 
     def _gather(self, rt: UnitRuntime, register: bool) -> list[torch.Tensor]:
@@ -327,7 +326,7 @@ class FSDPState:
         def cast(x):
             return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
-        return tree_map(cast, args), tree_map(cast, kwargs)
+        return torch_private.tree_map(cast, args), torch_private.tree_map(cast, kwargs)
 
     # ---- FULL_SHARD: free after forward, regather for backward ---------------------------
     def register_full(self, rt: UnitRuntime, fulls: list[torch.Tensor]) -> None:

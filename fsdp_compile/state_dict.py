@@ -37,6 +37,7 @@ from typing import Optional
 
 import torch
 
+from . import torch_private
 from .mesh import mesh_for_state_dicts
 from .tensor_parallel import local_of
 
@@ -83,7 +84,7 @@ def to_state_value(state, unit, index: int, local: torch.Tensor) -> torch.Tensor
         local.as_strided(local.shape, local.stride(), 0), mesh, placements, run_check=False,
         shape=full_shape, stride=stride,
     )
-    dtensor._local_tensor = local
+    torch_private.set_local_tensor(dtensor, local)
     return dtensor
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import torch_private
+
 
 @dataclass(frozen=True)
 class TPSpec:
@@ -75,10 +77,8 @@ def tp_spec_of(param, fqn: str, dp_mesh, hybrid: bool) -> TPSpec:
     """The ``TPSpec`` of DTensor parameter ``param`` sharded over ``dp_mesh`` (``None``: a
     process group was passed). Raises ``ValueError`` naming ``fqn`` and the fix."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
 
-    spec = param._spec
-    tp_mesh, placements = spec.mesh, tuple(spec.placements)
+    tp_mesh, placements = param.device_mesh, tuple(param.placements)
     if dp_mesh is None:
         raise ValueError(
             f"fully_shard: parameter {fqn!r} is a DTensor on mesh {tp_mesh} (tensor parallelism); "
@@ -112,7 +112,7 @@ def tp_spec_of(param, fqn: str, dp_mesh, hybrid: bool) -> TPSpec:
             f"device_mesh {dp_mesh.mesh_dim_names} also shards over; pass the other dims"
         )
     split = math.prod(tp_mesh.size(i) for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim == 0)
-    dp_shard = _StridedShard(0, split_factor=split) if split > 1 else Shard(0)
+    dp_shard = torch_private.strided_shard(0, split_factor=split) if split > 1 else Shard(0)
     dp_placements = (Replicate(), dp_shard) if hybrid else (dp_shard,)
     shape = torch.Size(param.shape)
     stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
@@ -123,12 +123,10 @@ def _combined(dp_mesh, tp_mesh):
     """The (dp..., tp) mesh, or None when the two do not come from one root mesh (torch may
     hand out one cached slice for equal dims of two roots, so the test is the concatenation:
     it must exist and hold every rank once)."""
-    from torch.distributed.device_mesh import DeviceMesh
-
     if not dp_mesh.mesh_dim_names or not tp_mesh.mesh_dim_names:
         return None
     try:
-        combined = DeviceMesh._concatenate([dp_mesh, tp_mesh])
+        combined = torch_private.concatenate_meshes([dp_mesh, tp_mesh])
     except (RuntimeError, ValueError, AssertionError):
         return None
     ranks = combined.mesh.flatten().tolist()
@@ -141,8 +139,6 @@ def install_local(param, local: torch.Tensor, spec: TPSpec) -> None:
     offset 0 of its own storage: Dynamo's fake-tensor conversion fails on a DTensor whose inner
     tensor sits at a nonzero storage offset (a view into a flat buffer), so a TP parameter's
     shard is its own tensor and not a view of the unit's flat buffer."""
-    from torch.distributed.tensor._dtensor_spec import DTensorSpec
-
-    param._local_tensor = local
-    param._spec = DTensorSpec(spec.sharded_mesh, spec.sharded_placements, tensor_meta=param._spec.tensor_meta)
+    torch_private.set_local_tensor(param, local)
+    torch_private.set_dtensor_placement(param, spec.sharded_mesh, spec.sharded_placements)
 

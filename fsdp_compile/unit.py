@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import collectives
+from . import collectives, torch_private
 from .config import ShardingStrategy
 from .failures import naming_collective_failures
 from .layout import UnitLayout, make_unit_layout
@@ -204,7 +204,7 @@ class Unit:
         spec = self.tp_specs[index]
         full.grad = None
         if spec is not None:  # its own storage (tensor_parallel.install_local); its slot stays zero
-            install_local(full, self.local_rows(index, full._local_tensor.detach()).clone(), spec)
+            install_local(full, self.local_rows(index, torch_private.local_tensor(full).detach()).clone(), spec)
             return
         rows = self.local_rows(index, full.detach())
         view = self._slot(index, rows.shape)

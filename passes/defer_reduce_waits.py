@@ -36,9 +36,10 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from fsdp_compile import torch_private
 from fsdp_compile.passes.reshard import is_wait_tensor, unit_of
 
-_c10d = torch.ops._c10d_functional
+_c10d = torch_private.c10d_functional
 _REDUCTIONS = (_c10d.reduce_scatter_tensor.default, _c10d.all_to_all_single.default, _c10d.all_reduce.default)
 
 

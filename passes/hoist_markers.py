@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from fsdp_compile import torch_private
 from fsdp_compile.passes.insert_collectives import is_param_use
 
 _LIFTABLE = ("tag_activation_checkpoint", "wrap")
@@ -40,7 +41,7 @@ _LIFTABLE = ("tag_activation_checkpoint", "wrap")
 
 def _body_of(node: torch.fx.Node, gm: torch.fx.GraphModule):
     """The body GraphModule of a liftable higher-order op call, else None."""
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+    if node.op != "call_function" or not isinstance(node.target, torch_private.HigherOrderOperator):
         return None
     if node.target.__name__ not in _LIFTABLE or not node.args or node.args[0].op != "get_attr":
         return None

@@ -40,8 +40,8 @@ Entry point ``prefetch_all_gathers``.
 from __future__ import annotations
 
 import torch.fx
-from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
 
+from fsdp_compile.torch_private import triton_kernel_wrapper_functional
 from fsdp_compile.passes.reshard import copy_in_nodes, is_all_gather, is_copy_out, is_wait_tensor, unit_of
 
 

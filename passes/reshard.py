@@ -37,17 +37,18 @@ import torch
 import torch.fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from fsdp_compile import torch_private
 from fsdp_compile.config import ShardingStrategy
 
 _AC_GRAPH_ID = 100000  # far from any user activation-checkpoint region id
 
 
 def is_all_gather(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target is torch.ops._c10d_functional.all_gather_into_tensor.default
+    return node.op == "call_function" and node.target is torch_private.c10d_functional.all_gather_into_tensor.default
 
 
 def is_wait_tensor(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target is torch.ops._c10d_functional.wait_tensor.default
+    return node.op == "call_function" and node.target is torch_private.c10d_functional.wait_tensor.default
 
 
 _COPY_IN_OPS = ("all_gather_copy_in", "all_gather_copy_in_fused")
@@ -71,7 +72,7 @@ def is_copy_out(node: torch.fx.Node) -> bool:
 def is_view(node: torch.fx.Node) -> bool:
     return (
         node.op == "call_function"
-        and isinstance(node.target, torch._ops.OpOverload)
+        and isinstance(node.target, torch_private.OpOverload)
         and node.target.is_view
     ) or (node.op == "call_function" and node.target is operator.getitem)
 
@@ -156,6 +157,5 @@ def tag_reshard(gm: torch.fx.GraphModule, strategy_of: Callable[[Optional[int]],
         for member in chain:
             if member.op == "get_attr":
                 continue  # a constant table: nothing to save or recompute
-            member.meta["recompute"] = policy
-            member.meta["ac_graph_id"] = _AC_GRAPH_ID
+            torch_private.tag_recompute(member, policy, _AC_GRAPH_ID)
     return gm

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 import torch.fx
 
+from fsdp_compile import torch_private
+
 _COLLECTIVES = {
     "all_gather_into_tensor": 0,
     "reduce_scatter_tensor": 0,
@@ -57,11 +59,11 @@ class Collective:
 
 def collective_kind(node: torch.fx.Node):
     target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+    if node.op != "call_function" or not isinstance(target, torch_private.OpOverload):
         return None
     if target.namespace != "_c10d_functional":
         return None
-    name = target._schema.name.split("::")[-1]
+    name = torch_private.op_schema_name(target).split("::")[-1]
     return name if name in _COLLECTIVES else None
 
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._pytree import tree_leaves
+
+from fsdp_compile.torch_private import tree_leaves
 
 
 @dataclass

@@ -48,6 +48,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from fsdp_compile import torch_private
+
 from .memory import Point, Timeline, walk_graph
 from .models import default_seq, resolve_factory, unit_classes, vocab_of
 
@@ -216,16 +218,12 @@ def _zero_init(module: nn.Module) -> None:
 
 
 def _trace_rank(rank, factory, world, mesh_dims, strategy, bf16, ac, batch, seq, prefetch, backend, policy) -> _Trace:
-    import torch._dynamo
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     from fsdp_compile.api import fully_shard, root_state
     from fsdp_compile.compiler import FSDPBackend
     from fsdp_compile.config import MixedPrecision
     from fsdp_compile.explain import sharding_info
 
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    dist.init_process_group("fake", store=torch_private.fake_store(), rank=rank, world_size=world)
     try:
         device_mesh = None
         if mesh_dims is not None:
@@ -240,12 +238,10 @@ def _trace_rank(rank, factory, world, mesh_dims, strategy, bf16, ac, batch, seq,
         seq = seq or default_seq(model)
         vocab = vocab_of(model)
         if ac and classes:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-            apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, tuple(classes)))
+            torch_private.apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, tuple(classes)))
         mp = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
         # allow_non_fake_inputs: a checkpointed recompute replays the real RNG state tensor
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with torch_private.FakeTensorMode(allow_non_fake_inputs=True):
             fully_shard(
                 model, device_mesh=device_mesh, policy=classes or None, strategy=strategy, mixed_precision=mp,
                 param_init_fn=_zero_init, check_ranks=False,
@@ -268,7 +264,7 @@ def _trace_rank(rank, factory, world, mesh_dims, strategy, bf16, ac, batch, seq,
                       schedule, group_sizes)
     finally:
         dist.destroy_process_group()
-        torch._dynamo.reset()
+        torch.compiler.reset()
 
 
 def _walk(records, gloo: bool) -> tuple[Timeline, list]:

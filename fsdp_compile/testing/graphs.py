@@ -52,10 +52,11 @@ def comes_from_gather(node: torch.fx.Node) -> bool:
     copy-out (tagged by ``passes.reshard``, not by a user's checkpoint region), or a view chain
     of one."""
     from fsdp_compile.passes.reshard import _AC_GRAPH_ID
+    from fsdp_compile.torch_private import AC_GRAPH_ID_KEY
 
     while node.op == "call_function":
         name = str(node.target)
-        if "all_gather_copy_out" in name or "wait_tensor" in name or node.meta.get("ac_graph_id") == _AC_GRAPH_ID:
+        if "all_gather_copy_out" in name or "wait_tensor" in name or node.meta.get(AC_GRAPH_ID_KEY) == _AC_GRAPH_ID:
             return True
         if not (getattr(node.target, "is_view", False) or getattr(node.target, "__name__", "") == "getitem"):
             return False

@@ -5,6 +5,8 @@ from typing import Any, Callable
 
 import torch
 
+from fsdp_compile import torch_private
+
 
 def train_steps(
     forward: Callable[..., Any],
@@ -36,10 +38,10 @@ def train_steps(
             optimizer.zero_grad()
             losses.append(loss.item())
             if no_recompiles_after_first:
-                torch._dynamo.config.error_on_recompile = True
+                torch_private.error_on_recompile(True)
     finally:
         if no_recompiles_after_first:
-            torch._dynamo.config.error_on_recompile = False
+            torch_private.error_on_recompile(False)
     return losses
 
 

@@ -236,7 +236,7 @@ def _rank_main(rank: int, world: int, model_fn, batch_fn, config: dict) -> list[
         fsdp_compile.fully_shard(model, policy=config["policy"], strategy=strategy, mixed_precision=mp)
         if mode == "eager":
             return model, model
-        torch._dynamo.reset()
+        torch.compiler.reset()
         return model, torch.compile(model, backend=fsdp_compile.backend(inner=config["inner"]))
 
     def trajectory(strategy: Optional[str], mode: str):
