@@ -110,13 +110,14 @@ class FSDPState:
         self.groups: Optional[Groups] = None  # the process groups of every unit (mesh.py)
         self.fqn_to_param: dict = {}  # every registered name -> (unit, index)
         self.compiled_graphs: list = []  # backend.CompiledGraphs, one per compiled Dynamo graph
-        self.device_meshes: dict = {}  # device type -> (DeviceMesh, placements) of state dicts
+        self.device_meshes: dict = {}  # (device type, id(Groups)) -> (DeviceMesh, placements) of state dicts
         self.check_ranks = True  # fully_shard(check_ranks=): one tiny all-gather per forward
         self.materializing: Optional[torch.device] = None  # the device, during meta-device init
         self._positions: dict[int, int] = {}  # unit id -> its index in ``units`` (same on every rank)
         # (where, what it raised) once a compiled graph of this rank raised between collectives
         self.abandoned: Optional[tuple[str, str]] = None
         self.graph_names: dict[int, str] = {}  # compiled graph id -> the units it gathers (errors)
+        self.hook_ids: tuple[int, int] = (-1, -1)  # the shared pre- and post-forward hook ids (api.py)
 
     @property
     def group(self):
