@@ -288,7 +288,8 @@ def _meshes():
 
 
 def shard_experts(model, mesh, dp_mesh, shard_dim=None):
-    """The README's recipe: experts split over "ep" and sharded over "efsdp", the rest over dp."""
+    """The README's recipe (keep the two alike): experts split over "ep" and sharded over
+    "efsdp", the rest of the model over dp."""
     ep_mesh = mesh["ep"]
     for block in model.blocks:
         experts = block.moe.experts
