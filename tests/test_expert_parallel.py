@@ -10,7 +10,8 @@ World 4 (torchtitan's layout at 4 ranks with ep 2): a ``("efsdp", "ep")`` mesh, 
 ``all_to_all_single_autograd``) and sharded over "efsdp" by their own ``fully_shard``; the rest
 of the model is sharded over all 4 ranks by the outer ``fully_shard``, which adopts the
 experts' units. Reference: the same model in one process, float64, on the 4 ranks' batches
-(the mean of their losses). One spawn runs every world-4 case.
+(the mean of their losses), with torch's clip_grad_norm_ against ours at every step. One spawn
+runs every world-4 case.
 """
 from __future__ import annotations
 
@@ -117,30 +118,41 @@ def _batch(step: int, rank: int):
     return idx[:, :-1], idx[:, 1:]
 
 
-def _train(forward, model, rank, steps=STEPS):
+MAX_NORM = 0.1  # below the gradients' norm at every step: clipping scales them
+
+
+def _train(forward, model, rank, steps=STEPS, clip=False):
+    """AdamW steps (with ``clip``: ``fsdp_compile.clip_grad_norm_`` before each); returns the
+    losses, the optimizer and the clip's total norms."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    losses = []
+    losses, norms = [], []
     for step in range(steps):
         loss = forward(*_batch(step, rank))
         loss.backward()
+        if clip:
+            norms.append(fsdp_compile.clip_grad_norm_(model, MAX_NORM).detach())
         opt.step()
         opt.zero_grad()
         losses.append(loss.detach())
-    return torch.stack(losses), opt
+    return torch.stack(losses), opt, norms and torch.stack(norms)
 
 
-def reference(cls, args, world):
-    """One process, the global batch: each step's loss per rank and the final parameters."""
+def reference(cls, args, world, clip=False):
+    """One process, the global batch: each step's loss per rank, the final parameters and
+    (with ``clip``) the total norms torch's clip_grad_norm_ returns."""
     model = _seeded(cls, *args)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    losses = []
+    losses, norms = [], []
     for step in range(STEPS):
         per_rank = torch.stack([model(*_batch(step, r)) for r in range(world)])
         per_rank.mean().backward()
+        if clip:
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
         opt.step()
         opt.zero_grad()
         losses.append(per_rank.detach())
-    return torch.stack(losses), {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return torch.stack(losses), params, norms and torch.stack(norms)
 
 
 def _compile(model, mode):
@@ -198,7 +210,7 @@ def shard_dims_world2(rank, world):
         fully_shard(model, shard_placement_fn=_placement_fn(model))
         shards = {name: p.detach().clone() for name, p in model.named_parameters()}
         sd = model.state_dict()
-        losses, opt = _train(_compile(model, mode), model, rank)
+        losses, opt, _ = _train(_compile(model, mode), model, rank)
         fresh = _seeded(Stacked)
         fully_shard(fresh, shard_placement_fn=_placement_fn(fresh))
         fresh.load_state_dict(model.state_dict())
@@ -241,7 +253,7 @@ def test_shard_placement_fn_shards_each_parameter_on_its_dim_including_uneven_an
 
 
 def test_shard_placement_fn_trains_like_one_process_eager_and_compiled(world2):
-    ref_losses, ref_params = reference(Stacked, (), 2)
+    ref_losses, ref_params, _ = reference(Stacked, (), 2)
     for rank, out in enumerate(world2):
         for mode in MODES:
             assert_close(out[mode]["losses"], ref_losses[:, rank], msg=lambda m: f"rank {rank} {mode}: {m}")
@@ -308,9 +320,10 @@ def expert_parallel(rank, mesh, dp_mesh, experts, shard_dim, mode):
     model = shard_experts(_seeded(Model, experts), mesh, dp_mesh, shard_dim)
     torch._dynamo.utils.counters.clear()
     run = _compile(model, mode)
-    losses, _ = _train(run, model, rank)
+    losses, _, norms = _train(run, model, rank, clip=True)
     out = {
         "losses": losses,
+        "norms": norms,
         "params": fsdp_compile.full_state_dict(model),
         "routed": [b.moe.routed.tolist() for b in model.blocks],
         "placements": {
@@ -364,13 +377,14 @@ def world4():
 @pytest.mark.parametrize("case", list(CASES))
 def test_expert_parallel_trains_like_one_process_on_the_global_batch_eager_and_compiled(world4, case):
     experts, dim = CASES[case]
-    ref_losses, ref_params = reference(Model, (experts,), 4)
+    ref_losses, ref_params, ref_norms = reference(Model, (experts,), 4, clip=True)
     empty = 0
     for rank, results in enumerate(world4):
         for mode in MODES:
             out = case_result(results[(case, mode)])
             what = f"{case}, rank {rank}, {mode}"
             assert_close(out["losses"], ref_losses[:, rank], msg=lambda m: f"{what}: {m}")
+            assert_close(out["norms"], ref_norms, msg=lambda m: f"{what}: clip_grad_norm_: {m}")
             _assert_params(out["params"], ref_params, what)
             empty += sum(n == 0 for routed in out["routed"] for n in routed)
             mine = experts // EP
