@@ -27,12 +27,14 @@ from .config import CPUOffload, MixedPrecision, ShardingStrategy
 from .layout import make_unit_layout
 from .log import get_logger
 from .mesh import resolve_groups, with_tensor_parallel
+from .nested import ROOT_STATE, adopt, adopted_param_ids, inner_roots
 from .runtime import UNIT_OF_MODULE, FSDPState
 from .tensor_parallel import is_dtensor, tp_spec_of
 from .unit import Unit
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard
 
 Policy = Union[None, Iterable[type], Callable[[nn.Module], bool]]
 
@@ -52,6 +54,8 @@ def fully_shard(
     param_init_fn: Optional[Callable[[nn.Module], None]] = None,
     check_ranks: bool = True,
     sync_module_states: bool = False,
+    shard_placement_fn: Optional[Callable[[nn.Parameter], Optional["Shard"]]] = None,
+    gradient_divide_factor: Optional[float] = None,
 ) -> nn.Module:
     """Shard ``module``'s parameters across ``process_group`` in place and return ``module``.
 
@@ -78,27 +82,48 @@ def fully_shard(
     each, compared in the one collective that compares the units), else every rank raises,
     naming the first that differs.
 
+    ``shard_placement_fn`` (FSDP2's): called with each (full) parameter, returns
+    ``torch.distributed.tensor.Shard(dim)`` to split that parameter over the ranks on ``dim``
+    instead of dim 0 (e.g. stacked expert weights ``[E, d, h]`` on dim 1 when there are fewer
+    experts than ranks), or None for dim 0. Uneven sizes are padded like dim 0's; its shard,
+    gradient and optimizer state are this rank's ``torch.chunk`` of that dim, its state-dict
+    value a DTensor placed ``Shard(dim)``.
+
+    ``gradient_divide_factor`` (FSDP2's ``set_gradient_divide_factor``): divide the reduced
+    gradients by this instead of the number of ranks they were summed over. Expert parallelism
+    needs it: an expert's gradient is already summed over the expert-parallel ranks (its
+    all-to-all's backward) before this reduction sums it over the expert-data-parallel ones,
+    so the mean over every data-parallel rank divides by both.
+
+    A submodule already sharded by its own ``fully_shard`` call (e.g. the experts of a MoE
+    block on their own mesh, ``expert_parallel.py``) keeps its units, groups and options: this
+    call adopts them into its tree instead of sharding those parameters again.
+
     ``sync_module_states`` (FSDP1's option): broadcast the parameters and buffers of rank 0 of
     the group (of the mesh, for hybrid sharding) to every rank before sharding them (a meta
     model: each module's, once initialized), so ranks whose inits differ start alike.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fully_shard: expected an nn.Module, got {type(module).__name__}")
-    for name, sub in module.named_modules():
-        if _params.is_sharded(sub):
-            cls = getattr(type(module), "_fsdp_base_class", type(module))
-            where = f"submodule {name!r}" if name else f"module {cls.__name__}"
-            raise ValueError(
-                f"fully_shard: {where} is already sharded by an earlier fully_shard call; "
-                "call fully_shard once, on the root, and choose units with policy="
-            )
+    if _params.is_sharded(module):
+        cls = getattr(type(module), "_fsdp_base_class", type(module))
+        raise ValueError(
+            f"fully_shard: module {cls.__name__} is already sharded by an earlier fully_shard call; "
+            "call fully_shard once on it (an outer module's fully_shard adopts it)"
+        )
+    inner = inner_roots(module)
     strategy = ShardingStrategy.parse(strategy)
     is_unit_module = _policy_predicate(policy)
     mixed_precision = _check_type("mixed_precision", mixed_precision, MixedPrecision)
     cpu_offload = _check_type("cpu_offload", cpu_offload, CPUOffload)
+    if shard_placement_fn is not None and not callable(shard_placement_fn):
+        raise TypeError(
+            f"fully_shard: shard_placement_fn must be callable (parameter) -> Shard(dim) or None, "
+            f"got {shard_placement_fn!r}"
+        )
     if param_init_fn is not None and not callable(param_init_fn):
         raise TypeError(f"fully_shard: param_init_fn must be callable (module) -> None, got {param_init_fn!r}")
-    holders = _collect_holders(module, {id(p) for p in (ignored_params or ())})
+    holders = _collect_holders(module, {id(p) for p in (ignored_params or ())} | adopted_param_ids(inner))
     device = _common_device(holders)
     deferred = device is not None and device.type == "meta"
     compute_device = _compute_device(device, cpu_offload)
@@ -126,7 +151,7 @@ def fully_shard(
             continue
         unit = _build_unit(
             unit_path, modules[unit_path], members, strategy, mixed_precision,
-            groups, compute_device, state, deferred, cpu_offload,
+            groups, compute_device, state, deferred, cpu_offload, shard_placement_fn, gradient_divide_factor,
         )
         if unit_path:
             modules[unit_path].__dict__[UNIT_OF_MODULE] = state.runtime[unit.id]
@@ -138,7 +163,8 @@ def fully_shard(
             f"parameters are on {device}; drop param_init_fn or build the model under "
             "torch.device('meta')"
         )
-    groups = state.groups = with_tensor_parallel(groups, [s for u in state.units for s in u.tp_specs if s is not None])
+    adopt(state, module, inner)
+    groups = state.groups = with_tensor_parallel(state.groups, [s for u in state.units for s in u.tp_specs if s is not None])
     state.fqn_to_param = {
         fqn: (unit, index)
         for unit in state.units
@@ -148,9 +174,10 @@ def fully_shard(
     scope_modules = {id(module): module}
     scope_modules.update((id(modules[p]), modules[p]) for p in unit_paths)
     scope_modules.update((id(m), m) for m in modules.values() if any(True for _ in _params.iter_accessors(m)))
+    scope_modules.update((id(u.module), u.module) for u in state.units)
     _register_shared_hooks(list(scope_modules.values()), state)  # the root, units and parameter holders
     state.assign_templates()
-    module.__dict__["_fsdp_root_state"] = state
+    module.__dict__[ROOT_STATE] = state
     state.optimizer_hooks = install_optimizer_hooks(state)
     _log_units(module, state)
     for name, buf in module.named_buffers():
@@ -221,6 +248,7 @@ def _register_shared_hooks(modules: list[nn.Module], state: FSDPState) -> None:
     post_id = torch.utils.hooks.RemovableHandle(OrderedDict()).id
     for sub in modules:
         torch_private.add_shared_forward_hooks(sub, pre_id, state.pre_forward, post_id, state.post_forward)
+    state.hook_ids = (pre_id, post_id)
 
 
 def _policy_predicate(policy: Policy) -> Callable[[nn.Module], bool]:
@@ -311,7 +339,7 @@ def _assign_units(holders, unit_paths: list[str]) -> dict[int, str]:
 
 
 def _build_unit(path, module, members, strategy, mp, groups, compute_device, state,
-                deferred=False, cpu_offload=None):
+                deferred=False, cpu_offload=None, shard_placement_fn=None, gradient_divide_factor=None):
     fqns = [_fqn(m[0][0], m[0][3]) for m in members]
     params = [m[0][2] for m in members]
     dtypes = {p.dtype for p in params}
@@ -322,19 +350,22 @@ def _build_unit(path, module, members, strategy, mp, groups, compute_device, sta
             f"({fqns[0]!r} is {params[0].dtype}, {odd!r} is not); cast the model to one dtype "
             "and use MixedPrecision for lower-precision compute"
         )
-    tp_specs = _tp_specs(path, fqns, params, groups)
+    dims = _shard_dims(fqns, params, shard_placement_fn)
+    tp_specs = _tp_specs(path, fqns, params, groups, dims)
     replicated = strategy == ShardingStrategy.NO_SHARD
     shapes = [tuple(p.shape if s is None else torch_private.local_tensor(p).shape) for p, s in zip(params, tp_specs)]
-    layout = make_unit_layout(fqns, shapes, groups.shard_size, replicated)
+    layout = make_unit_layout(fqns, [_dim_first(s, d) for s, d in zip(shapes, dims)], groups.shard_size, replicated)
     spec = CommSpec(
         groups.shard_name, groups.shard_size, groups.shard_rank, replicated, mp.param_dtype, mp.reduce_dtype,
         groups.replicate_name, groups.replicate_size,
-        reduce_scatter_kind(groups.shard, torch.device(compute_device)),
+        reduce_scatter_kind(groups.shard, torch.device(compute_device)), gradient_divide_factor,
     )
     holders = [[(m, attr) for _, m, _, attr in entries] for entries in members]
     unit = Unit(path, module, holders, layout, [torch.Size(s) for s in shapes], strategy, spec, compute_device)
     state.add_unit(unit)
     unit.tp_specs = tp_specs
+    unit.shard_dims = dims
+    unit.groups = groups
     if deferred:  # a zero buffer now; deferred_init fills it module by module
         offload = cpu_offload is not None and cpu_offload.offload_params
         unit.allocate_flat(params[0].dtype, torch.device("cpu") if offload else compute_device)
@@ -348,16 +379,57 @@ def _build_unit(path, module, members, strategy, mp, groups, compute_device, sta
     return unit
 
 
-def _tp_specs(path, fqns, params, groups) -> list:
+def _shard_dims(fqns, params, shard_placement_fn) -> list[int]:
+    """The dim each parameter's shards split: ``shard_placement_fn(param)``'s ``Shard(dim)``
+    (a negative dim counts from the end), or 0. Raises naming the parameter for any other
+    return value or a dim the parameter does not have."""
+    if shard_placement_fn is None:
+        return [0] * len(params)
+    from torch.distributed.tensor import Shard
+
+    dims = []
+    for fqn, param in zip(fqns, params):
+        placement = shard_placement_fn(param)
+        if placement is None:
+            dims.append(0)
+            continue
+        if type(placement) is not Shard:  # not a subclass either (FSDP2's _StridedShard)
+            raise TypeError(
+                f"fully_shard: shard_placement_fn returned {placement!r} for parameter {fqn!r}; "
+                "it must return torch.distributed.tensor.Shard(dim) or None (dim 0)"
+            )
+        ndim = param.dim()
+        dim = placement.dim + ndim if placement.dim < 0 else placement.dim
+        if ndim == 0 and dim in (0, -1):  # a 0-d parameter is held whole (layout.py)
+            dims.append(0)
+            continue
+        if not 0 <= dim < ndim:
+            raise ValueError(
+                f"fully_shard: shard_placement_fn returned Shard({placement.dim}) for parameter "
+                f"{fqn!r} of shape {tuple(param.shape)}, which has no dim {placement.dim}; return "
+                f"Shard(d) with -{ndim} <= d < {ndim}, or None"
+            )
+        dims.append(dim)
+    return dims
+
+
+def _dim_first(shape: tuple, dim: int) -> tuple:
+    """``shape`` with ``dim`` moved first: how the layout sees a parameter sharded on ``dim``."""
+    if not dim:
+        return shape
+    return (shape[dim], *shape[:dim], *shape[dim + 1:])
+
+
+def _tp_specs(path, fqns, params, groups, dims) -> list:
     """Each parameter's ``TPSpec`` (a tensor-parallel DTensor) or None (tensor_parallel.py)."""
     specs = [
-        tp_spec_of(p, fqn, groups.mesh, groups.replicate is not None) if is_dtensor(p) else None
-        for fqn, p in zip(fqns, params)
+        tp_spec_of(p, fqn, groups.mesh, groups.replicate is not None, dim) if is_dtensor(p) else None
+        for fqn, p, dim in zip(fqns, params, dims)
     ]
     meshes: dict = {}
     for fqn, s in zip(fqns, specs):
         if s is not None:
-            meshes.setdefault(id(s.mesh), (fqn, s.mesh))
+            meshes.setdefault(s.mesh, (fqn, s.mesh))  # equal slices of one mesh are one mesh
     if len(meshes) > 1:
         (a, mesh_a), (b, mesh_b) = list(meshes.values())[:2]
         raise ValueError(

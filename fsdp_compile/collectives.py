@@ -48,6 +48,10 @@ class CommSpec:
     # How the shard group reduce-scatters: "native" (reduce_scatter_tensor) or "all_to_all"
     # (all_to_all_single + a local sum; for gloo, see the module docstring)
     reduce_scatter: str = "native"
+    # What the reduced gradients are divided by (FSDP2's ``set_gradient_divide_factor``); None:
+    # the number of ranks they were summed over. Expert parallelism sums an expert's gradient
+    # over the expert-parallel ranks in its all-to-all's backward before this reduction.
+    divide_factor: Optional[float] = None
 
     @property
     def communicates(self) -> bool:
@@ -116,7 +120,9 @@ def reduce_unit_grads(
     if spec.replicates:
         flat = _c10d.wait_tensor(_c10d.all_reduce(flat, "sum", spec.replicate_group_name))
         ranks *= spec.replicate_size
-    if ranks > 1:
+    if spec.divide_factor is not None:
+        flat = flat / spec.divide_factor
+    elif ranks > 1:
         flat = flat / ranks
     return _split_shards(flat, layout, spec, grad_dtypes)
 

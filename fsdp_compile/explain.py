@@ -72,8 +72,10 @@ def explain(model: nn.Module) -> str:
             f"of {_fmt_bytes(full * elem)} full, gather {str(unit.gather_dtype).replace('torch.', '')}, "
             f"reduce {str(unit.reduce_dtype).replace('torch.', '')}"
         )
-        for param, shape, tp in zip(unit.layout.params, unit.orig_shapes, unit.tp_specs):
+        for param, shape, tp, dim in zip(unit.layout.params, unit.orig_shapes, unit.tp_specs, unit.shard_dims):
             held = "whole on every rank" if len(shape) == 0 else f"{param.chunk_rows} rows/rank"
+            if dim:
+                held = f"{param.chunk_rows} of dim {dim}/rank"
             if tp is not None:
                 held += f" of its TP-local {tuple(shape)}, a DTensor {tuple(tp.placements)} on {tp.mesh.mesh_dim_names}"
                 shape = tp.shape

@@ -204,7 +204,7 @@ def with_tensor_parallel(groups: Groups, tp_specs) -> Groups:
     combined mesh (FSDP's groups and the TP groups together)."""
     if not tp_specs:
         return groups
-    roles = {}
+    roles = dict(groups.other_roles)
     for spec in tp_specs:
         for dim, name in enumerate(spec.mesh.mesh_dim_names):
             roles[spec.mesh.get_group(dim).group_name] = name

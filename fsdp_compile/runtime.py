@@ -87,7 +87,7 @@ class FSDPState:
         self.fqn_to_param: dict = {}  # every registered name -> (unit, index)
         self.compiled_graphs: list = []  # backend.CompiledGraphs, one per compiled Dynamo graph
         self.bucket_units: list[Unit] = []  # the bucket units its compiled graphs gather by (registry is weak)
-        self.device_meshes: dict = {}  # device type -> (DeviceMesh, placements) of state dicts
+        self.device_meshes: dict = {}  # (device type, id(Groups)) -> (DeviceMesh, placements) of state dicts
         self.check_ranks = True  # fully_shard(check_ranks=): one tiny all-gather per forward
         self.materializing: Optional[torch.device] = None  # the device, during meta-device init
         self._positions: dict[int, int] = {}  # unit id -> its index in ``units`` (same on every rank)
@@ -101,6 +101,7 @@ class FSDPState:
         self.optimizer_hooks = None
         for unit in units:
             self.add_unit(unit)
+        self.hook_ids: tuple[int, int] = (-1, -1)  # the shared pre- and post-forward hook ids (api.py)
 
     @property
     def group(self):

@@ -47,13 +47,20 @@ def _is_sharded(unit) -> bool:
     return unit.spec.communicates and not unit.spec.replicated
 
 
-def _mesh(state, device: torch.device):
-    """(DeviceMesh, placements) of the DTensors of ``state``'s units on ``device`` (mesh.py),
-    cached on the ``FSDPState``."""
+def _mesh(state, unit, device: torch.device, index: int):
+    """(DeviceMesh, placements) of the DTensors of parameter ``index`` of ``unit`` (of
+    ``FSDPState`` ``state``) on ``device`` (mesh.py): ``Shard(d)`` on the shard dim for a
+    parameter sharded on dim ``d``."""
+    from torch.distributed.tensor import Shard
+
+    groups = unit.groups or state.groups  # a unit adopted from an inner fully_shard: its own
     meshes = state.device_meshes
-    if device.type not in meshes:
-        meshes[device.type] = mesh_for_state_dicts(state.groups, device)
-    return meshes[device.type]
+    key = (device.type, id(groups))
+    if key not in meshes:
+        meshes[key] = mesh_for_state_dicts(groups, device)
+    mesh, placements = meshes[key]
+    dim = unit.shard_dims[index]
+    return (mesh, placements[:-1] + (Shard(dim),)) if dim else (mesh, placements)
 
 
 def to_state_value(state, unit, index: int, local: torch.Tensor) -> torch.Tensor:
@@ -73,7 +80,7 @@ def to_state_value(state, unit, index: int, local: torch.Tensor) -> torch.Tensor
         if not _is_sharded(unit) or len(full_shape) == 0:  # held whole (a 0-d one as (1,): layout.py)
             return local if local.shape == full_shape else local.view(full_shape)
         stride = tuple(math.prod(full_shape[i + 1:]) for i in range(len(full_shape)))
-        mesh, placements = _mesh(state, local.device)
+        mesh, placements = _mesh(state, unit, local.device, index)
     if local.requires_grad:  # keep_vars=True: differentiable, built as usual
         return DTensor.from_local(local, mesh, placements, run_check=False, shape=full_shape, stride=stride)
     # A DTensor's wrapper copies its local tensor's storage offset, and DCP's async staging
@@ -97,12 +104,12 @@ def from_state_value(state, unit, index: int, value, key: str) -> torch.Tensor:
     if tp is not None:
         return _tp_rows(unit, index, tp, value, key)
     full_shape = tuple(unit.orig_shapes[index])
-    shard_shape = tuple(unit.layout.shard_shapes(unit.spec.rank)[index])
+    shard_shape = tuple(unit.shard_shapes()[index])
     if isinstance(value, DTensor):
         if tuple(value.shape) != full_shape:
             raise ValueError(_mismatch(key, value.shape, full_shape, "global shape"))
         if _is_sharded(unit) and tuple(value.to_local().shape) == shard_shape:
-            mesh, placements = _mesh(state, value.device)
+            mesh, placements = _mesh(state, unit, value.device, index)
             if value.placements == placements and value.device_mesh == mesh:
                 return value.to_local()
         value = value.full_tensor()
@@ -122,7 +129,7 @@ def _tp_rows(unit, index: int, tp, value, key: str) -> torch.Tensor:
     mesh, or a plain tensor of the global shape) -> this rank's dp rows of its TP-local part."""
     from torch.distributed.tensor import DTensor
 
-    shard_shape = tuple(unit.layout.shard_shapes(unit.spec.rank)[index])
+    shard_shape = tuple(unit.shard_shapes()[index])
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{key}: expected a tensor, got {type(value).__name__}")
     if tuple(value.shape) != tuple(tp.shape):
@@ -307,7 +314,7 @@ def _local_state(position, per_param: dict, where: str, current: Optional[dict] 
     owner, unit, index = position
     tp = unit.tp_specs[index]
     full_shape = tuple(unit.orig_shapes[index] if tp is None else tp.shape)
-    shard_shape = tuple(unit.layout.shard_shapes(unit.spec.rank)[index])
+    shard_shape = tuple(unit.shard_shapes()[index])
     out = {}
     for k, v in per_param.items():
         per_element = isinstance(v, DTensor) or (

@@ -73,9 +73,10 @@ def local_of(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
-def tp_spec_of(param, fqn: str, dp_mesh, hybrid: bool) -> TPSpec:
+def tp_spec_of(param, fqn: str, dp_mesh, hybrid: bool, shard_dim: int = 0) -> TPSpec:
     """The ``TPSpec`` of DTensor parameter ``param`` sharded over ``dp_mesh`` (``None``: a
-    process group was passed). Raises ``ValueError`` naming ``fqn`` and the fix."""
+    process group was passed) on dim ``shard_dim`` of its TP-local tensor. Raises
+    ``ValueError`` naming ``fqn`` and the fix."""
     from torch.distributed.tensor import Replicate, Shard
 
     tp_mesh, placements = param.device_mesh, tuple(param.placements)
@@ -111,8 +112,10 @@ def tp_spec_of(param, fqn: str, dp_mesh, hybrid: bool) -> TPSpec:
             f"fully_shard: parameter {fqn!r} is sharded on mesh dim {tp_mesh.mesh_dim_names} which "
             f"device_mesh {dp_mesh.mesh_dim_names} also shards over; pass the other dims"
         )
-    split = math.prod(tp_mesh.size(i) for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim == 0)
-    dp_shard = torch_private.strided_shard(0, split_factor=split) if split > 1 else Shard(0)
+    split = math.prod(
+        tp_mesh.size(i) for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim == shard_dim
+    )
+    dp_shard = torch_private.strided_shard(shard_dim, split_factor=split) if split > 1 else Shard(shard_dim)
     dp_placements = (Replicate(), dp_shard) if hybrid else (dp_shard,)
     shape = torch.Size(param.shape)
     stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))

@@ -132,6 +132,16 @@ def add_shared_forward_hooks(module: torch.nn.Module, pre_id: int, pre: Callable
     module._forward_hooks_always_called[post_id] = True
 
 
+def remove_shared_forward_hooks(module: torch.nn.Module, hook_ids: tuple[int, ...]) -> None:
+    """Undo ``add_shared_forward_hooks`` on ``module`` for ``hook_ids`` (absent ids are ignored)."""
+    for hooks in (
+        module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs, module._forward_hooks,
+        module._forward_hooks_with_kwargs, module._forward_hooks_always_called,
+    ):
+        for hook_id in hook_ids:
+            hooks.pop(hook_id, None)
+
+
 # ---- compilation ----------------------------------------------------------------------------
 def joint_custom_pass(joint_pass: Callable) -> contextlib.AbstractContextManager:
     """Within: AOTAutograd runs ``joint_pass`` on the joint graph before the partitioner (reshard
@@ -259,6 +269,11 @@ def concatenate_meshes(meshes: list):
     from torch.distributed.device_mesh import DeviceMesh
 
     return DeviceMesh._concatenate(meshes)
+
+
+def root_mesh(mesh):
+    """The mesh ``mesh`` was sliced from (itself when it is a root). No public replacement."""
+    return mesh._get_root_mesh()
 
 
 def flatten_mesh(mesh):

@@ -53,6 +53,11 @@ class Unit:
         # per parameter: its TPSpec when it is a tensor-parallel DTensor (tensor_parallel.py;
         # the layout then describes its TP-local tensor), else None
         self.tp_specs: list[Optional[TPSpec]] = [None] * len(holders)
+        # per parameter: the dim its shards split (``fully_shard(shard_placement_fn=)``). The
+        # layout describes the parameter with that dim moved first, so the flat-buffer
+        # arithmetic stays dim-0 (layout.py); ``_to_layout`` / ``_from_layout`` move it.
+        self.shard_dims: list[int] = [0] * len(holders)
+        self.groups = None  # the mesh.Groups it was built with (state dicts), or None: the state's
 
         # the first unit of its tree with the same ``signature()`` (FSDPState.assign_templates)
         self.template: int = self.id
@@ -91,6 +96,26 @@ class Unit:
         spec = self.tp_specs[index]
         return full if spec is None else spec.wrap(full)
 
+    def _to_layout(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
+        """Parameter ``index``'s tensor (full or shard, in its own dim order) as the layout sees
+        it: its shard dim first (a view)."""
+        dim = self.shard_dims[index]
+        return tensor.movedim(dim, 0) if dim else tensor
+
+    def _from_layout(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``_to_layout`` (a view)."""
+        dim = self.shard_dims[index]
+        return tensor.movedim(0, dim) if dim else tensor
+
+    def shard_shapes(self) -> list[tuple[int, ...]]:
+        """This rank's shard shape of each parameter, in the parameter's own dim order."""
+        out = []
+        for dim, shape in zip(self.shard_dims, self.layout.shard_shapes(self.spec.rank)):
+            shape = list(shape)
+            shape.insert(dim, shape.pop(0))
+            out.append(tuple(shape))
+        return out
+
     def signature(self) -> tuple:
         """Everything the unit's gather and reduction depend on except which tensors they move:
         units with equal signatures (identical blocks) run the same collectives and copies.
@@ -102,7 +127,7 @@ class Unit:
         return (
             self.name == "", params, self.layout.world_size, self.layout.replicated,
             tuple(tuple(s) for s in self.orig_shapes), self.strategy, self.spec, flat, self.compute_device,
-            self.id if any(s is not None for s in self.tp_specs) else None,
+            self.id if any(s is not None for s in self.tp_specs) else None, tuple(self.shard_dims),
         )
 
     def full_shape(self, index: int) -> torch.Size:
@@ -110,23 +135,34 @@ class Unit:
 
     def check_shards(self, shards: list[torch.Tensor]) -> None:
         """Raise if a shard was replaced by a tensor of the wrong shape (nothing is modified)."""
-        want = self.layout.shard_shapes(self.spec.rank)
-        for param, shard, shape in zip(self.layout.params, map(local_of, shards), want):
+        want = self.shard_shapes()
+        for param, shard, shape, orig in zip(self.layout.params, map(local_of, shards), want, self.orig_shapes):
             if tuple(shard.shape) != tuple(shape):
                 raise RuntimeError(
                     f"fsdp_compile: parameter {param.fqn!r} holds a tensor of shape "
                     f"{tuple(shard.shape)}, but its shard on rank {self.spec.rank} has shape "
-                    f"{tuple(shape)} (full shape {param.full_shape}); assign a tensor of the "
+                    f"{tuple(shape)} (full shape {tuple(orig) or param.full_shape}); assign a tensor of the "
                     "shard's shape, or edit full parameters inside fsdp_compile.summon_full_params"
                 )
 
     # ---- communication (eager and traced) ------------------------------------------------
     def all_gather(self, shards: list[torch.Tensor], dtype: Optional[torch.dtype] = None) -> list[torch.Tensor]:
         spec = self.spec if dtype is None else _with_param_dtype(self.spec, dtype)
-        shards = [s.to(self.compute_device) if s.device != self.compute_device else s for s in shards]
+        shards = [
+            self._to_layout(i, s.to(self.compute_device) if s.device != self.compute_device else s)
+            for i, s in enumerate(shards)
+        ]
         with naming_collective_failures(f"the all-gather of unit {self.name or '<root>'!r}"):
             fulls = collectives.all_gather_unit(shards, self.layout, spec)
-        return [_as_full(f, shape) for f, shape in zip(fulls, self.orig_shapes)]
+        return [self._full_of(i, f) for i, f in enumerate(fulls)]
+
+    def _full_of(self, index: int, gathered: torch.Tensor) -> torch.Tensor:
+        """Parameter ``index``'s gathered tensor in its own shape and dim order: a parameter
+        sharded on dim ``d > 0`` was gathered with ``d`` first, and is permuted back into a
+        contiguous tensor (FSDP2's chunk-cat on copy-out), as a read of a plain one is."""
+        if not self.shard_dims[index]:
+            return _as_full(gathered, self.orig_shapes[index])
+        return self._from_layout(index, gathered.view(self.layout.params[index].full_shape)).contiguous()
 
     def pack_grads(self, full_grads: list[Optional[torch.Tensor]]) -> torch.Tensor:
         return collectives.pack_unit_grads(self._flat_grads(full_grads), self.layout, self.spec)
@@ -138,15 +174,18 @@ class Unit:
         pending: Optional[torch.Tensor],
     ) -> list[torch.Tensor]:
         with naming_collective_failures(f"the gradient reduction of unit {self.name or '<root>'!r}"):
-            return collectives.reduce_unit_grads(
+            grads = collectives.reduce_unit_grads(
                 self._flat_grads(full_grads), self.layout, self.spec, shard_dtypes, pending
             )
+        return [self._from_layout(i, g) for i, g in enumerate(grads)]
 
     def _flat_grads(self, full_grads):
         # A 0-d parameter's gradient goes into every rank's slot (see layout.py).
         return [
-            None if g is None else g.reshape(-1).expand(p.full_shape) if g.dim() == 0 else g.reshape(p.full_shape)
-            for g, p in zip(full_grads, self.layout.params)
+            None if g is None else g.reshape(-1).expand(p.full_shape) if g.dim() == 0
+            else self._to_layout(i, g).contiguous().reshape(p.full_shape) if self.shard_dims[i]
+            else g.reshape(p.full_shape)
+            for i, (g, p) in enumerate(zip(full_grads, self.layout.params))
         ]
 
     @classmethod
@@ -168,18 +207,21 @@ class Unit:
         )
         merged.local_flat = first.local_flat  # dtype and device only
         merged.tp_specs = [s for u in units for s in u.tp_specs]
+        merged.shard_dims = [d for u in units for d in u.shard_dims]
         merged.is_bucket = True
         return merged
 
     # ---- sharding ------------------------------------------------------------------------
     def local_rows(self, index: int, full: torch.Tensor) -> torch.Tensor:
-        """This rank's dim-0 rows of parameter ``index``'s full tensor ``full`` (a view, in the
-        shard's layout shape; all of it for NO_SHARD / world size 1)."""
+        """This rank's rows of parameter ``index``'s full tensor ``full`` along its shard dim (a
+        view, in the shard's shape; all of it for NO_SHARD / world size 1)."""
         param = self.layout.params[index]
         rank = self.spec.rank if self.spec.communicates and not self.spec.replicated else 0
         start, stop = param.shard_row_range(rank)
         if full.dim() == 0:  # every rank holds the scalar (layout.py)
             return full.reshape(1)
+        if self.shard_dims[index]:
+            return self._from_layout(index, self._to_layout(index, full.reshape(self.orig_shapes[index]))[start:stop])
         return full.reshape(param.full_shape)[start:stop]
 
     def shard_from(self, full_params: list[nn.Parameter]) -> list[nn.Parameter]:
@@ -206,10 +248,10 @@ class Unit:
         if spec is not None:  # its own storage (tensor_parallel.install_local); its slot stays zero
             install_local(full, self.local_rows(index, torch_private.local_tensor(full).detach()).clone(), spec)
             return
-        rows = self.local_rows(index, full.detach())
+        rows = self._to_layout(index, self.local_rows(index, full.detach()))
         view = self._slot(index, rows.shape)
         view.copy_(rows)
-        full.data = view
+        full.data = self._from_layout(index, view)
 
     def _slot(self, index: int, shape: torch.Size) -> torch.Tensor:
         """The view of parameter ``index``'s shard (of ``shape``) in the local flat buffer."""
@@ -235,9 +277,10 @@ class Unit:
         with torch.no_grad():
             for index, shard in enumerate(shards):
                 grad = shard.grad
-                view = self._slot(index, shard.shape)
-                view.copy_(shard.detach())
-                shard.data = view
+                rows = self._to_layout(index, shard.detach())
+                view = self._slot(index, rows.shape)
+                view.copy_(rows)
+                shard.data = self._from_layout(index, view)
                 shard.grad = grad
         return True
 

@@ -388,10 +388,25 @@ def test_error_sharding_twice():
         fully_shard(model)
     with pytest.raises(ValueError, match=r"already sharded"):
         fully_shard(model.blocks[0])
-    inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    fully_shard(inner[1])
-    with pytest.raises(ValueError, match=r"submodule '1' is already sharded"):
-        fully_shard(inner)
+
+
+def test_outer_fully_shard_adopts_a_submodule_sharded_by_an_earlier_call():
+    """``fully_shard(outer)`` over a submodule an earlier call sharded keeps that submodule's
+    unit (its own options: here a gradient divide factor) in the outer tree, under its full
+    names, and trains like the plain model."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)))
+    model = copy.deepcopy(plain)
+    fully_shard(model[2], gradient_divide_factor=2.0)
+    fully_shard(model)
+    assert [u.name for u in fsdp_compile.api.root_state(model).units] == ["", "2"]
+    assert fsdp_compile.api.root_state(model).units[1].fqns == ["2.0.weight", "2.0.bias", "2.1.weight", "2.1.bias"]
+    x = torch.randn(5, 4)
+    model(x).pow(2).sum().backward()
+    plain(x).pow(2).sum().backward()
+    for (name, got), want in zip(model.named_parameters(), plain.parameters()):
+        scale = 0.5 if name.startswith("2.") else 1.0  # the adopted unit's divide factor
+        assert_close(got.grad, want.grad * scale, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize(

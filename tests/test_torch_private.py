@@ -122,6 +122,11 @@ def test_add_shared_forward_hooks():
         c(torch.ones(1, 2))
     assert calls == [("pre", c), ("post", c)], "the post hook is always called"
 
+    tp.remove_shared_forward_hooks(a, (pre_id, post_id, -7))  # an absent id is ignored
+    calls.clear()
+    b(a(torch.ones(1, 2)))
+    assert calls == [("pre", b), ("post", b)], "a's hooks are gone, b's stay"
+
 
 # ---- compilation ----------------------------------------------------------------------------
 def test_joint_custom_pass_patches_functorch_config():
@@ -251,6 +256,7 @@ def test_meshes_and_dtensor_internals():
     with _fake_world(4):
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
         flat = tp.flatten_mesh(mesh)
+        assert tp.root_mesh(mesh["tp"]) is mesh and tp.root_mesh(mesh) is mesh
         assert flat.ndim == 1 and flat.size() == 4 and flat.get_group().size() == 4
         both = tp.concatenate_meshes([mesh["dp"], mesh["tp"]])
         assert both.mesh_dim_names == ("dp", "tp") and both.mesh.tolist() == mesh.mesh.tolist()
