@@ -121,6 +121,14 @@ def explain(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
+_PLAIN = {
+    "all_gather_into_tensor": "all-gather", "reduce_scatter_tensor": "reduce-scatter",
+    "all_to_all_single": "all-to-all", "all_reduce": "all-reduce",
+    "all_gather_into_tensor_coalesced": "coalesced all-gather",
+    "reduce_scatter_tensor_coalesced": "coalesced reduce-scatter", "all_reduce_coalesced": "coalesced all-reduce",
+}
+
+
 def _mesh_dim_name(mesh, role: str) -> str:
     """`` (mesh dim 'dp')`` when the user's mesh names the dim of ``role`` other than the role."""
     names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
@@ -131,12 +139,13 @@ def _mesh_dim_name(mesh, role: str) -> str:
 
 
 def _by_group(schedule) -> str:
-    """``shard: 3 all_gather_into_tensor; tp: 4 all_reduce``: each group (in order of first
-    use) with the count of each kind of collective on it."""
+    """``shard: 3 all-gather; tp: 4 all-reduce``: each group (in order of first use) with the
+    count of each kind of collective on it (plain names: the op names are the lines below)."""
     counts: dict[str, dict[str, int]] = {}
     for c in schedule:
         kinds = counts.setdefault(c.group, {})
-        kinds[c.kind] = kinds.get(c.kind, 0) + 1
+        kind = _PLAIN.get(c.kind, c.kind)
+        kinds[kind] = kinds.get(kind, 0) + 1
     if not counts:
         return "none"
     return "; ".join(

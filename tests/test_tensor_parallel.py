@@ -509,8 +509,8 @@ def test_explain_lists_the_dp_and_tp_groups_and_the_collectives_on_each(world4_r
     assert "on tp group" in text and "on shard group" in text, text
     assert "blocks.0.q.weight (8, 8) -> 2 rows/rank of its TP-local (4, 8)" in text, text
     # per phase, each group's collectives by kind: 3 units' gathers beside the Rowwise all-reduces
-    assert "    by group: shard: 3 all_gather_into_tensor; tp: 4 all_reduce\n" in text, text
-    assert f"    by group: shard: 2 all_gather_into_tensor, 3 {REDUCE_SCATTER}; tp: 8 all_reduce\n" in text, text
+    assert "    by group: shard: 3 all-gather; tp: 4 all-reduce\n" in text, text
+    assert "    by group: shard: 2 all-gather, 3 all-to-all; tp: 8 all-reduce\n" in text, text
 
 
 # ---- bad input (world 2) -------------------------------------------------------------------------
