@@ -210,9 +210,11 @@ def _worker(rank: int, world: int, name: str, steps: int, model_name: str) -> di
 
     state = {}
 
+    data_rank = rank // systems.SYSTEMS[name].tp  # the ranks of one TP group read one batch
+
     def step(i, measure_state=False):
         with record_function(STEP_RANGE):
-            loss, phase_ms = train_step(model, opt, gpt_batch(i, rank, cfg), scale)
+            loss, phase_ms = train_step(model, opt, gpt_batch(i, data_rank, cfg), scale)
         timers.append(phase_ms)
         if measure_state:  # no tensor is allocated here: safe inside the profiled step
             state.update(_state_bytes(model, opt))

@@ -1,7 +1,11 @@
-"""Training-step benchmark: a GPT on 2 gloo ranks (CPU), one run, the systems of ``systems.py``.
+"""Training-step benchmark: a GPT on gloo ranks (CPU, 2 unless --world), one run, the systems of ``systems.py``.
 
     python benchmarks/step.py [--model readme|8x512] [--rounds R] [--steps 20] [--quick]
-                              [--only NAME[,NAME]] [--json PATH] [--baseline PATH]
+                              [--only NAME[,NAME]] [--json PATH] [--baseline PATH] [--world 2]
+
+``--world N``: gloo ranks (default 2). The tensor-parallel systems (``fsdp2_tp2``,
+``fsdp_compile_tp2``: dp world/2 x tp 2) join the default set only at a world with data
+parallelism beside TP (``--world 4``); ``--only`` picks them at any multiple of 2.
 
 Models (``--model``): ``readme`` is the README GPT (``GPTConfig()``: 8 blocks x d 64, tied head,
 0.4 M parameters, where the 27 collectives per step dominate); ``8x512`` is ``GPT_8X512`` (8 blocks
@@ -76,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help=f"comma-separated subset of: {','.join(systems.SYSTEMS)}")
     ap.add_argument("--json", default="bench_results/step.json")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per system")
+    ap.add_argument("--world", type=int, default=WORLD, help="gloo ranks (tensor-parallel systems: dp world/tp x tp)")
     ap.add_argument("--baseline", type=Path, default=None,
                     help="a checkout of an earlier commit, run as the fsdp_compile_baseline system")
     args = ap.parse_args(argv)
@@ -85,24 +90,28 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     names = [n.strip() for n in args.only.split(",") if n.strip()] or [
-        n for n, s in systems.SYSTEMS.items() if not s.from_baseline or args.baseline is not None]
+        n for n, s in systems.SYSTEMS.items()
+        if (not s.from_baseline or args.baseline is not None) and (s.tp == 1 or args.world >= 2 * s.tp)]
     bad = [n for n in names if n not in systems.SYSTEMS]
     if bad:
         ap.error(f"unknown system(s) {bad}; choose from {', '.join(systems.SYSTEMS)}")
+    uneven = [n for n in names if args.world % systems.SYSTEMS[n].tp]
+    if uneven:
+        ap.error(f"--world {args.world} is not a multiple of the tensor-parallel size of {uneven}")
 
     import torch
 
     if args.baseline is not None:
         args.baseline = args.baseline.resolve()
         measure.prepare_baseline(args.baseline)
-    print(f"torch {torch.__version__}, {WORLD} gloo ranks, model {args.model}, {steps} steps, "
+    print(f"torch {torch.__version__}, {args.world} gloo ranks, model {args.model}, {steps} steps, "
           f"{args.rounds} round(s), configs: {', '.join(names)}", flush=True)
     by_round: list[dict[str, dict]] = []
     for rnd in range(args.rounds):
         this_round = {}
         for name in names:
             print(f"== round {rnd + 1}/{args.rounds}: {name} ...", flush=True)
-            this_round[name] = measure.run_system(name, WORLD, steps, args.model, args.timeout, args.baseline)
+            this_round[name] = measure.run_system(name, args.world, steps, args.model, args.timeout, args.baseline)
         by_round.append(this_round)
     results = [measure.merge_rounds(name, [rnd[name] for rnd in by_round]) for name in names]
     _ratios_vs_ddp_compile(by_round, results)
@@ -111,11 +120,11 @@ def main(argv=None) -> int:
 
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "world": WORLD, "steps": steps, "rounds": args.rounds, "model": args.model,
+    meta = {"torch": torch.__version__, "world": args.world, "steps": steps, "rounds": args.rounds, "model": args.model,
             "lr": systems.LR, "seed": systems.SEED, "cpu_count": os.cpu_count()}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
     print(f"\nwrote {out}")
-    plot = report.plot(results, out.with_suffix(".png"), f"{args.model} GPT, {WORLD} gloo ranks, {args.rounds} round(s)")
+    plot = report.plot(results, out.with_suffix(".png"), f"{args.model} GPT, {args.world} gloo ranks, {args.rounds} round(s)")
     if plot is not None:
         print(f"wrote {plot}")
     return 0 if all(r["status"] != "failed" for r in results) else 1

@@ -7,7 +7,10 @@ after the process group exists and after ``torch.manual_seed(SEED)`` built ``mod
 one-line description. The builders use only public APIs of torch and fsdp_compile.
 
 Every system trains from the same seed on the same data (``gpt_batch(step, rank)``, different per
-rank) with ``AdamW(lr=LR)``.
+rank) with ``AdamW(lr=LR)``. A tensor-parallel system (``tp > 1``) runs on a ``(world // tp, tp)``
+``("dp", "tp")`` mesh; the ranks of one TP group read the same batch (``gpt_batch(step, dp rank)``).
+Its TP plan (``tp_plan``) splits each Block's MLP (``fc1`` Colwise, ``fc2`` Rowwise): the GPT's
+fused ``qkv`` projection and its fixed head count in ``Block.forward`` do not take a head split.
 
 SimpleFSDP notes: ``data_parallel`` replaces each module's parameter separately, which unties the
 README GPT's tied embedding/head weight; the builder re-ties them (``lm_head._parameters["weight"]
@@ -38,6 +41,7 @@ class System:
     optional: bool = False  # a failure is reported as skipped, not failed
     breakdown: bool = False  # the report breaks its step into phases
     from_baseline: bool = False  # its ranks import fsdp_compile from the ``--baseline`` checkout
+    tp: int = 1  # tensor-parallel ranks per data-parallel rank (the world must be a multiple)
 
 
 def model_config(model_name: str):
@@ -90,6 +94,51 @@ def _fsdp2(model, world, cfg):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model, 1.0
+
+
+def tp_plan():
+    """The TP plan of a GPT Block: the MLP split Megatron-style."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
+
+
+def _tensor_parallel(model, world, tp):
+    """``model``'s Blocks under ``tp_plan`` on the tp dim of a (world // tp, tp) mesh -> the dp mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    for block in model.blocks:
+        parallelize_module(block, mesh["tp"], tp_plan())
+    return mesh["dp"]
+
+
+def _fsdp2_tp(tp: int) -> Builder:
+    def build(model, world, cfg):
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = _tensor_parallel(model, world, tp)
+        for block in model.blocks:
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
+        return model, 1.0
+
+    return build
+
+
+def _fsdp_compile_tp(tp: int) -> Builder:
+    def build(model, world, cfg):
+        import torch
+
+        import fsdp_compile
+        from fsdp_compile.testing.gpt import Block
+
+        dp_mesh = _tensor_parallel(model, world, tp)
+        fsdp_compile.fully_shard(model, device_mesh=dp_mesh, policy={Block})
+        return torch.compile(model, backend="fsdp_compile"), 1.0
+
+    return build
 
 
 def _simplefsdp(model, world, cfg):
@@ -210,6 +259,12 @@ SYSTEMS: dict[str, System] = {
     "fsdp_compile_inductor_overlap": _variant(
         "backend(inductor_options=...): Inductor's own compute/communication overlap scheduling on top of our passes",
         inductor_options=_INDUCTOR_OVERLAP),
+    "fsdp2_tp2": System(
+        _fsdp2_tp(2), "torch FSDP2 per Block + root over dp, each Block's MLP tensor parallel (tp 2): a (world/2, 2) mesh",
+        tp=2),
+    "fsdp_compile_tp2": System(
+        _fsdp_compile_tp(2), "fsdp_compile.fully_shard over dp + the same TP plan and mesh, torch.compile(backend='fsdp_compile')",
+        compiled=True, tp=2),
     "fsdp_compile_baseline": System(
         _fsdp_compile(),
         "fsdp_compile compiled, from the checkout given by --baseline PATH (an earlier commit), run "
@@ -227,6 +282,8 @@ def build(name: str, rank: int, world: int, cfg) -> tuple[Any, float]:
 
     if name not in SYSTEMS:
         raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+    if world % SYSTEMS[name].tp:
+        raise ValueError(f"system {name!r} is tensor parallel over {SYSTEMS[name].tp} ranks; world {world} is not a multiple")
     torch.manual_seed(SEED)
     model, scale = SYSTEMS[name].build(GPT(cfg), world, cfg)
     dist.barrier()

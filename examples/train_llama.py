@@ -3,13 +3,19 @@
     torchrun --nproc-per-node 2 examples/train_llama.py --steps 20
     python examples/train_llama.py --steps 20          # not under torchrun: spawns 2 local ranks
     torchrun --nproc-per-node 4 examples/train_llama.py --hsdp 2   # 2 replicas x 2 shards
+    torchrun --nproc-per-node 4 examples/train_llama.py --tp 2     # dp 2 x tp 2
+    torchrun --nproc-per-node 8 examples/train_llama.py --hsdp 2 --tp 2   # 2 replicas x 2 shards x tp 2
 
 The model is a tiny random-init ``LlamaForCausalLM`` built from a config (sizes are flags; no
 download). It is built on the meta device, materialized and sharded by ``fully_shard`` one
 module at a time (``param_init_fn=model._init_weights``: HF's own initializer), optionally
 checkpointed (``--activation-checkpointing``), optionally hybrid sharded (``--hsdp R``: R replicas
-on a 2-D ("replicate", "shard") device mesh, each replica sharded over world/R ranks), compiled with ``backend="fsdp_compile"`` and
-trained with AdamW on learnable synthetic data (counting sequences). With CUDA it uses nccl and
+on a 2-D ("replicate", "shard") device mesh, each replica sharded over world/R ranks), optionally
+tensor parallel (``--tp T``: ``parallelize_module`` over T ranks of a ("dp", "tp") mesh, or
+("replicate", "shard", "tp") with ``--hsdp``: q/k/v and the MLP's gate/up projections
+``ColwiseParallel``, o and down ``RowwiseParallel``; ``fully_shard`` then shards the TP-local
+parameters over the data-parallel dims, and the ranks of one TP group read the same batch),
+compiled with ``backend="fsdp_compile"`` and trained with AdamW on learnable synthetic data (counting sequences). With CUDA it uses nccl and
 the local GPU, else gloo and the CPU. Rank 0 prints each step's loss, tokens/s and every rank's
 memory, and a progress bar when its output is a terminal; ``--checkpoint-dir`` saves the model
 and optimizer with ``torch.distributed.checkpoint`` at the end.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import resource
 import socket
@@ -46,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--hsdp", type=int, default=0, metavar="R",
                    help="hybrid sharding: R replicas, each sharded over world/R ranks")
+    p.add_argument("--tp", type=int, default=1, metavar="T",
+                   help="tensor parallelism over T ranks (heads and kv-heads divisible by T); data parallel over world/T")
     p.add_argument("--bf16", action="store_true", help="bf16 compute (MixedPrecision), fp32 shards")
     p.add_argument("--activation-checkpointing", action="store_true", help="checkpoint every decoder layer")
     p.add_argument("--eager", action="store_true", help="no torch.compile")
@@ -63,7 +72,10 @@ def counting_batch(step: int, rank: int, vocab: int, seq: int, batch: int):
     return (start + stride * torch.arange(seq)) % vocab
 
 
-def build_model(args):
+def build_model(args, meta: bool = True):
+    """The Llama of ``args``; on the meta device (``fully_shard``'s ``param_init_fn`` materializes
+    it), or initialized by HF in memory (``meta=False``: tensor parallelism distributes real
+    tensors)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -71,8 +83,45 @@ def build_model(args):
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq, tie_word_embeddings=True,
     )
+    if not meta:
+        return LlamaForCausalLM(config)
     with torch.device("meta"):
         return LlamaForCausalLM(config)
+
+
+def tensor_parallel_plan() -> dict:
+    """Megatron-style TP of a decoder layer: Colwise in, Rowwise out of attention and the MLP."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    col, row = ColwiseParallel(), RowwiseParallel()
+    return {
+        "self_attn.q_proj": col, "self_attn.k_proj": col, "self_attn.v_proj": col, "self_attn.o_proj": row,
+        "mlp.gate_proj": col, "mlp.up_proj": col, "mlp.down_proj": row,
+    }
+
+
+def device_meshes(args, world: int, device_type: str):
+    """-> (fully_shard's device_mesh, the TP mesh, this rank's data-parallel rank, the number of
+    data-parallel ranks); meshes None when not used."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    replicas, tp = args.hsdp or 1, args.tp
+    if world % (replicas * tp):
+        raise SystemExit(f"--hsdp {args.hsdp} --tp {tp}: the world size {world} is not a multiple of {replicas * tp}")
+    if args.heads % tp or args.kv_heads % tp:
+        raise SystemExit(f"--tp {tp}: --heads {args.heads} and --kv-heads {args.kv_heads} must be multiples of it")
+    dp = world // tp
+    if tp == 1 and not args.hsdp:
+        return None, None, dist.get_rank(), dp
+    names = ("replicate", "shard") if args.hsdp else ("dp",)
+    shape = (replicas, dp // replicas) if args.hsdp else (dp,)
+    if tp == 1:
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+        return mesh, None, dist.get_rank(), dp
+    mesh = init_device_mesh(device_type, (*shape, tp), mesh_dim_names=(*names, "tp"))
+    dp_mesh = mesh[names]
+    dp_rank = sum(mesh.get_local_rank(name) * math.prod(shape[i + 1:]) for i, name in enumerate(names))
+    return dp_mesh, mesh["tp"], dp_rank, dp
 
 
 def memory_bytes(device: torch.device) -> int:
@@ -84,6 +133,7 @@ def memory_bytes(device: torch.device) -> int:
 
 def main(args) -> None:
     import fsdp_compile
+    from torch.distributed.tensor import DTensor
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -91,32 +141,32 @@ def main(args) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(0)  # the same init on every rank
-    model = build_model(args)
+    mesh, tp_mesh, dp_rank, dp = device_meshes(args, world, device.type)
+    model = build_model(args, meta=tp_mesh is None)
     full_numel = sum(p.numel() for p in model.parameters())
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable()
     mp = fsdp_compile.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else None
-    mesh = None
-    if args.hsdp:
-        from torch.distributed.device_mesh import init_device_mesh
+    if tp_mesh is not None:
+        from torch.distributed.tensor.parallel import parallelize_module
 
-        if world % args.hsdp:
-            raise SystemExit(f"--hsdp {args.hsdp}: the world size {world} is not a multiple of it")
-        mesh = init_device_mesh(device.type, (args.hsdp, world // args.hsdp), mesh_dim_names=("replicate", "shard"))
+        for layer in model.model.layers:
+            parallelize_module(layer, tp_mesh, tensor_parallel_plan())
     fsdp_compile.fully_shard(
         model, device_mesh=mesh, policy={LlamaDecoderLayer}, strategy=args.strategy, mixed_precision=mp,
-        param_init_fn=model._init_weights,
+        param_init_fn=model._init_weights if tp_mesh is None else None,
     )
     strategy = fsdp_compile.sharding_info(model).units[0].strategy.name
     forward = model if args.eager else torch.compile(model, backend=fsdp_compile.backend(inner=args.inner), fullgraph=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    shard_numel = sum(p.numel() for p in model.parameters())
+    shard_numel = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
     if rank == 0:
         mode = "eager" if args.eager else f"compiled ({args.inner})"
         print(
             f"Llama {args.layers}x{args.hidden} ({full_numel / 1e6:.2f} M params, {shard_numel / 1e6:.2f} M on each "
             f"rank), {world} ranks on {device.type} ({dist.get_backend()}), {strategy}, {mode}"
-            + (f", {args.hsdp} replicas x {world // args.hsdp} shards" if args.hsdp else "")
+            + (f", {args.hsdp} replicas x {dp // args.hsdp} shards" if args.hsdp else "")
+            + (f", dp {dp} x tp {args.tp}" if args.tp > 1 else "")
             + (", bf16" if args.bf16 else "") + (", activation checkpointing" if args.activation_checkpointing else ""),
             flush=True,
         )
@@ -125,10 +175,10 @@ def main(args) -> None:
         from tqdm import tqdm
 
         bar = tqdm(total=args.steps, unit="step")
-    tokens_per_step = args.batch * args.seq * world
+    tokens_per_step = args.batch * args.seq * dp
     for step in range(args.steps):
         start = time.perf_counter()
-        ids = counting_batch(step, rank, args.vocab, args.seq, args.batch).to(device)
+        ids = counting_batch(step, dp_rank, args.vocab, args.seq, args.batch).to(device)
         loss = forward(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()

@@ -53,10 +53,11 @@ def _fmt_bytes(n: int) -> str:
 
 
 def explain(model: nn.Module) -> str:
-    """Units (parameters, shard and full sizes, strategy, dtypes), the process groups (shard,
-    and replicate for hybrid sharding) and, for every graph the ``fsdp_compile`` backend
-    compiled, the collectives it inserted in program order with the bytes each one hands to the
-    backend and the group it runs on. Accepts the sharded module or its ``torch.compile``
+    """Units (parameters, shard and full sizes, strategy, dtypes), every process group (shard,
+    replicate for hybrid sharding, and the tensor-parallel mesh dims whose collectives come from
+    DTensor) and, for every graph the ``fsdp_compile`` backend compiled, each group's count of
+    each kind of collective, then the collectives in program order with the bytes each one hands
+    to the backend and the group it runs on. Accepts the sharded module or its ``torch.compile``
     wrapper."""
     module = getattr(model, "_orig_mod", model)
     state = root_state(module)
@@ -91,7 +92,8 @@ def explain(model: nn.Module) -> str:
             name = groups.shard_name if role == "shard" else groups.replicate_name
             user = groups.shard if role == "shard" else groups.replicate
             twin = "" if name in (None, user.group_name) else " (our collectives: its one-worker gloo twin)"
-            lines.append(f"{role} group: global ranks {ranks}{twin}")
+            dim = _mesh_dim_name(groups.mesh, role)
+            lines.append(f"{role} group{dim}: global ranks {ranks}{twin}")
     for name, role in (groups.other_roles if groups is not None else ()):
         lines.append(f"{role} group (tensor parallel, its collectives from DTensor): global ranks "
                      f"{dist.get_process_group_ranks(_resolve_group(name))}")
@@ -107,6 +109,7 @@ def explain(model: nn.Module) -> str:
                 continue
             total = sum(c.input_bytes for c in schedule)
             lines.append(f"  {name}: {len(schedule)} collectives, {_fmt_bytes(total)} in")
+            lines.append(f"    by group: {_by_group(schedule)}")
             for c in schedule:
                 note = ""
                 if backend == "gloo" and c.kind == "reduce_scatter_tensor":
@@ -117,6 +120,38 @@ def explain(model: nn.Module) -> str:
                             " of the whole input; each slot goes to its rank and is summed there)")
                 lines.append(f"    {c.kind:<24} {_fmt_bytes(c.input_bytes):>10} {c.dtype} on {c.group} group{note}")
     return "\n".join(lines)
+
+
+_PLAIN = {
+    "all_gather_into_tensor": "all-gather", "reduce_scatter_tensor": "reduce-scatter",
+    "all_to_all_single": "all-to-all", "all_reduce": "all-reduce",
+    "all_gather_into_tensor_coalesced": "coalesced all-gather",
+    "reduce_scatter_tensor_coalesced": "coalesced reduce-scatter", "all_reduce_coalesced": "coalesced all-reduce",
+}
+
+
+def _mesh_dim_name(mesh, role: str) -> str:
+    """`` (mesh dim 'dp')`` when the user's mesh names the dim of ``role`` other than the role."""
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    if not names:
+        return ""
+    name = names[-1] if role == "shard" else names[0] if len(names) > 1 else None
+    return f" (mesh dim {name!r})" if name not in (None, role) else ""
+
+
+def _by_group(schedule) -> str:
+    """``shard: 3 all-gather; tp: 4 all-reduce``: each group (in order of first use) with the
+    count of each kind of collective on it (plain names: the op names are the lines below)."""
+    counts: dict[str, dict[str, int]] = {}
+    for c in schedule:
+        kinds = counts.setdefault(c.group, {})
+        kind = _PLAIN.get(c.kind, c.kind)
+        kinds[kind] = kinds.get(kind, 0) + 1
+    if not counts:
+        return "none"
+    return "; ".join(
+        f"{group}: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) for group, kinds in counts.items()
+    )
 
 
 def _resolve_group(name: str):

@@ -125,6 +125,13 @@ def test_every_step_system_is_one_table_entry_and_the_cli_rejects_others():
         assert e.code == 2
     else:
         raise AssertionError("step.py accepted an unknown system")
+    assert {n: s.tp for n, s in systems.SYSTEMS.items() if s.tp > 1} == {"fsdp2_tp2": 2, "fsdp_compile_tp2": 2}
+    try:  # a tensor-parallel system needs a world that is a multiple of its tp size
+        step.main(["--only", "fsdp_compile_tp2", "--world", "3"])
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("step.py accepted --world 3 for a tp 2 system")
 
 
 def test_the_native_reduce_scatter_lever_sets_every_unit_and_rejects_other_kinds():

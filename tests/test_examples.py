@@ -55,3 +55,20 @@ def test_torchrun_hybrid_sharding_on_4_ranks(tmp_path):
                 "--steps", "2", "--hsdp", "2", "--inner", "aot_eager", "--checkpoint-dir", str(tmp_path / "ckpt")])
     _check(out, 2, "compiled (aot_eager), 2 replicas x 2 shards", world=4, strategy="HYBRID_SHARD")
     assert (tmp_path / "ckpt" / ".metadata").exists()
+
+
+def _losses(out: str) -> list[float]:
+    return [float(x) for x in re.findall(r"^step +\d+ +loss ([\d.]+) ", out, re.M)]
+
+
+@pytest.mark.slow  # 4 ranks on 2 cores; tests/test_tensor_parallel.py covers FSDP over TP in the default suite
+def test_torchrun_tensor_parallel_on_4_ranks_trains():
+    """``--tp 2`` under torchrun: a dp 2 x tp 2 mesh, Llama's attention and MLP tensor parallel,
+    compiled; the loss goes down."""
+    torchrun = shutil.which("torchrun")
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    out = _run([*launcher, "--nproc-per-node", "4", "--master-port", str(free_port()), str(EXAMPLE),
+                "--steps", "6", "--tp", "2", "--inner", "aot_eager"])
+    _check(out, 6, "compiled (aot_eager), dp 2 x tp 2", world=4)
+    losses = _losses(out)
+    assert min(losses[-2:]) < losses[0] - 0.1, losses

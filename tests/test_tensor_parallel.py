@@ -4,12 +4,14 @@ Ranks [[0, 1], [2, 3]]: TP groups {0, 1} and {2, 3} (torch's ``parallelize_modul
 ``ColwiseParallel`` / ``RowwiseParallel``), dp groups {0, 2} and {1, 3} (``fully_shard``). The
 ranks of one TP group read the same batch; the two dp ranks read different ones. Reference: the
 same model in one process, float64, on the global batch (the mean of the dp ranks' losses),
-and torch's FSDP2 with the same TP plan. One spawn runs every world-4 case (training, FSDP2,
-a DCP checkpoint); each case returns plain data or its traceback, and the parent asserts. World 2
-loads the checkpoint at other layouts and checks bad input; world 8 (slow) runs HSDP + TP.
+and torch's FSDP2 with the same TP plan (float64, and bf16 mixed precision). One spawn runs
+every world-4 case (training, FSDP2, a DCP checkpoint); each case returns plain data or its
+traceback, and the parent asserts. World 2 loads the checkpoint at other layouts and checks bad
+input; world 8 (slow) runs HSDP + TP; a world-4 spawn of its own (slow) compiles with Inductor.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -19,15 +21,22 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel, PrepareModuleInput, RowwiseParallel, loss_parallel, parallelize_module,
+)
 from torch.testing import assert_close
 from torch.utils.checkpoint import checkpoint
 
 import fsdp_compile
 from fsdp_compile import fully_shard
 from fsdp_compile.testing.graphs import REDUCE_SCATTER
+from fsdp_compile.testing.reference import FLOAT64_ROUNDING
 from fsdp_compile.testing.spawn import case_result, error_text, run_case, run_ranks
+
+# the world-4 spawn (every case, several compiles on 4 ranks) runs in the setup of the first test
+# that asks for it: the module's timeout is the spawn's
+pytestmark = pytest.mark.timeout(900)
 
 DP, TP = 2, 2
 VOCAB, DIM, HEADS, HIDDEN, SEQ, BATCH = 23, 8, 2, 16, 6, 2
@@ -122,9 +131,13 @@ def _mesh(dp: int, tp: int):
     return init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
 
 
-def _tp_model(mesh, sequence_parallel=False):
+def _tp_model(mesh, sequence_parallel=False, parallel_loss=False):
+    """The seeded model under the TP plan; ``parallel_loss``: the head Colwise with Shard(-1)
+    DTensor logits, for ``loss_parallel``'s cross entropy over vocabulary shards."""
     model = _seeded()
     block_plan, model_plan = _sp_plan() if sequence_parallel else (PLAN, {})
+    if parallel_loss:
+        model_plan = {**model_plan, "head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}
     for block in model.blocks:
         parallelize_module(block, mesh["tp"], block_plan)
     parallelize_module(model, mesh["tp"], model_plan)
@@ -149,23 +162,25 @@ def _compile(model, mode):
 MAX_NORM = 0.5  # below the gradients' norm at every step: clipping scales them
 
 
-def _train(forward, model, dp_rank, clip=None, steps=STEPS, accumulate=False):
+def _train(forward, model, dp_rank, clip=None, steps=STEPS, accumulate=False, context=contextlib.nullcontext):
     """AdamW steps; ``clip(model)`` (a clip_grad_norm_) before each step; returns the losses,
     the clip's total norms and the optimizer. ``accumulate``: from step 1 on, each step first
-    accumulates a micro-batch inside ``no_sync``."""
+    accumulates a micro-batch inside ``no_sync``. Each forward and backward runs inside
+    ``context()`` (``loss_parallel``: its loss is a replicated DTensor)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses, norms = [], []
     for step in range(steps):
         if accumulate and step:
-            with fsdp_compile.no_sync(model):
+            with fsdp_compile.no_sync(model), context():
                 forward(*_batch(step, dp_rank, micro=1)).backward()
-        loss = forward(*_batch(step, dp_rank))
-        loss.backward()
+        with context():
+            loss = forward(*_batch(step, dp_rank))
+            loss.backward()
         if clip is not None:
             norms.append(clip(model).detach())
         opt.step()
         opt.zero_grad()
-        losses.append(loss.detach())
+        losses.append(loss.full_tensor().detach() if isinstance(loss, DTensor) else loss.detach())
     return torch.stack(losses), norms and torch.stack(norms), opt
 
 
@@ -193,15 +208,20 @@ def reference(clip: bool, steps=STEPS, dp=DP, accumulate=False):
 
 
 # ---- world 4 -----------------------------------------------------------------------------------
-def _ours(mesh, strategy="FULL_SHARD", sequence_parallel=False):
-    model = _tp_model(mesh, sequence_parallel)
-    return fully_shard(model, device_mesh=mesh["dp"], policy={Block}, strategy=strategy)
+BF16 = fsdp_compile.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def _run(model, mode, dp_rank, clip=_ours_clip, accumulate=False):
+def _ours(mesh, strategy="FULL_SHARD", sequence_parallel=False, parallel_loss=False, mixed_precision=None):
+    model = _tp_model(mesh, sequence_parallel, parallel_loss)
+    if mixed_precision is not None:
+        model = model.float()  # float32 shards, bf16 compute
+    return fully_shard(model, device_mesh=mesh["dp"], policy={Block}, strategy=strategy, mixed_precision=mixed_precision)
+
+
+def _run(model, mode, dp_rank, clip=_ours_clip, accumulate=False, context=contextlib.nullcontext):
     weight = model.blocks[0].q.weight
     run = _compile(model, mode)
-    losses, norms, _ = _train(run, model, dp_rank, clip, accumulate=accumulate)
+    losses, norms, _ = _train(run, model, dp_rank, clip, accumulate=accumulate, context=context)
     out = {
         "losses": losses,
         "norms": norms,
@@ -228,6 +248,12 @@ def parity(rank):
         model = _ours(mesh)
         model.checkpointed = True
         out[("no_sync_checkpointed", mode)] = _run(model, mode, dp_rank, accumulate=True)
+    out[("loss_parallel", "eager")] = _run(_ours(mesh, parallel_loss=True), "eager", dp_rank, context=loss_parallel)
+    # compiled (one compile for many levers): sequence parallelism, SHARD_GRAD_OP, no_sync,
+    # checkpointing and loss_parallel at once
+    model = _ours(mesh, "SHARD_GRAD_OP", sequence_parallel=True, parallel_loss=True)
+    model.checkpointed = True
+    out[("sp_levers", "aot_eager")] = _run(model, "aot_eager", dp_rank, accumulate=True, context=loss_parallel)
     return out
 
 
@@ -244,6 +270,26 @@ def fsdp2_reference(rank):
     losses, _, _ = _train(model, model, dp_rank)
     fsdp2 = {"losses": losses, "params": _full_params(model)}
     return {"fsdp2": fsdp2, "ours": _run(_ours(mesh), "aot_eager", dp_rank, clip=None)}
+
+
+def fsdp2_mixed_precision(rank):
+    """bf16 compute, fp32 reduction: torch's FSDP2 (MixedPrecisionPolicy) + the same TP plan on
+    the same mesh, and ours (MixedPrecision) eager and compiled, unclipped."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.fsdp import fully_shard as fsdp2_fully_shard
+
+    mesh = _mesh(DP, TP)
+    dp_rank = mesh.get_local_rank("dp")
+    model = _tp_model(mesh).float()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fsdp2_fully_shard(block, mesh=mesh["dp"], mp_policy=policy)
+    fsdp2_fully_shard(model, mesh=mesh["dp"], mp_policy=policy)
+    losses, _, _ = _train(model, model, dp_rank)
+    out = {"fsdp2": {"losses": losses, "params": _full_params(model)}}
+    for mode in MODES:
+        out[mode] = _run(_ours(mesh, mixed_precision=BF16), mode, dp_rank, clip=None)
+    return out
 
 
 def _loaded(model, path):
@@ -285,6 +331,7 @@ def world4_cases(rank, world, tmp):
     return {
         "parity": run_case(lambda: parity(rank)),
         "fsdp2": run_case(lambda: fsdp2_reference(rank)),
+        "fsdp2_bf16": run_case(lambda: fsdp2_mixed_precision(rank)),
         "checkpoint": run_case(lambda: save_checkpoint(rank, f"{tmp}/ckpt")),
     }
 
@@ -331,14 +378,14 @@ def test_fsdp_over_tp_trains_like_one_process_on_the_global_batch_eager_and_comp
                 assert got["same_object"], what
 
 
-def _assert_case_matches(world4_results, reference, case: str, label: str) -> list[dict]:
-    """Every rank's run of ``case``, eager and compiled, equals ``reference`` (losses of its dp
-    rank's batch, clipped norms, final parameters); returns those runs."""
+def _assert_case_matches(world4_results, reference, case: str, label: str, modes=MODES) -> list[dict]:
+    """Every rank's run of ``case`` in ``modes`` equals ``reference`` (losses of its dp rank's
+    batch, clipped norms, final parameters); returns those runs."""
     ref_losses, ref_norms, ref_params = reference
     runs = []
     for rank, result in enumerate(world4_results):
         out = case_result(result["parity"])
-        for mode in MODES:
+        for mode in modes:
             got = out[(case, mode)]
             what = f"rank {rank} {label} {mode}"
             assert_close(got["losses"], ref_losses[:, rank // TP], msg=lambda m: f"{what} losses: {m}")
@@ -356,6 +403,45 @@ def test_sequence_parallel_trains_like_one_process_eager_and_compiled(world4_res
 def test_no_sync_and_activation_checkpointing_with_tp_train_like_one_process(world4_results, ref):
     """no_sync micro-batches from step 1 on and every block checkpointed, eager and compiled."""
     _assert_case_matches(world4_results, ref["accumulated"], "no_sync_checkpointed", "no_sync + checkpointing")
+
+
+def test_loss_parallel_over_a_colwise_head_trains_like_one_process(world4_results, ref):
+    """``loss_parallel()`` around forward and backward: the head's Shard(-1) DTensor logits go
+    into cross entropy over vocabulary shards; the loss is a replicated DTensor; clipped."""
+    for got in _assert_case_matches(world4_results, ref["clipped"], "loss_parallel", "loss_parallel", modes=("eager",)):
+        assert got["placements"]["head.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+
+
+def test_compiled_sequence_parallel_with_shard_grad_op_no_sync_checkpointing_and_loss_parallel(world4_results, ref):
+    """Every lever at once in one compiled run (aot_eager): sequence parallelism, SHARD_GRAD_OP,
+    no_sync micro-batches from step 1 on, every block checkpointed, loss_parallel."""
+    for got in _assert_case_matches(
+        world4_results, ref["accumulated"], "sp_levers", "SP + SHARD_GRAD_OP + no_sync + checkpointing + loss_parallel",
+        modes=("aot_eager",),
+    ):
+        assert got["placements"]["head.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+
+
+def test_bf16_mixed_precision_over_tp_equals_torch_fsdp2_and_the_float64_reference(world4_results, ref):
+    """MixedPrecision(bf16, reduce fp32) equals FSDP2's MixedPrecisionPolicy with the same TP
+    plan on the same mesh bit for bit (bf16 gathers and TP collectives, fp32 reductions, the same
+    casts), eager and compiled; the float64 reference agrees at bf16 tolerance (parameters: Adam's
+    steps of lr 1e-2 turn bf16 rounding of small gradients into updates of up to 2e-2)."""
+    ref_losses, _, ref_params = ref["unclipped"]
+    for rank, result in enumerate(world4_results):
+        out = case_result(result["fsdp2_bf16"])
+        fsdp2 = out["fsdp2"]
+        for mode in MODES:
+            got, what = out[mode], f"rank {rank} bf16 {mode}"
+            assert_close(got["losses"], fsdp2["losses"], rtol=0, atol=0, msg=lambda m: f"{what} vs fsdp2 losses: {m}")
+            for name, value in fsdp2["params"].items():
+                assert got["params"][name].dtype == torch.float32, (what, name)
+                assert_close(got["params"][name], value, rtol=0, atol=0, msg=lambda m: f"{what} vs fsdp2 {name}: {m}")
+            assert_close(got["losses"].double(), ref_losses[:, rank // TP], rtol=1.6e-2, atol=1e-5,
+                         msg=lambda m: f"{what} vs float64 losses: {m}")
+            for name, value in ref_params.items():
+                assert_close(got["params"][name].double(), value, rtol=0, atol=4e-2,
+                             msg=lambda m: f"{what} vs float64 {name}: {m}")
 
 
 def test_fsdp_over_tp_equals_torch_fsdp2_with_the_same_plan(world4_results, ref):
@@ -418,10 +504,13 @@ def test_checkpoint_saved_at_dp2_tp2_loads_into_an_unsharded_model(world4):
 
 def test_explain_lists_the_dp_and_tp_groups_and_the_collectives_on_each(world4_results):
     text = case_result(world4_results[0]["parity"])[("FULL_SHARD", "aot_eager")]["explain"]
-    assert "shard group: global ranks [0, 2]" in text, text
+    assert "shard group (mesh dim 'dp'): global ranks [0, 2]" in text, text
     assert "tp group (tensor parallel, its collectives from DTensor): global ranks [0, 1]" in text, text
     assert "on tp group" in text and "on shard group" in text, text
     assert "blocks.0.q.weight (8, 8) -> 2 rows/rank of its TP-local (4, 8)" in text, text
+    # per phase, each group's collectives by kind: 3 units' gathers beside the Rowwise all-reduces
+    assert "    by group: shard: 3 all-gather; tp: 4 all-reduce\n" in text, text
+    assert "    by group: shard: 2 all-gather, 3 all-to-all; tp: 8 all-reduce\n" in text, text
 
 
 # ---- bad input (world 2) -------------------------------------------------------------------------
@@ -489,6 +578,60 @@ def test_compiled_graphs_hold_dtensors_tp_collectives_beside_ours(world4_results
             assert ours.count("all_gather_into_tensor") == (2 if strategy == "FULL_SHARD" else 0), what
             tp = [c.kind for c in backward if c.group == "tp"]
             assert tp and set(tp) == {"all_reduce"}, what
+
+
+def _counts(schedule, group):
+    kinds = [c.kind for c in schedule if c.group == group]
+    return {kind: kinds.count(kind) for kind in kinds}
+
+
+def test_compiled_sequence_parallel_graphs_hold_its_gathers_and_reduce_scatters_beside_ours(world4_results):
+    """Sequence parallelism + SHARD_GRAD_OP + no_sync + loss_parallel, per graph (the first
+    step's, the no_sync micro-batch's, the sync micro-batch's after it): ours on the dp
+    ("shard") group as without TP -- 3 unit gathers in forward, none in backward, one
+    reduce-scatter per unit except under no_sync; DTensor's on the tp group beside them -- in
+    forward 5 sequence all-gathers (into attention and MLP of 2 blocks, and before the final
+    norm), 4 reduce-scatters (out of o and fc2) and loss_parallel's 3 all-reduces."""
+    for rank, result in enumerate(world4_results):
+        graphs = case_result(result["parity"])[("sp_levers", "aot_eager")]["schedules"]
+        assert len(graphs) == 3, (rank, graphs)
+        for number, schedules in enumerate(graphs):
+            forward, backward = schedules["forward"], schedules["backward"]
+            what = (rank, number, schedules)
+            assert {c.group for c in forward + backward} == {"shard", "tp"}, what
+            assert [c.kind for c in forward if c.group == "shard"] == ["all_gather_into_tensor"] * 3, what
+            reductions = 0 if number == 1 else 3
+            assert [c.kind for c in backward if c.group == "shard"] == [REDUCE_SCATTER] * reductions, what
+            assert _counts(forward, "tp") == {"all_gather_into_tensor": 5, "reduce_scatter_tensor": 4, "all_reduce": 3}, what
+            assert _counts(backward, "tp") == {"all_reduce": 9, "all_gather_into_tensor": 9, "reduce_scatter_tensor": 10}, what
+
+
+# ---- Inductor (world 4, slow) --------------------------------------------------------------------
+def inductor_fullgraph(rank, world):
+    """``torch.compile(model, backend="fsdp_compile", fullgraph=True)``: Inductor compiles the
+    graphs that hold our collectives and DTensor's."""
+    torch.set_num_threads(1)
+    mesh = _mesh(DP, TP)
+    model = _ours(mesh)
+    torch._dynamo.reset()
+    run = torch.compile(model, backend="fsdp_compile", fullgraph=True)
+    losses, norms, _ = _train(run, model, mesh.get_local_rank("dp"), _ours_clip)
+    info = fsdp_compile.sharding_info(model)
+    return {"losses": losses, "norms": norms, "params": _full_params(model),
+            "inner": [r.inner for r in info.compiled_graphs]}
+
+
+@pytest.mark.inductor
+@pytest.mark.slow  # Inductor's C++ compiles on 4 ranks: ~190 s on a loaded 2-core machine
+def test_inductor_fullgraph_over_tp_equals_the_float64_reference_to_rounding(ref):
+    ref_losses, ref_norms, ref_params = ref["clipped"]
+    for rank, got in enumerate(run_ranks(inductor_fullgraph, 4, timeout=1200)):
+        what = f"rank {rank} inductor"
+        assert got["inner"] == ["inductor"], what
+        assert_close(got["losses"], ref_losses[:, rank // TP], **FLOAT64_ROUNDING, msg=lambda m: f"{what} losses: {m}")
+        assert_close(got["norms"], ref_norms, **FLOAT64_ROUNDING, msg=lambda m: f"{what} norms: {m}")
+        for name, value in ref_params.items():
+            assert_close(got["params"][name], value, **FLOAT64_ROUNDING, msg=lambda m: f"{what} {name}: {m}")
 
 
 # ---- HSDP + TP (world 8) -------------------------------------------------------------------------
