@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import torch_private
+from .params import rebind_accessors
 from .runtime import UNIT_OF_MODULE, FSDPState
 
 ROOT_STATE = "_fsdp_root_state"  # module.__dict__ key: the FSDPState of a tree's root
@@ -49,6 +50,8 @@ def adopt(state: FSDPState, root: nn.Module, inner: dict[str, nn.Module]) -> Non
             )
             unit.groups = unit.groups or inner_state.groups
             unit.module.__dict__[UNIT_OF_MODULE] = state.add_unit(unit)
+        for module in sub.modules():  # their reads now go to this state's records of the units
+            rebind_accessors(module)
         roles.update(_roles(path, inner_state.groups))
     state.groups = dataclasses.replace(state.groups, other_roles=tuple(sorted(roles.items())))
 

@@ -173,6 +173,15 @@ def install_accessor(module: nn.Module, attr: str, unit: "Unit", index: int) -> 
     _swap(module)
 
 
+def rebind_accessors(module: nn.Module) -> None:
+    """Point every sharded attribute of ``module`` at the runtime record its tree state now holds
+    for the attribute's unit (after an outer ``fully_shard`` adopted the unit: ``nested.adopt``)."""
+    accessors = module.__dict__.get(_ACCESSORS, {})
+    state = module.__dict__[_TREE_STATE]
+    for attr, (unit, index, _) in list(accessors.items()):
+        accessors[attr] = (unit, index, state.runtime[unit.id])
+
+
 def is_sharded(module: nn.Module) -> bool:
     return _TREE_STATE in module.__dict__
 

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Lowest first. A module may import modules of earlier entries only (and itself's package).
 LAYERS = [
     "torch_private", "config", "log", "failures", "gloo_worker", "mesh", "consistency", "layout", "tensor_parallel", "kernels",
-    "collectives", "registry", "unit", "unit_runtime", "ops", "runtime", "nested", "state_dict", "params", "deferred_init", "api",
+    "collectives", "registry", "unit", "unit_runtime", "ops", "runtime", "state_dict", "params", "nested", "deferred_init", "api",
     "passes",
     "compiler", "explain", "full_params", "testing", "estimate",
 ]
