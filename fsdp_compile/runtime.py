@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_map
 
 from . import ops
@@ -78,6 +79,12 @@ def in_recompute() -> bool:
     if torch.compiler.is_compiling():  # compiled regions recompute inside the compiled backward
         return False
     return torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    """Which storage ``tensor`` views (its storage's identity, not an address: a fake tensor,
+    as ``fsdp_compile.estimate`` runs the eager runtime, has none)."""
+    return tensor.untyped_storage()._cdata
 
 
 @dataclass(frozen=True)
@@ -409,8 +416,7 @@ class FSDPState:
     def register_full(self, unit: Unit, fulls: list[torch.Tensor]) -> None:
         for index, full in enumerate(fulls):
             if full.numel():
-                key = full.untyped_storage().data_ptr()
-                self._full_storages.setdefault(key, []).append((unit, index, full))
+                self._full_storages.setdefault(_storage_key(full), []).append((unit, index, full))
 
     def unregister_full(self, unit: Unit) -> None:
         for key in list(self._full_storages):
@@ -423,10 +429,10 @@ class FSDPState:
     def _pack(self, tensor: torch.Tensor):
         if tensor.numel() == 0 or tensor.layout != torch.strided or tensor.is_sparse:
             return tensor
-        if type(tensor) not in (torch.Tensor, nn.Parameter):
+        if type(tensor) not in (torch.Tensor, nn.Parameter) and not isinstance(tensor, FakeTensor):
             return tensor  # a wrapper subclass (DTensor, a user's async collective result): not ours
         offset = tensor.storage_offset()
-        for unit, index, full in self._full_storages.get(tensor.untyped_storage().data_ptr(), ()):
+        for unit, index, full in self._full_storages.get(_storage_key(tensor), ()):
             start = full.storage_offset()
             if full.dtype == tensor.dtype and start <= offset < start + full.numel():
                 return _SavedFull(unit, index, tensor.size(), tensor.stride(), offset - start)
