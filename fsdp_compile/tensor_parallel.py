@@ -123,15 +123,19 @@ def _combined(dp_mesh, tp_mesh):
     """The (dp..., tp) mesh, or None when the two do not come from one root mesh (torch may
     hand out one cached slice for equal dims of two roots, so the test is the concatenation:
     it must exist and hold every rank once)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.distributed.device_mesh import DeviceMesh
 
     if not dp_mesh.mesh_dim_names or not tp_mesh.mesh_dim_names:
         return None
-    try:
-        combined = DeviceMesh._concatenate([dp_mesh, tp_mesh])
-    except (RuntimeError, ValueError, AssertionError):
-        return None
-    ranks = combined.mesh.flatten().tolist()
+    # the meshes' rank tables are real tensors, also when the model is sharded under a
+    # FakeTensorMode (fsdp_compile.estimate)
+    with unset_fake_temporarily():
+        try:
+            combined = DeviceMesh._concatenate([dp_mesh, tp_mesh])
+        except (RuntimeError, ValueError, AssertionError):
+            return None
+        ranks = combined.mesh.flatten().tolist()
     return combined if len(set(ranks)) == len(ranks) else None
 
 
