@@ -33,6 +33,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 
 class _Pending(NamedTuple):
@@ -40,7 +41,8 @@ class _Pending(NamedTuple):
 
     full: nn.Parameter
     version: int  # its version counter right after materializing
-    data_ptr: int  # and its data's address
+    storage: StorageWeakRef  # and its data's storage (a fake tensor has no address to compare)
+    offset: int  # and where in it the data starts
     fqn: str
     meta_id: int  # id of the meta parameter it replaced
     init: str  # what initializes its first holder, for errors (_init_name)
@@ -48,7 +50,9 @@ class _Pending(NamedTuple):
     def written(self) -> bool:
         """Whether an init wrote it: in place (its version counter moved) or by assigning new
         data (``param.data = ...``)."""
-        return self.full._version != self.version or self.full.data_ptr() != self.data_ptr
+        if self.full._version != self.version or self.full.storage_offset() != self.offset:
+            return True
+        return self.storage.expired() or StorageWeakRef(self.full.untyped_storage()) != self.storage
 
 
 def _is_meta(t: Optional[torch.Tensor]) -> bool:
@@ -144,7 +148,10 @@ def _materialize_module(sub, device, replaced, pending, where, prefix, init) -> 
         unit, index = where[id(param)]
         for owner, owner_attr in unit.holders[index]:
             owner._parameters[owner_attr] = full
-        pending[id(full)] = _Pending(full, full._version, full.data_ptr(), _fqn(prefix, attr), id(param), init)
+        storage = StorageWeakRef(full.untyped_storage())
+        pending[id(full)] = _Pending(
+            full, full._version, storage, full.storage_offset(), _fqn(prefix, attr), id(param), init
+        )
         fresh.add(id(full))
     for name, buf in list(sub._buffers.items()):
         if _is_meta(buf):

@@ -54,6 +54,12 @@ def in_recompute() -> bool:
     return torch.is_grad_enabled() and torch_private.current_graph_task_id() != -1
 
 
+def _storage_key(tensor: torch.Tensor) -> int:
+    """Which storage ``tensor`` views (its storage's identity, not an address: a fake tensor,
+    as ``fsdp_compile.estimate`` runs the eager runtime, has none)."""
+    return torch_private.storage_id(tensor)
+
+
 @dataclass(frozen=True)
 class _SavedFull:
     """A full parameter (or a view of it) that autograd saved, by reference."""
@@ -333,8 +339,7 @@ class FSDPState:
     def register_full(self, rt: UnitRuntime, fulls: list[torch.Tensor]) -> None:
         for index, full in enumerate(fulls):
             if full.numel():
-                key = full.untyped_storage().data_ptr()
-                self._full_storages.setdefault(key, []).append((rt, index, full))
+                self._full_storages.setdefault(_storage_key(full), []).append((rt, index, full))
 
     def unregister_full(self, rt: UnitRuntime) -> None:
         for key in list(self._full_storages):
@@ -347,10 +352,10 @@ class FSDPState:
     def _pack(self, tensor: torch.Tensor):
         if tensor.numel() == 0 or tensor.layout != torch.strided or tensor.is_sparse:
             return tensor
-        if type(tensor) not in (torch.Tensor, nn.Parameter):
+        if type(tensor) not in (torch.Tensor, nn.Parameter) and not isinstance(tensor, torch_private.FakeTensor):
             return tensor  # a wrapper subclass (DTensor, a user's async collective result): not ours
         offset = tensor.storage_offset()
-        for rt, index, full in self._full_storages.get(tensor.untyped_storage().data_ptr(), ()):
+        for rt, index, full in self._full_storages.get(_storage_key(tensor), ()):
             start = full.storage_offset()
             if full.dtype == tensor.dtype and start <= offset < start + full.numel():
                 return _SavedFull(rt, index, tensor.size(), tensor.stride(), offset - start)

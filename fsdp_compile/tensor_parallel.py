@@ -128,11 +128,14 @@ def _combined(dp_mesh, tp_mesh):
     it must exist and hold every rank once)."""
     if not dp_mesh.mesh_dim_names or not tp_mesh.mesh_dim_names:
         return None
-    try:
-        combined = torch_private.concatenate_meshes([dp_mesh, tp_mesh])
-    except (RuntimeError, ValueError, AssertionError):
-        return None
-    ranks = combined.mesh.flatten().tolist()
+    # the meshes' rank tables are real tensors, also when the model is sharded under a
+    # FakeTensorMode (fsdp_compile.estimate)
+    with torch_private.unset_fake_temporarily():
+        try:
+            combined = torch_private.concatenate_meshes([dp_mesh, tp_mesh])
+        except (RuntimeError, ValueError, AssertionError):
+            return None
+        ranks = combined.mesh.flatten().tolist()
     return combined if len(set(ranks)) == len(ranks) else None
 
 

@@ -27,6 +27,7 @@ from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_fun
 from torch._ops import HigherOrderOperator, OpOverload  # noqa: F401 (re-export)
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, is_fake, unset_fake_temporarily  # noqa: F401
 from torch.utils._pytree import tree_leaves, tree_map  # noqa: F401 (re-export)
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401 (re-export; no public path)
 
 __all__ = [
     "c10d_functional", "register_process_group", "resolve_process_group", "default_store", "live_process_groups",
@@ -37,7 +38,8 @@ __all__ = [
     "RECOMPUTE_KEY", "AC_GRAPH_ID_KEY", "tag_recompute",
     "FakeTensor", "FakeTensorMode", "is_fake", "unset_fake_temporarily", "fake_store",
     "OpOverload", "HigherOrderOperator", "op_schema_name", "triton_kernel_wrapper_functional",
-    "tree_map", "tree_leaves", "apply_activation_checkpointing",
+    "tree_map", "tree_leaves", "TorchDispatchMode", "storage_id", "pop_dispatch_mode_temporarily",
+    "remove_shared_forward_hooks", "root_mesh", "apply_activation_checkpointing",
     "local_tensor", "set_local_tensor", "set_dtensor_placement", "strided_shard", "concatenate_meshes",
     "flatten_mesh",
 ]
@@ -219,6 +221,23 @@ def fake_store():
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     return FakeStore()
+
+
+def storage_id(tensor) -> int:
+    """The identity of the storage ``tensor`` views (or of ``tensor``, an ``UntypedStorage``),
+    also for a fake tensor (whose ``data_ptr()`` is deprecated and meaningless): the address of
+    its ``StorageImpl``. Equal for two tensors exactly when they share a storage, while both are
+    alive. No public replacement."""
+    storage = tensor if isinstance(tensor, torch.UntypedStorage) else tensor.untyped_storage()
+    return storage._cdata
+
+
+def pop_dispatch_mode_temporarily():
+    """Within: the innermost ``TorchDispatchMode`` is off (the estimator's step tracker, while a
+    compiled block runs). No public replacement."""
+    from torch.utils._python_dispatch import _pop_mode_temporarily
+
+    return _pop_mode_temporarily()
 
 
 def op_schema_name(op: OpOverload) -> str:

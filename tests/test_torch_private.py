@@ -234,6 +234,31 @@ def test_op_types():
     assert isinstance(tp.triton_kernel_wrapper_functional, tp.HigherOrderOperator)
 
 
+def test_storage_id_tells_shared_storages_apart_also_for_fake_tensors():
+    a = torch.zeros(4)
+    assert tp.storage_id(a[1:]) == tp.storage_id(a) == tp.storage_id(a.untyped_storage())
+    assert tp.storage_id(a.clone()) != tp.storage_id(a)
+    with tp.FakeTensorMode():
+        f = torch.zeros(4)
+        assert tp.storage_id(f.view(2, 2)) == tp.storage_id(f) != tp.storage_id(torch.zeros(4))
+
+
+def test_dispatch_mode_and_popping_it_temporarily():
+    seen = []
+
+    class Names(tp.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(tp.op_schema_name(func))
+            return func(*args, **(kwargs or {}))
+
+    with Names():
+        torch.ones(2).add(1)
+        with tp.pop_dispatch_mode_temporarily():
+            torch.ones(2).mul(2)
+        torch.ones(2).sub(1)
+    assert [n for n in seen if n in ("aten::add", "aten::mul", "aten::sub")] == ["aten::add", "aten::sub"]
+
+
 def test_pytree():
     assert tp.tree_map(lambda t: t * 2, {"a": (1, [2])}) == {"a": (2, [4])}
     assert tp.tree_leaves({"a": (1, [2]), "b": None}) == [1, 2, None], "None is a leaf (optree's is not)"

@@ -17,7 +17,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--model", required=True, help="llama3-8b, llama3-70b, readme-gpt or pkg.module:factory")
     parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--mesh", default=None, help="RxS: HSDP, R replicas of S ranks (R*S = world size)")
+    parser.add_argument("--mesh", default=None,
+                        help="RxS: HSDP, R replicas of S ranks (R*S*tp = world size)")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel ranks per data-parallel rank (Llama: q/k/v/w1/w3 column-wise, "
+                        "o/w2 row-wise); FSDP shards the TP-local tensors over world size / tp ranks")
+    parser.add_argument("--compile", default="model", choices=["model", "per-block"],
+                        help="torch.compile(model), or every block compiled on its own (the rest eager)")
     parser.add_argument("--strategy", default="FULL_SHARD", help="FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, ...")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 gathers and compute, float32 reductions")
     parser.add_argument("--activation-checkpointing", action="store_true", help="checkpoint every unit (block)")
@@ -35,6 +41,7 @@ def main(argv=None) -> int:
             args.model, args.world_size, mesh=args.mesh, strategy=args.strategy, bf16=args.bf16,
             activation_checkpointing=args.activation_checkpointing, batch=args.batch, seq=args.seq,
             optimizer=args.optimizer, backend=args.backend, trace_ranks=tuple(args.trace_rank or (0,)),
+            tp=args.tp, compile=args.compile,
         )
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -56,9 +56,10 @@ class LlamaBlock(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         h = self.attention_norm(x)
-        q = self.wq(h).view(b, t, self.heads, self.head_dim)
-        k = self.wk(h).view(b, t, self.kv_heads, self.head_dim)
-        v = self.wv(h).view(b, t, self.kv_heads, self.head_dim)
+        # -1 heads: under tensor parallelism each rank holds heads / tp of them
+        q = self.wq(h).view(b, t, -1, self.head_dim)
+        k = self.wk(h).view(b, t, -1, self.head_dim)
+        v = self.wv(h).view(b, t, -1, self.head_dim)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -95,6 +96,22 @@ class Llama(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def llama_tp_plan() -> dict:
+    """A ``LlamaBlock``'s tensor-parallel plan (Megatron's, as torchtitan's): q, k, v, w1 and w3
+    column-wise (their output features split over the tp ranks), o and w2 row-wise (their input
+    features split, the output reduced)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {**{name: ColwiseParallel() for name in ("wq", "wk", "wv", "w1", "w3")},
+            **{name: RowwiseParallel() for name in ("wo", "w2")}}
+
+
+def tp_plan_of(model: nn.Module) -> dict[nn.Module, dict]:
+    """Module -> its tensor-parallel plan: every ``LlamaBlock`` of ``model``; a model without
+    one has no plan (``estimate(tp=...)`` then raises)."""
+    return {m: llama_tp_plan() for m in model.modules() if isinstance(m, LlamaBlock)}
 
 
 def llama3_8b() -> Llama:

@@ -18,6 +18,8 @@ def fmt_bytes(n: float) -> str:
 def table(est: "Estimate") -> str:
     replicas, per_replica = est.mesh
     mesh = f"HSDP {replicas}x{per_replica}" if replicas > 1 else f"1-D {per_replica}"
+    if est.tp > 1:
+        mesh += f" x TP {est.tp}"
     lines = [
         f"{est.model}: world {est.world_size} ({mesh}), {est.strategy}, shards {est.dtype['shards']}, "
         f"gather {est.dtype['gather']}, reduce {est.dtype['reduce']}, activation checkpointing "

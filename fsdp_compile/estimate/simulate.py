@@ -33,7 +33,12 @@ traced ones (the transient peak, collectives) come from the traced ranks (``trac
 every rank compiles the same graphs (the shards are padded to the same size), which
 ``schedule_fingerprint`` compares.
 
-Only whole-model compilation (``torch.compile(model)``) is simulated.
+``compile="per-block"``: every policy block ``block.compile(backend=..., fullgraph=True)``
+(as torchtitan compiles), the rest of the step eager (``per_block.py`` stitches the memory
+curve and the schedule from the eager ops and the blocks' graphs). ``tp``: ranks laid out
+``(replicate, shard, tp)``; each Llama block is ``parallelize_module``d over the tp mesh
+(``models.llama_tp_plan``) before ``fully_shard`` shards the TP-local tensors over the dp dims;
+the TP collectives (DTensor's) are reported under the ``"tp"`` group.
 """
 from __future__ import annotations
 
@@ -96,6 +101,7 @@ class Estimate:
     schedules_equal: bool  # every traced rank compiled the same collective schedule
     timeline: list[Point] = field(default_factory=list)
     seconds: float = 0.0
+    tp: int = 1  # tensor-parallel ranks per data-parallel rank (world = replicas x shard x tp)
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -128,6 +134,8 @@ def estimate(
     prefetch: int = 1,
     backend: str = "nccl",
     policy: Optional[set] = None,
+    compile: str = "model",
+    tp: int = 1,
 ) -> Estimate:
     """Simulate one compiled training step of ``model`` sharded over ``world_size`` ranks.
 
@@ -141,7 +149,11 @@ def estimate(
     the model's ``nn.ModuleList``s). ``backend``: the collectives' backend modelled:
     ``"nccl"`` (native reduce-scatter) or ``"gloo"`` (our all-to-all reduce-scatter, and gloo's
     all-gather temporaries in the memory curve). ``trace_ranks``: the ranks traced (each one
-    trace). Runs in this process; raises if a default process group already exists (the
+    trace). ``compile``: ``"model"`` (``torch.compile(model)``) or ``"per-block"`` (every
+    unit-class module compiled on its own, ``fullgraph=True``; the root's ops eager). ``tp``:
+    tensor-parallel ranks per data-parallel rank (``world_size = R * S * tp``; the named Llama
+    models' blocks get the Megatron plan: q, k, v, w1, w3 column-wise, o, w2 row-wise; a model
+    without a plan raises). Runs in this process; raises if a default process group already exists (the
     simulation needs its own fake one), and leaves none behind."""
     from fsdp_compile.config import ShardingStrategy
 
@@ -154,10 +166,14 @@ def estimate(
         )
     if world_size < 1:
         raise ValueError(f"fsdp_compile.estimate: world_size={world_size} must be >= 1")
-    replicas, per_replica = _parse_mesh(mesh, world_size)
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"fsdp_compile.estimate: tp={tp} must be >= 1 and divide world_size={world_size}")
+    replicas, per_replica = _parse_mesh(mesh, world_size // tp)
     strategy = ShardingStrategy.parse(strategy)
     if optimizer not in _OPT_STATES:
         raise ValueError(f"fsdp_compile.estimate: optimizer={optimizer!r}; use one of {sorted(_OPT_STATES)}")
+    if compile not in ("model", "per-block"):
+        raise ValueError(f"fsdp_compile.estimate: compile={compile!r}; use 'model' or 'per-block'")
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"fsdp_compile.estimate: backend={backend!r}; use 'nccl' or 'gloo'")
     bad = [r for r in trace_ranks if not 0 <= r < world_size]
@@ -167,13 +183,13 @@ def estimate(
     traces = {
         r: _trace_rank(
             r, factory, world_size, (replicas, per_replica) if mesh is not None else None, strategy, bf16,
-            activation_checkpointing, batch, seq, prefetch, backend, policy,
+            activation_checkpointing, batch, seq, prefetch, backend, policy, compile, tp,
         )
         for r in trace_ranks
     }
     first = traces[trace_ranks[0]]
     est = _report(name, world_size, (replicas, per_replica), first, traces, optimizer, bf16,
-                  activation_checkpointing, batch)
+                  activation_checkpointing, batch, tp)
     est.seconds = time.perf_counter() - start
     return est
 
@@ -217,23 +233,23 @@ def _zero_init(module: nn.Module) -> None:
         t.zero_()
 
 
-def _trace_rank(rank, factory, world, mesh_dims, strategy, bf16, ac, batch, seq, prefetch, backend, policy) -> _Trace:
+def _trace_rank(rank, factory, world, mesh_dims, strategy, bf16, ac, batch, seq, prefetch, backend, policy,
+                compile_mode, tp) -> _Trace:
     from fsdp_compile.api import fully_shard, root_state
     from fsdp_compile.compiler import FSDPBackend
     from fsdp_compile.config import MixedPrecision
     from fsdp_compile.explain import sharding_info
+    from fsdp_compile.testing.levers import set_reduce_scatter
 
     dist.init_process_group("fake", store=torch_private.fake_store(), rank=rank, world_size=world)
     try:
-        device_mesh = None
-        if mesh_dims is not None:
-            from torch.distributed.device_mesh import init_device_mesh
-
-            device_mesh = init_device_mesh("cpu", mesh_dims, mesh_dim_names=("replicate", "shard"))
+        device_mesh, tp_mesh = _meshes(world, mesh_dims, tp)
         with torch.device("meta"):
             model = factory()
         if not isinstance(model, nn.Module):
             raise TypeError(f"fsdp_compile.estimate: the model factory returned {type(model).__name__}, not an nn.Module")
+        if tp_mesh is not None:
+            _parallelize(model, tp_mesh)
         classes = set(policy) if policy is not None else unit_classes(model)
         seq = seq or default_seq(model)
         vocab = vocab_of(model)
@@ -242,29 +258,103 @@ def _trace_rank(rank, factory, world, mesh_dims, strategy, bf16, ac, batch, seq,
         mp = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
         # allow_non_fake_inputs: a checkpointed recompute replays the real RNG state tensor
         with torch_private.FakeTensorMode(allow_non_fake_inputs=True):
+            init = _zero_init
+            if tp_mesh is not None:  # fully_shard's meta init builds plain tensors, not DTensors
+                model.to_empty(device="cpu")
+                init = None
             fully_shard(
                 model, device_mesh=device_mesh, policy=classes or None, strategy=strategy, mixed_precision=mp,
-                param_init_fn=_zero_init, check_ranks=False,
+                param_init_fn=init, check_ranks=False,
             )
-            info = sharding_info(model)
             if backend == "gloo":  # what fully_shard picks on a gloo group (collectives.py)
-                for unit in info.units:
-                    if unit.spec.communicates:
-                        unit.spec = dataclasses.replace(unit.spec, reduce_scatter="all_to_all")
-            compiled = torch.compile(model, backend=FSDPBackend(inner="aot_eager", prefetch=prefetch), fullgraph=False)
-            idx = torch.randint(0, vocab, (batch, seq))
-            loss = compiled(idx, torch.randint(0, vocab, (batch, seq)))
-            loss.backward()
+                set_reduce_scatter(model, "all_to_all")
+            fsdp_backend = FSDPBackend(inner="aot_eager", prefetch=prefetch)
+            idx, targets = torch.randint(0, vocab, (batch, seq)), torch.randint(0, vocab, (batch, seq))
+            if compile_mode == "per-block":
+                timeline, schedule = _per_block_step(model, classes, fsdp_backend, idx, targets, backend == "gloo")
+            else:
+                compiled = torch.compile(model, backend=fsdp_backend, fullgraph=False)
+                compiled(idx, targets).backward()
         info = sharding_info(model)
         groups = root_state(model).groups if info.units else None
-        group_sizes = {"shard": groups.shard_size if groups else 1, "replicate": groups.replicate_size if groups else 1}
-        timeline, schedule = _walk(info.compiled_graphs, backend == "gloo")
+        group_sizes = {"shard": groups.shard_size if groups else 1, "replicate": groups.replicate_size if groups else 1,
+                       "tp": tp}
+        if compile_mode != "per-block":
+            timeline, schedule = _walk(info.compiled_graphs, backend == "gloo")
         buffer_bytes = sum(b.untyped_storage().nbytes() for b in model.buffers())
         return _Trace(rank, model, list(info.units), list(info.compiled_graphs), buffer_bytes, seq, timeline,
                       schedule, group_sizes)
     finally:
         dist.destroy_process_group()
         torch.compiler.reset()
+
+
+def _meshes(world: int, mesh_dims, tp: int):
+    """(the data-parallel ``DeviceMesh`` ``fully_shard`` takes or None, the tp mesh or None):
+    ranks laid out ``(replicate, shard, tp)``, tp innermost as torchtitan lays them out."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    names = ("replicate", "shard") if mesh_dims is not None else ("shard",)
+    shape = tuple(mesh_dims) if mesh_dims is not None else (world // tp,)
+    if tp == 1:
+        return (init_device_mesh("cpu", shape, mesh_dim_names=names) if mesh_dims is not None else None), None
+    full = init_device_mesh("cpu", (*shape, tp), mesh_dim_names=(*names, "tp"))
+    dp = full[names]
+    if dp.ndim > 1:  # fully_shard flattens it (its checks' group): here, not under FakeTensorMode
+        dp._flatten()
+    return dp, full["tp"]
+
+
+def _parallelize(model: nn.Module, tp_mesh) -> None:
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from .models import tp_plan_of
+
+    plans = tp_plan_of(model)
+    if not plans:
+        raise ValueError(
+            f"fsdp_compile.estimate: tp={tp_mesh.size()} needs a tensor-parallel plan, and "
+            f"{type(model).__name__} has none (the named Llama models have one: LlamaBlock)"
+        )
+    tp = tp_mesh.size()
+    for module, plan in plans.items():
+        for attr in ("heads", "kv_heads"):
+            if getattr(module, attr, tp) % tp:
+                raise ValueError(
+                    f"fsdp_compile.estimate: tp={tp} must divide the attention's {attr}={getattr(module, attr)}"
+                )
+        parallelize_module(module, tp_mesh, plan)
+
+
+def _per_block_step(model, classes, fsdp_backend, idx, targets, gloo: bool) -> tuple[Timeline, list]:
+    """Every policy block compiled on its own (``per_block.py``): one untracked step compiles
+    the blocks' forward and backward graphs, a second one is tracked."""
+    from fsdp_compile.api import root_state
+    from fsdp_compile.explain import sharding_info
+
+    from .per_block import StepTracker, compile_blocks
+
+    if not classes:
+        raise ValueError("fsdp_compile.estimate: compile='per-block' needs unit classes (policy=) to compile")
+    info = sharding_info(model)
+    current: list = [None]
+    compile_blocks(model, classes, fsdp_backend, lambda: current[0], root_state(model).compiled_graphs)
+    model(idx, targets).backward()
+    for p in model.parameters():
+        p.grad = None
+    steady = {torch_private.storage_id(t) for t in [
+        idx, targets, *model.parameters(), *model.buffers(), *(u.local_flat for u in info.units)]}
+    groups = root_state(model).groups
+    tracker = StepTracker(steady, groups.roles if groups is not None else {}, gloo)
+    current[0] = tracker
+    with tracker:
+        loss = model(idx, targets)
+        tracker.phase = "backward"
+        loss.backward()
+    current[0] = None
+    end = tracker.timeline.points[-1].bytes if tracker.timeline.points else 0
+    tracker.timeline.points.append(Point("optimizer", 0, "optimizer.step", "step", end))
+    return tracker.timeline, tracker.schedule
 
 
 def _walk(records, gloo: bool) -> tuple[Timeline, list]:
@@ -326,7 +416,7 @@ def _per_rank_sums(units, shard_size: int) -> tuple[list[int], list[int], int]:
     return owned_bytes.tolist(), owned_numel.tolist(), nparams
 
 
-def _report(name, world, mesh_dims, first: _Trace, traces, optimizer, bf16, ac, batch) -> Estimate:
+def _report(name, world, mesh_dims, first: _Trace, traces, optimizer, bf16, ac, batch, tp) -> Estimate:
     units = first.units
     shard_size = first.group_sizes["shard"]
     padded = sum(u.layout.local_numel * u.local_flat.element_size() for u in units)
@@ -359,7 +449,7 @@ def _report(name, world, mesh_dims, first: _Trace, traces, optimizer, bf16, ac, 
             peak={"phase": peak.phase, "index": peak.index, "node": peak.node, "op": peak.op},
         )
 
-    ranks = {str(r): rank_report(r % shard_size, t) for r, t in traces.items()}
+    ranks = {str(r): rank_report(r // tp % shard_size, t) for r, t in traces.items()}
     ranks.setdefault("0", ranks[str(first.rank)])
     worst_shard_rank = max(range(shard_size), key=lambda s: owned_bytes[s])
     worst_trace = max(traces.values(), key=lambda t: t.timeline.peak.bytes)
@@ -386,7 +476,7 @@ def _report(name, world, mesh_dims, first: _Trace, traces, optimizer, bf16, ac, 
                   for phase, c in first.schedule],
         fingerprints=fingerprints,
         schedules_equal=len(set(fingerprints.values())) == 1,
-        timeline=first.timeline.points,
+        timeline=first.timeline.points, tp=tp,
     )
 
 
