@@ -108,8 +108,14 @@ def shallow(cfg: LlamaConfig, layers: int = 2):
     return cfg, functools.partial(Llama, cfg)
 
 
-@pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("size", CONFIGS)
+# Each size and each world once in the default run; the rest of the sweep runs with the slow tests.
+DEFAULT_SIZE_WORLDS = {("8b", 8), ("8b", 64), ("70b", 256), ("70b", 1024)}
+
+
+@pytest.mark.parametrize("size,world", [
+    pytest.param(size, world, marks=() if (size, world) in DEFAULT_SIZE_WORLDS else pytest.mark.slow, id=f"{size}-{world}")
+    for size in CONFIGS for world in WORLDS
+])
 def test_llama_shards_and_collectives_equal_the_closed_form(size, world):
     cfg, factory = shallow(CONFIGS[size])
     est = fsdp_compile.estimate(factory, world, seq=16)

@@ -31,6 +31,7 @@ def _check(out: str, steps: int, mode: str, world: int = 2, strategy: str = "FUL
     assert f"done: {steps} steps" in out
 
 
+@pytest.mark.inductor  # the example's default inner compiler
 def test_torchrun_form_trains_compiled(tmp_path):
     torchrun = shutil.which("torchrun")
     launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]

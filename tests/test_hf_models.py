@@ -3,7 +3,8 @@ configs (no network): a Llama decoder (GQA, rotary buffers, tied embeddings) and
 (``Conv1D`` weights, learned positions). For each family, as a user would write it:
 
 - eager, compiled ``aot_eager`` and compiled Inductor (``fullgraph=True``), float64, against DDP
-  on a copy (losses and final parameters; 0 graph breaks, 0 recompiles after step 1);
+  on a copy (losses and final parameters; 0 graph breaks, 0 recompiles after step 1); Inductor
+  runs on Llama in the default run, on GPT-2 with the slow tests (its own spawn);
 - ``gradient_checkpointing_enable()`` (eager, Inductor) and ``apply_activation_checkpointing``
   (eager, ``aot_eager``), against DDP with checkpointing;
 - bf16 mixed precision: eager against DDP in float32 (bf16 rounding tolerance), compiled against
@@ -79,12 +80,23 @@ def _full(model) -> dict:
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def family_cases(rank: int, world: int, family: str) -> dict:
+INDUCTOR_CASES = ("inductor", "inductor_gc")
+# Inductor on a Hugging Face model: Llama in the default run, GPT-2 with the slow tests (its
+# other cases, aot_eager included, stay in the default run).
+DEFAULT_INDUCTOR_FAMILY = "llama"
+
+
+def family_cases(rank: int, world: int, family: str, inductor: str = "with") -> dict:
+    """The cases of ``family``: ``inductor`` is "with" (all), "without" (all but
+    ``INDUCTOR_CASES``) or "only" (``INDUCTOR_CASES``); the DDP references always."""
     torch.manual_seed(0)
     base, layer_cls = build(family)
     out = {}
 
     def case(name, fn):
+        wanted = {"with": True, "without": name not in INDUCTOR_CASES, "only": name in INDUCTOR_CASES}[inductor]
+        if not wanted:
+            return
         try:
             out[name] = fn()
         except Exception:  # noqa: BLE001 -- reported by the parent
@@ -168,9 +180,30 @@ def meta_case(family, layer_cls, rank) -> dict:
     }
 
 
+_spawned: dict = {}
+
+
+def _spawn(family: str, inductor: str) -> list:
+    """``family_cases`` on 2 ranks, once per module run (the Inductor tests of the default
+    family share the spawn of its other tests)."""
+    if (family, inductor) not in _spawned:
+        _spawned[family, inductor] = run_ranks(family_cases, 2, family, inductor, timeout=1200)
+    return _spawned[family, inductor]
+
+
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def family(request):
-    return request.param, run_ranks(family_cases, 2, request.param, timeout=1200)
+    name = request.param
+    return name, _spawn(name, "with" if name == DEFAULT_INDUCTOR_FAMILY else "without")
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(DEFAULT_INDUCTOR_FAMILY, marks=pytest.mark.inductor),
+    pytest.param("gpt2", marks=[pytest.mark.inductor, pytest.mark.slow]),
+])
+def inductor_family(request):
+    name = request.param
+    return name, _spawn(name, "with" if name == DEFAULT_INDUCTOR_FAMILY else "only")
 
 
 def _get(results, name):
@@ -191,9 +224,16 @@ def _assert_params(got, ref, **tol):
 INDUCTOR_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode,tol", [("eager", {}), ("aot_eager", {}), ("inductor", INDUCTOR_TOL)])
+@pytest.mark.parametrize("mode,tol", [("eager", {}), ("aot_eager", {})])
 def test_trains_like_ddp(family, mode, tol):
-    _, results = family
+    _assert_trains_like_ddp(family[1], mode, tol)
+
+
+def test_inductor_trains_like_ddp(inductor_family):
+    _assert_trains_like_ddp(inductor_family[1], "inductor", INDUCTOR_TOL)
+
+
+def _assert_trains_like_ddp(results, mode, tol):
     for got, ddp in _get(results, mode):
         assert_close(got["losses"], ddp["fp64"]["losses"], **tol)
         _assert_params(got["params"], ddp["fp64"]["params"], **tol)
@@ -202,13 +242,18 @@ def test_trains_like_ddp(family, mode, tol):
             assert got["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("mode,tol", [
-    ("eager_gc", {}), ("inductor_gc", INDUCTOR_TOL), ("eager_wrapper", {}), ("aot_eager_wrapper", {}),
-])
+@pytest.mark.parametrize("mode,tol", [("eager_gc", {}), ("eager_wrapper", {}), ("aot_eager_wrapper", {})])
 def test_gradient_checkpointing_trains_like_ddp_with_checkpointing(family, mode, tol):
     """HF's gradient_checkpointing_enable() and torch's apply_activation_checkpointing
     (checkpoint_wrapper around each decoder layer), against DDP with HF's checkpointing."""
-    _, results = family
+    _assert_checkpointing_like_ddp(family[1], mode, tol)
+
+
+def test_inductor_gradient_checkpointing_trains_like_ddp_with_checkpointing(inductor_family):
+    _assert_checkpointing_like_ddp(inductor_family[1], "inductor_gc", INDUCTOR_TOL)
+
+
+def _assert_checkpointing_like_ddp(results, mode, tol):
     for got, ddp in _get(results, mode):
         assert_close(got["losses"], ddp["fp64_gc"]["losses"], **tol)
         params = {k.replace("._checkpoint_wrapped_module", ""): v for k, v in got["params"].items()}

@@ -10,7 +10,8 @@
 - Lambdas / nested functions are refused with a TypeError before anything is spawned.
 - Parameter elements with noise-level gradients (which AdamW amplifies) are not compared; a
   parameter update bug with exact gradients is.
-- ``python -m fsdp_compile.testing`` exits 0 on the good model and 1 on a buggy one.
+- The command line (``python -m fsdp_compile.testing``) exits 0 on the good model, 1 on a buggy
+  one and 2 on a usage error.
 
 The model and batch functions below are module-level: the spawned ranks import them by name.
 """
@@ -212,19 +213,29 @@ def test_noise_level_gradients_do_not_fail_the_parameter_check():
 
 
 # ---- command line ---------------------------------------------------------------------------------------
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run(
-        [sys.executable, "-m", "fsdp_compile.testing", *args, "--steps", "1", "--strategies", "FULL_SHARD", "--inner", "aot_eager"],
+# The runs call the command line's ``main`` in this process (its ranks fork from the suite's
+# server); one real ``python -m`` run checks the entry point's exit code without spawning ranks.
+CLI_OPTIONS = ["--steps", "1", "--strategies", "FULL_SHARD", "--inner", "aot_eager"]
+
+
+def test_cli_exit_codes(capsys, monkeypatch):
+    from fsdp_compile.testing.__main__ import main
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # main() puts the working directory first
+    assert main(["test_parity_harness:regressor", "test_parity_harness:regression_batch", *CLI_OPTIONS]) == 0
+    good = capsys.readouterr()
+    assert "FULL_SHARD" in good.out and "compiled" in good.out and "DIVERGED" not in good.out, good.out + good.err
+    assert main(["test_parity_harness:sharded_grad_bug", "test_parity_harness:regression_batch", *CLI_OPTIONS]) == 1
+    bad = capsys.readouterr()
+    assert "first divergence at step 0: FULL_SHARD eager vs ddp" in bad.err, bad.out + bad.err
+    assert "grad of 'lin1.weight'" in bad.err, bad.err
+
+
+def test_cli_entry_point_exits_2_on_a_usage_error():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "fsdp_compile.testing", "no_such_module:build", "no_such_module:batch", *CLI_OPTIONS],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
-
-
-def test_cli_exit_codes():
-    good = _cli("test_parity_harness:regressor", "test_parity_harness:regression_batch")
-    assert good.returncode == 0, good.stdout + good.stderr
-    assert "FULL_SHARD" in good.stdout and "compiled" in good.stdout and "DIVERGED" not in good.stdout
-    bad = _cli("test_parity_harness:sharded_grad_bug", "test_parity_harness:regression_batch")
-    assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert "first divergence at step 0: FULL_SHARD eager vs ddp" in bad.stderr
-    assert "grad of 'lin1.weight'" in bad.stderr
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "cannot import 'no_such_module'" in done.stderr, done.stderr

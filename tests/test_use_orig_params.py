@@ -699,7 +699,9 @@ def results(request) -> list[dict]:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("behaviour", list(PLAN))
+@pytest.mark.parametrize(
+    "behaviour", [pytest.param(b, marks=pytest.mark.inductor) if b.endswith("_inductor") else b for b in PLAN]
+)
 def test_behaviour(behaviour, results):
     failures, summary = [], []
     for rank, per_rank in enumerate(results):
