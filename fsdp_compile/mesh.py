@@ -207,7 +207,7 @@ def with_tensor_parallel(groups: Groups, tp_specs) -> Groups:
     roles = dict(groups.other_roles)
     for spec in tp_specs:
         for dim, name in enumerate(spec.mesh.mesh_dim_names):
-            roles[spec.mesh.get_group(dim).group_name] = name
+            roles[torch_private.mesh_dim_group_name(spec.mesh, dim)] = name
     combined = max((s.sharded_mesh for s in tp_specs), key=lambda m: m.size())
     everyone = dist.group.WORLD if combined.size() == dist.get_world_size() else torch_private.flatten_mesh(combined).get_group()
     return dataclasses.replace(groups, other_roles=tuple(sorted(roles.items())), everyone=everyone)

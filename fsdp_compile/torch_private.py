@@ -39,7 +39,7 @@ __all__ = [
     "FakeTensor", "FakeTensorMode", "is_fake", "unset_fake_temporarily", "fake_store",
     "OpOverload", "HigherOrderOperator", "op_schema_name", "triton_kernel_wrapper_functional",
     "tree_map", "tree_leaves", "TorchDispatchMode", "storage_id", "pop_dispatch_mode_temporarily",
-    "remove_shared_forward_hooks", "root_mesh", "apply_activation_checkpointing",
+    "remove_shared_forward_hooks", "root_mesh", "mesh_dim_group_name", "apply_activation_checkpointing",
     "local_tensor", "set_local_tensor", "set_dtensor_placement", "strided_shard", "concatenate_meshes",
     "flatten_mesh",
 ]
@@ -288,6 +288,13 @@ def concatenate_meshes(meshes: list):
     from torch.distributed.device_mesh import DeviceMesh
 
     return DeviceMesh._concatenate(meshes)
+
+
+def mesh_dim_group_name(mesh, dim: int) -> str:
+    """The name of the process group of ``mesh``'s dim ``dim``, without resolving the group:
+    ``mesh.get_group(dim).group_name`` resolves it, which a mesh built on torch's fake process
+    group (``fsdp_compile.estimate``) cannot. No public replacement."""
+    return mesh._dim_group_names[dim]
 
 
 def root_mesh(mesh):

@@ -282,6 +282,7 @@ def test_meshes_and_dtensor_internals():
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
         flat = tp.flatten_mesh(mesh)
         assert tp.root_mesh(mesh["tp"]) is mesh and tp.root_mesh(mesh) is mesh
+        assert [tp.mesh_dim_group_name(mesh, d) for d in range(2)] == [mesh.get_group(d).group_name for d in range(2)]
         assert flat.ndim == 1 and flat.size() == 4 and flat.get_group().size() == 4
         both = tp.concatenate_meshes([mesh["dp"], mesh["tp"]])
         assert both.mesh_dim_names == ("dp", "tp") and both.mesh.tolist() == mesh.mesh.tolist()
