@@ -80,6 +80,34 @@ def in_recompute() -> bool:
     return torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
 
 
+@torch._dynamo.assume_constant_result
+def _keeps_traced_reads() -> bool:
+    """Whether Dynamo traces the current read at the top level of its graph, where the read may
+    keep the unit's markers in ``unit.full``; False inside a higher-order op's body (a
+    checkpointed region, ``cond``, ...), whose body may not mutate objects from outside it.
+    Called while Dynamo traces ``FSDPState.read``: evaluated at trace time, its result a
+    constant of the graph (no guard). It asks the question Dynamo's own side-effect check asks
+    (``torch._dynamo.variables.base.is_side_effect_safe``): is the tracer in its first scope."""
+    from torch._dynamo.current_scope_id import current_scope_id
+
+    return current_scope_id() == 1
+
+
+def skip_as_frame(fn):
+    """Dynamo never compiles ``fn`` (nor what it calls) as a frame of its own, yet still traces
+    it inline from a compiled frame. A parameter read that eager code makes between graphs
+    (e.g. a loop Dynamo runs eagerly after a graph break in it) then runs eagerly and returns
+    the unit's kept tensors, instead of becoming a one-read graph that gathers the unit again
+    and recompiles for every parameter it serves."""
+    try:
+        from torch._C._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # a torch without per-code frame strategies: frames stay compiled
+        return fn
+    set_code_exec_strategy(fn.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+    return fn
+
+
 @dataclass(frozen=True)
 class _SavedFull:
     """A full parameter (or a view of it) that autograd saved, by reference."""
@@ -128,17 +156,23 @@ class FSDPState:
         self.units.append(unit)
 
     # ---- reads -----------------------------------------------------------------------------
+    @skip_as_frame
     def read(self, unit: Unit, index: int, shard: torch.Tensor) -> torch.Tensor:
         """What ``module.<name>`` returns for parameter ``index`` of ``unit`` (shard ``shard``).
 
         Inside a forward a unit is gathered once, at its first read, and ``unit.full`` holds the
         result until its module's forward ends; every later read returns it. That holds across
-        graph boundaries: a compiled graph stores the unit's marker results in ``unit.full``
-        (a Dynamo side effect), which the unit's post-forward hook clears in the same graph --
-        so a graph that holds the whole unit outputs nothing extra, and a graph break inside the
-        unit makes the graph output the gathered tensors, which the resumed graph (or eager code)
-        reads as inputs: no second gather, and autograd carries their gradients back into the
-        first graph's one reduction."""
+        graph boundaries, in a whole-model trace as in a region compiled inside an eager forward:
+        the first traced read stores the unit's markers in ``unit.full`` (a Dynamo side effect),
+        which the unit's post-forward hook clears in the same graph -- so a graph that holds the
+        whole unit outputs nothing extra, and a graph break inside the unit makes the graph
+        output the gathered tensors, which the resumed graph (or eager code) reads as inputs: no
+        second gather, and autograd carries their gradients back into the first graph's one
+        reduction. A read inside a higher-order op's body (a checkpointed region) may not mutate
+        ``unit`` (Dynamo refuses), so there nothing is kept (``_keeps_traced_reads``): the body's
+        markers are lifted out of the region and merged with the graph's other reads of the unit
+        by the backend's passes. Neither this function nor the accessor calling it is ever a
+        compiled frame of its own (``skip_as_frame``): eager code between graphs reads eagerly."""
         if self.summoned is not None:
             return self.summoned[unit.id][index]
         if self.in_forward:
@@ -148,17 +182,18 @@ class FSDPState:
                 mode, extra = self.grad_mode(unit)
                 shards = self._traced_shards(unit)
                 if self.traced_shards is not None:
-                    # The root's forward is traced in this graph (one graph for the model): the
-                    # marker names the unit itself. Reads may sit inside a checkpointed region,
-                    # whose body may not mutate ``unit`` (Dynamo refuses), so nothing is kept.
-                    return unit.wrap_full(index, ops.param_use(shards, extra, unit.id, index, int(mode)))
-                # A region compiled inside an eager forward (per-block compile): ``unit.template``,
-                # not ``unit.id``, which is a constant Dynamo guards on; identical blocks share
-                # one graph only if it is the same. passes/insert_collectives tells their units
-                # apart by their shard inputs.
-                unit.full = [
-                    ops.param_use(shards, extra, unit.template, i, int(mode)) for i in range(len(shards))
-                ]
+                    # The root's forward is traced (whole-model compile): the marker names the
+                    # unit itself.
+                    named = unit.id
+                    if not _keeps_traced_reads():
+                        return unit.wrap_full(index, ops.param_use(shards, extra, named, index, int(mode)))
+                else:
+                    # A region compiled inside an eager forward (per-block compile):
+                    # ``unit.template``, not ``unit.id``, which is a constant Dynamo guards on;
+                    # identical blocks share one graph only if it is the same.
+                    # passes/insert_collectives tells their units apart by their shard inputs.
+                    named = unit.template
+                unit.full = [ops.param_use(shards, extra, named, i, int(mode)) for i in range(len(shards))]
                 return unit.wrap_full(index, unit.full[index])
             return unit.wrap_full(index, self._gather_for_forward(unit)[index])
         if in_recompute():
