@@ -181,18 +181,14 @@ class FSDPState:
             if torch.compiler.is_compiling():
                 mode, extra = self.grad_mode(unit)
                 shards = self._traced_shards(unit)
-                if self.traced_shards is not None:
-                    # The root's forward is traced (whole-model compile): the marker names the
-                    # unit itself.
-                    named = unit.id
-                    if not _keeps_traced_reads():
-                        return unit.wrap_full(index, ops.param_use(shards, extra, named, index, int(mode)))
-                else:
-                    # A region compiled inside an eager forward (per-block compile):
-                    # ``unit.template``, not ``unit.id``, which is a constant Dynamo guards on;
-                    # identical blocks share one graph only if it is the same.
-                    # passes/insert_collectives tells their units apart by their shard inputs.
-                    named = unit.template
+                # The root's forward traced (whole-model compile): the marker names the unit
+                # itself. A region compiled inside an eager forward (per-block compile):
+                # ``unit.template``, not ``unit.id``, which is a constant Dynamo guards on;
+                # identical blocks share one graph only if it is the same.
+                # passes/insert_collectives tells their units apart by their shard inputs.
+                named = unit.id if self.traced_shards is not None else unit.template
+                if not _keeps_traced_reads():
+                    return unit.wrap_full(index, ops.param_use(shards, extra, named, index, int(mode)))
                 unit.full = [ops.param_use(shards, extra, named, i, int(mode)) for i in range(len(shards))]
                 return unit.wrap_full(index, unit.full[index])
             return unit.wrap_full(index, self._gather_for_forward(unit)[index])
