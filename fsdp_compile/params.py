@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import state_dict as _state_dict
-from .runtime import in_recompute
+from .runtime import in_recompute, skip_as_frame
 from .tensor_parallel import is_dtensor
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ _TREE_STATE = "_fsdp_tree_state"
 
 
 def _make_property(name: str) -> property:
+    @skip_as_frame
     def fget(self):
         param = self._parameters[name]
         entry = self.__dict__[_ACCESSORS].get(name)

@@ -60,6 +60,27 @@ def _storage_key(tensor: torch.Tensor) -> int:
     return torch_private.storage_id(tensor)
 
 
+@torch.compiler.assume_constant_result
+def _keeps_traced_reads() -> bool:
+    """Whether Dynamo traces the current read at the top level of its graph, where the read may
+    keep the unit's markers in ``UnitRuntime.full``; False inside a higher-order op's body (a
+    checkpointed region, ``cond``, ...), whose body may not mutate objects from outside it.
+    Called while Dynamo traces ``FSDPState.read``: evaluated at trace time, its result a
+    constant of the graph (no guard). It asks the question Dynamo's own side-effect check asks:
+    is the tracer in its first scope."""
+    return torch_private.dynamo_scope_id() == 1
+
+
+def skip_as_frame(fn):
+    """Dynamo never compiles ``fn`` (nor what it calls) as a frame of its own, yet still traces
+    it inline from a compiled frame. A parameter read that eager code makes between graphs
+    (e.g. a loop Dynamo runs eagerly after a graph break in it) then runs eagerly and returns
+    the unit's kept tensors, instead of becoming a one-read graph that gathers the unit again
+    and recompiles for every parameter it serves."""
+    torch_private.skip_code_as_frame(fn.__code__)
+    return fn
+
+
 @dataclass(frozen=True)
 class _SavedFull:
     """A full parameter (or a view of it) that autograd saved, by reference."""
@@ -122,6 +143,7 @@ class FSDPState:
         return runtime
 
     # ---- reads -----------------------------------------------------------------------------
+    @skip_as_frame
     def read(self, rt: UnitRuntime, index: int, shard: torch.Tensor) -> torch.Tensor:
         """What ``module.<name>`` returns for parameter ``index`` of ``rt.unit`` (shard ``shard``);
         ``rt`` is the unit's ``UnitRuntime`` (reached from the module, not by the unit's id, a
@@ -129,12 +151,17 @@ class FSDPState:
 
         Inside a forward a unit is gathered once, at its first read, and ``rt.full`` holds the
         result until its module's forward ends; every later read returns it. That holds across
-        graph boundaries: a compiled graph stores the unit's marker results in ``rt.full``
-        (a Dynamo side effect), which the unit's post-forward hook clears in the same graph --
-        so a graph that holds the whole unit outputs nothing extra, and a graph break inside the
-        unit makes the graph output the gathered tensors, which the resumed graph (or eager code)
-        reads as inputs: no second gather, and autograd carries their gradients back into the
-        first graph's one reduction."""
+        graph boundaries, in a whole-model trace as in a region compiled inside an eager forward:
+        the first traced read stores the unit's markers in ``rt.full`` (a Dynamo side effect),
+        which the unit's post-forward hook clears in the same graph -- so a graph that holds the
+        whole unit outputs nothing extra, and a graph break inside the unit makes the graph
+        output the gathered tensors, which the resumed graph (or eager code) reads as inputs: no
+        second gather, and autograd carries their gradients back into the first graph's one
+        reduction. A read inside a higher-order op's body (a checkpointed region) may not mutate
+        ``rt`` (Dynamo refuses), so there nothing is kept (``_keeps_traced_reads``): the body's
+        markers are lifted out of the region and merged with the graph's other reads of the unit
+        by the backend's passes. Neither this function nor the accessor calling it is ever a
+        compiled frame of its own (``skip_as_frame``): eager code between graphs reads eagerly."""
         unit = rt.unit
         if self.summoned is not None:
             return self.summoned[unit.id][index]
@@ -144,18 +171,15 @@ class FSDPState:
             if torch.compiler.is_compiling():
                 mode, extra = self.grad_mode(rt)
                 shards = self._traced_shards(unit)
-                if self.traced_shards is not None:
-                    # The root's forward is traced in this graph (one graph for the model): the
-                    # marker names the unit itself. Reads may sit inside a checkpointed region,
-                    # whose body may not mutate ``rt`` (Dynamo refuses), so nothing is kept.
-                    return unit.wrap_full(index, ops.param_use(shards, extra, unit.id, index, int(mode)))
-                # A region compiled inside an eager forward (per-block compile): ``unit.template``,
-                # not ``unit.id``, which is a constant Dynamo guards on; identical blocks share
-                # one graph only if it is the same. passes/insert_collectives tells their units
-                # apart by their shard inputs.
-                rt.full = [
-                    ops.param_use(shards, extra, unit.template, i, int(mode)) for i in range(len(shards))
-                ]
+                # The root's forward traced (whole-model compile): the marker names the unit
+                # itself. A region compiled inside an eager forward (per-block compile):
+                # ``unit.template``, not ``unit.id``, which is a constant Dynamo guards on;
+                # identical blocks share one graph only if it is the same.
+                # passes/insert_collectives tells their units apart by their shard inputs.
+                named = unit.id if self.traced_shards is not None else unit.template
+                if not _keeps_traced_reads():
+                    return unit.wrap_full(index, ops.param_use(shards, extra, named, index, int(mode)))
+                rt.full = [ops.param_use(shards, extra, named, i, int(mode)) for i in range(len(shards))]
                 return unit.wrap_full(index, rt.full[index])
             return unit.wrap_full(index, self._gather_for_forward(rt)[index])
         if in_recompute():

@@ -39,7 +39,7 @@ __all__ = [
     "FakeTensor", "FakeTensorMode", "is_fake", "unset_fake_temporarily", "fake_store",
     "OpOverload", "HigherOrderOperator", "op_schema_name", "triton_kernel_wrapper_functional",
     "tree_map", "tree_leaves", "TorchDispatchMode", "storage_id", "pop_dispatch_mode_temporarily",
-    "remove_shared_forward_hooks", "root_mesh", "mesh_dim_group_name", "apply_activation_checkpointing",
+    "remove_shared_forward_hooks", "root_mesh", "mesh_dim_group_name", "dynamo_scope_id", "skip_code_as_frame", "apply_activation_checkpointing",
     "local_tensor", "set_local_tensor", "set_dtensor_placement", "strided_shard", "concatenate_meshes",
     "flatten_mesh",
 ]
@@ -191,6 +191,27 @@ def set_boxed_call(fn: Callable, boxed: bool = True) -> Callable:
 def is_boxed_call(fn: Callable) -> bool:
     """Whether ``fn`` takes AOTAutograd's boxed arguments."""
     return getattr(fn, "_boxed_call", False)
+
+
+def dynamo_scope_id() -> int:
+    """Dynamo's current tracer scope while it traces (1: the graph's top level; more inside a
+    higher-order op's body, whose side effects Dynamo refuses). No public replacement."""
+    from torch._dynamo.current_scope_id import current_scope_id
+
+    return current_scope_id()
+
+
+def skip_code_as_frame(code) -> bool:
+    """Dynamo never compiles ``code`` as a frame of its own (nor what it calls from there), yet
+    still traces it inline from a compiled frame. False (nothing done) on a torch without
+    per-code frame strategies. No public replacement."""
+    try:
+        from torch._C._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:
+        return False
+    set_code_exec_strategy(code, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+    return True
 
 
 def error_on_recompile(on: bool) -> None:

@@ -205,6 +205,48 @@ def test_error_on_recompile():
     assert torch._dynamo.config.error_on_recompile is False
 
 
+def test_dynamo_scope_id_is_one_at_a_graphs_top_level_and_more_inside_a_checkpointed_body():
+    from torch.utils.checkpoint import checkpoint
+
+    @torch.compiler.assume_constant_result
+    def scope() -> int:
+        return tp.dynamo_scope_id()
+
+    def body(x):  # a side effect is refused here: the scope comes out in the value
+        return x * scope()
+
+    def fn(x):
+        return x * scope(), checkpoint(body, x, use_reentrant=False)
+
+    torch.compiler.reset()
+    try:
+        top, inside = torch.compile(fn, backend="eager", fullgraph=True)(torch.ones(1))
+    finally:
+        torch.compiler.reset()
+    assert top.item() == 1 and inside.item() > 1, (top, inside)
+
+
+def test_skip_code_as_frame_runs_the_function_eagerly_yet_traces_it_inline():
+    from torch._dynamo.utils import counters
+
+    def helper(x):
+        return x * 2
+
+    def caller(x):
+        return helper(x) + 1
+
+    assert tp.skip_code_as_frame(helper.__code__)
+    torch.compiler.reset()
+    counters.clear()
+    try:
+        assert torch.compile(helper, backend="eager")(torch.ones(2)).tolist() == [2.0, 2.0]
+        assert counters["stats"]["unique_graphs"] == 0, "helper is never a frame of its own"
+        assert torch.compile(caller, backend="eager", fullgraph=True)(torch.ones(2)).tolist() == [3.0, 3.0]
+        assert counters["stats"]["unique_graphs"] == 1, "yet traced inline from a compiled caller"
+    finally:
+        torch.compiler.reset()
+
+
 def test_recompute_tags_are_what_the_partitioner_reads():
     import torch._functorch.partitioners as partitioners
     from torch.utils.checkpoint import CheckpointPolicy
