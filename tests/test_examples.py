@@ -62,14 +62,19 @@ def _losses(out: str) -> list[float]:
     return [float(x) for x in re.findall(r"^step +\d+ +loss ([\d.]+) ", out, re.M)]
 
 
-@pytest.mark.slow  # 4 ranks on 2 cores; tests/test_tensor_parallel.py covers FSDP over TP in the default suite
-def test_torchrun_tensor_parallel_on_4_ranks_trains():
-    """``--tp 2`` under torchrun: a dp 2 x tp 2 mesh, Llama's attention and MLP tensor parallel,
-    compiled; the loss goes down."""
+@pytest.mark.slow  # 4 and 8 ranks on 2 cores; tests/test_tensor_parallel.py covers FSDP over TP in the default suite
+@pytest.mark.parametrize("flags,world,layout", [
+    (["--tp", "2"], 4, "dp 2 x tp 2"),
+    (["--hsdp", "2", "--tp", "2"], 8, "2 replicas x 2 shards, dp 4 x tp 2"),
+], ids=["dp2xtp2", "hsdp2x2xtp2"])
+def test_torchrun_tensor_parallel_trains(flags, world, layout):
+    """``--tp 2`` under torchrun (a dp 2 x tp 2 mesh) and ``--hsdp 2 --tp 2`` (2 replicas x 2
+    shards x tp 2): Llama's attention and MLP tensor parallel, compiled; the loss goes down."""
     torchrun = shutil.which("torchrun")
     launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    out = _run([*launcher, "--nproc-per-node", "4", "--master-port", str(free_port()), str(EXAMPLE),
-                "--steps", "6", "--tp", "2", "--inner", "aot_eager"])
-    _check(out, 6, "compiled (aot_eager), dp 2 x tp 2", world=4)
+    out = _run([*launcher, "--nproc-per-node", str(world), "--master-port", str(free_port()), str(EXAMPLE),
+                "--steps", "6", *flags, "--inner", "aot_eager"])
+    strategy = "HYBRID_SHARD" if "--hsdp" in flags else "FULL_SHARD"
+    _check(out, 6, f"compiled (aot_eager), {layout}", world=world, strategy=strategy)
     losses = _losses(out)
     assert min(losses[-2:]) < losses[0] - 0.1, losses
