@@ -301,17 +301,17 @@ def call_units(state, inputs: Sequence, indices: Optional[list[int]]) -> tuple[i
     flats = state.flat_positions
     if flats is None:  # rebuilt after the flat buffers move (params._apply)
         flats = state.flat_positions = {
-            u.local_flat.untyped_storage().data_ptr(): i for i, u in enumerate(state.units) if u.local_flat is not None
+            torch_private.storage_id(u.local_flat): i for i, u in enumerate(state.units) if u.local_flat is not None
         }
     if indices is None:  # the first input of each unit's (a unit's shards stay together)
         first: dict[int, int] = {}
         for i, a in enumerate(inputs):
             if isinstance(a, torch.Tensor) and not a.is_meta:
-                position = flats.get(a.untyped_storage().data_ptr())
+                position = flats.get(torch_private.storage_id(a))
                 if position is not None:
                     first.setdefault(position, i)
         indices = list(first.values())
-    found = (flats.get(inputs[i].untyped_storage().data_ptr()) for i in indices)
+    found = (flats.get(torch_private.storage_id(inputs[i])) for i in indices)
     positions = tuple(dict.fromkeys(p for p in found if p is not None))
     if not positions:
         return 0, indices

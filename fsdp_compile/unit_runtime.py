@@ -72,12 +72,16 @@ class UnitRuntime:
         )
 
     # ---- gathered tensors ------------------------------------------------------------------
+    def _hold(self, slot: str, fulls: list[torch.Tensor], what: str) -> list[torch.Tensor]:
+        """Keep ``fulls`` in the empty ``slot``; a second gather for the same use is illegal."""
+        if getattr(self, slot) is not None:
+            raise self._illegal(f"gathered for {what} again")
+        setattr(self, slot, fulls)
+        return fulls
+
     def gathered_for_forward(self, fulls: list[torch.Tensor]) -> list[torch.Tensor]:
         """SHARDED -> FORWARD (its first read inside its module's forward)."""
-        if self.full is not None:
-            raise self._illegal("gathered for its forward again")
-        self.full = fulls
-        return fulls
+        return self._hold("full", fulls, "its forward")
 
     def resharded(self) -> bool:
         """FORWARD -> SHARDED (its module's forward ended); False when it was not gathered."""
@@ -95,10 +99,7 @@ class UnitRuntime:
 
     def gathered_for_recompute(self, fulls: list[torch.Tensor]) -> list[torch.Tensor]:
         """-> RECOMPUTE (the first read of a recompute); released by ``after_backward_use``."""
-        if self.recompute_full is not None:
-            raise self._illegal("gathered for a recompute again")
-        self.recompute_full = fulls
-        return fulls
+        return self._hold("recompute_full", fulls, "a recompute")
 
     def after_backward_use(self) -> None:
         """Its gradients are reduced (or the backward ended): BACKWARD, RECOMPUTE -> SHARDED."""
