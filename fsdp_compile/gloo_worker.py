@@ -22,6 +22,18 @@ The twin is registered under its own group name, so functional collectives
 (``torch.ops._c10d_functional``) resolve it by name, traced or eager. The user's group is
 untouched; our state dicts and rank checks still use it.
 
+Twins and the groups they serve are released before the interpreter finalizes (an ``atexit``
+handler, registered with the first twin). A gloo worker thread drops a finished collective's
+work, and with it the last reference to its tensors, after the caller's ``wait`` has returned;
+when those tensors have Python objects, the worker takes the GIL to release them. If the process
+group is still alive when ``Py_FinalizeEx`` starts, a worker that reaches that point then is
+ended by the interpreter (``PyThread_exit_thread``) inside the work's ``noexcept`` destructor,
+and the process aborts with ``terminate called without an active exception`` after all its work
+is done. A group outlives ``destroy_process_group`` while anything holds it: the twin table here,
+and a sharded model's state, which sits in reference cycles until the garbage collector runs.
+Destroying a ``ProcessGroupGloo`` from Python releases the GIL and joins its workers, so
+releasing the groups before finalization lets the workers finish their last releases.
+
 The twin is a plain (C++) ``ProcessGroup``, never a Python subclass. Twins that overrode the
 all-gather in Python deadlocked, in the eager backward and in a compiled step. gloo's worker,
 releasing a finished work under its queue lock, had to release a tensor's Python object and
@@ -30,6 +42,8 @@ collective (ARCHITECTURE.md, lessons).
 """
 from __future__ import annotations
 
+import atexit
+import gc
 from typing import Optional
 
 import torch
@@ -86,6 +100,7 @@ def _make_twin(group: dist.ProcessGroup) -> dist.ProcessGroup:
 
     n = _made.get(group.group_name, 0)
     _made[group.group_name] = n + 1
+    _release_at_exit()
     name = f"{group.group_name}{SUFFIX}/{n}"
     store = dist.PrefixStore(f"{name}/", torch_private.default_store())
     rank, size = dist.get_rank(group), dist.get_world_size(group)
@@ -102,6 +117,27 @@ def _gloo_options(group: dist.ProcessGroup):
         return torch_private.cpu_backend(group).options
     except (AttributeError, RuntimeError):
         return None
+
+
+_exit_release_registered = False
+
+
+def _release_at_exit() -> None:
+    """Register ``release_before_exit`` with ``atexit`` (once per process)."""
+    global _exit_release_registered
+    if not _exit_release_registered:
+        atexit.register(release_before_exit)
+        _exit_release_registered = True
+
+
+def release_before_exit() -> None:
+    """Let go of every twin, then collect garbage: the twins, and the user's groups that only
+    unreachable sharded models still hold, are destroyed (their gloo workers joined) while the
+    interpreter can still run the workers' last releases of Python-owned tensors. Groups the
+    program itself still holds are left alone. Runs at exit; safe to call earlier once no
+    sharded model will run again."""
+    _twins.clear()
+    gc.collect()
 
 
 def _drop_destroyed() -> None:

@@ -9,7 +9,10 @@ iterations ran clean, with and without AddressSanitizer.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import weakref
+from unittest import mock
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 import fsdp_compile
+from fsdp_compile import gloo_worker
 from fsdp_compile.gloo_worker import one_worker_group_name, worker_threads
 from fsdp_compile.testing.spawn import free_port, run_ranks
 
@@ -110,3 +114,43 @@ def test_the_twin_of_a_destroyed_subgroup_is_released_at_the_next_twin_lookup():
     for before, still_registered in run_ranks(_after_subgroup_destroyed, 2):
         assert before == [1.0, 2.0]
         assert not still_registered
+
+
+def _train_and_drop(rank) -> weakref.ref:
+    """Two eager AdamW steps of a sharded model that goes out of scope here (its state, in
+    reference cycles, still holds the groups). Returns a weak reference to the twin."""
+    torch.manual_seed(0)
+    model = fsdp_compile.fully_shard(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), policy={nn.Linear})
+    opt = torch.optim.AdamW(model.parameters())
+    for _ in range(2):
+        model(torch.randn(3, 8) + rank).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    (twin_name,) = {u.spec.group_name for u in fsdp_compile.sharding_info(model).units}
+    return weakref.ref(dist.distributed_c10d._resolve_process_group(twin_name))
+
+
+def _groups_at_exit(rank, world):
+    with mock.patch("atexit.register", wraps=atexit.register) as register:
+        twin = _train_and_drop(rank)
+    user = weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    alive_after_destroy = (user() is not None, twin() is not None)
+    gloo_worker.release_before_exit()
+    return {
+        "registered": mock.call(gloo_worker.release_before_exit) in register.mock_calls,
+        "alive_after_destroy": alive_after_destroy,
+        "alive_after_release": (user() is not None, twin() is not None),
+    }
+
+
+def test_the_groups_are_destroyed_before_the_interpreter_finalizes():
+    """A group alive when the interpreter finalizes can abort the process: a gloo worker releasing
+    a finished work's Python-owned tensors then is ended inside a ``noexcept`` destructor
+    ("terminate called without an active exception"). After ``destroy_process_group`` the
+    user's group and its twin are still held (the twin table, the dropped model's cycles); the
+    exit handler, registered with the first twin, destroys both before finalization."""
+    for out in run_ranks(_groups_at_exit, 2):
+        assert out["registered"]
+        assert out["alive_after_destroy"] == (True, True), "otherwise this test proves nothing"
+        assert out["alive_after_release"] == (False, False)
