@@ -247,9 +247,9 @@ def _restore(model, initial):
 
 
 def parity(rank):
-    """Every case eagerly; compiled (aot_eager), four graphs in two compiles: the FULL_SHARD
-    model's and the one that pulls every lever at once (``sp_levers``). Compiled SHARD_GRAD_OP
-    and sequence parallelism are asserted through ``sp_levers``."""
+    """Every case eagerly; compiled (aot_eager), two models of three forward graphs each: the
+    FULL_SHARD model's and the one that pulls every lever at once (``sp_levers``). Compiled
+    SHARD_GRAD_OP and sequence parallelism are asserted through ``sp_levers``."""
     mesh = _mesh(DP, TP)
     dp_rank = mesh.get_local_rank("dp")
     out = {(strategy, "eager"): _run(_ours(mesh, strategy), "eager", dp_rank) for strategy in STRATEGIES}
