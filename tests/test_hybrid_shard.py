@@ -107,14 +107,15 @@ def parity(rank):
 
 
 def mixed_precision(rank, world):
-    # no_sync micro-batches from step 1 on, as _train; they accumulate in the reduce dtype (fp32)
+    # a no_sync micro-batch in every step, accumulated in the reduce dtype (fp32): compiled, the
+    # no_sync graph and the sync graph after it (parity's runs compile the first step's too)
     out = {"reference": manual_mixed_precision(
-        _seeded(torch.float32), param_groups,
-        lambda step: [_batch(step, rank, 1), _batch(step, rank)] if step else [_batch(step, rank)], STEPS,
+        _seeded(torch.float32), param_groups, lambda step: [_batch(step, rank, 1), _batch(step, rank)], STEPS,
     )}
     for mode in MODES:
         model = _hybrid("HYBRID_SHARD", BF16, torch.float32)
-        out[mode] = (_train(_compile(model, mode), model, rank)[0], _full(model))
+        run = _compile(model, mode)
+        out[mode] = (_train(run, model, rank, sync_only_first=False)[0], _full(model))
     return out
 
 

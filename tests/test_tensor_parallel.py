@@ -162,15 +162,15 @@ def _compile(model, mode):
 MAX_NORM = 0.5  # below the gradients' norm at every step: clipping scales them
 
 
-def _train(forward, model, dp_rank, clip=None, steps=STEPS, accumulate=False, context=contextlib.nullcontext):
+def _train(forward, model, dp_rank, clip=None, steps=STEPS, accumulate=None, context=contextlib.nullcontext):
     """AdamW steps; ``clip(model)`` (a clip_grad_norm_) before each step; returns the losses,
-    the clip's total norms and the optimizer. ``accumulate``: from step 1 on, each step first
+    the clip's total norms and the optimizer. ``accumulate``: from that step on, each step first
     accumulates a micro-batch inside ``no_sync``. Each forward and backward runs inside
     ``context()`` (``loss_parallel``: its loss is a replicated DTensor)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses, norms = [], []
     for step in range(steps):
-        if accumulate and step:
+        if accumulate is not None and step >= accumulate:
             with fsdp_compile.no_sync(model), context():
                 forward(*_batch(step, dp_rank, micro=1)).backward()
         with context():
@@ -188,14 +188,14 @@ def _ours_clip(model):
     return fsdp_compile.clip_grad_norm_(model, MAX_NORM)
 
 
-def reference(clip: bool, steps=STEPS, dp=DP, accumulate=False):
+def reference(clip: bool, steps=STEPS, dp=DP, accumulate=None):
     """One process, the global batch: each step's loss per dp rank, the clipped gradients'
-    total norms, and the final parameters."""
+    total norms, and the final parameters. ``accumulate``: as ``_train``'s."""
     model = _seeded()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses, norms = [], []
     for step in range(steps):
-        if accumulate and step:
+        if accumulate is not None and step >= accumulate:
             torch.stack([model(*_batch(step, d, micro=1)) for d in range(dp)]).mean().backward()
         per_rank = [model(*_batch(step, d)) for d in range(dp)]
         torch.stack(per_rank).mean().backward()
@@ -218,7 +218,7 @@ def _ours(mesh, strategy="FULL_SHARD", sequence_parallel=False, parallel_loss=Fa
     return fully_shard(model, device_mesh=mesh["dp"], policy={Block}, strategy=strategy, mixed_precision=mixed_precision)
 
 
-def _run(model, mode, dp_rank, clip=_ours_clip, accumulate=False, context=contextlib.nullcontext, run=None):
+def _run(model, mode, dp_rank, clip=_ours_clip, accumulate=None, context=contextlib.nullcontext, run=None):
     """Train ``model`` (through ``run``, its compiled form, when given) and report the results."""
     weight = model.blocks[0].q.weight
     run = _compile(model, mode) if run is None else run
@@ -240,34 +240,42 @@ def _run(model, mode, dp_rank, clip=_ours_clip, accumulate=False, context=contex
 _UNCLIPPED: dict = {}  # parity()'s compiled FULL_SHARD model trained again unclipped, for fsdp2_reference
 
 
+def _restore(model, initial):
+    with torch.no_grad():
+        for p, value in zip(model.parameters(), initial):
+            p.copy_(value)
+
+
 def parity(rank):
+    """Every case eagerly; compiled (aot_eager), two models of three forward graphs each: the
+    FULL_SHARD model's and the one that pulls every lever at once (``sp_levers``). Compiled
+    SHARD_GRAD_OP and sequence parallelism are asserted through ``sp_levers``."""
     mesh = _mesh(DP, TP)
     dp_rank = mesh.get_local_rank("dp")
-    out = {}
-    for strategy in STRATEGIES:
-        for mode in MODES:
-            model = _ours(mesh, strategy)
-            initial = [p.detach().clone() for p in model.parameters()]
-            run = _compile(model, mode)
-            out[(strategy, mode)] = _run(model, mode, dp_rank, run=run)
-            if (strategy, mode) == ("FULL_SHARD", "aot_eager"):
-                # fsdp2_reference's run of ours: this model back at its starting values, trained
-                # unclipped through the graph compiled here (before the next compile resets Dynamo).
-                with torch.no_grad():
-                    for p, value in zip(model.parameters(), initial):
-                        p.copy_(value)
-                _UNCLIPPED["FULL_SHARD"] = _run(model, mode, dp_rank, clip=None, run=run)
-    for mode in MODES:
-        out[("sequence_parallel", mode)] = _run(_ours(mesh, sequence_parallel=True), mode, dp_rank)
-        model = _ours(mesh)
-        model.checkpointed = True
-        out[("no_sync_checkpointed", mode)] = _run(model, mode, dp_rank, accumulate=True)
+    out = {(strategy, "eager"): _run(_ours(mesh, strategy), "eager", dp_rank) for strategy in STRATEGIES}
+    out[("sequence_parallel", "eager")] = _run(_ours(mesh, sequence_parallel=True), "eager", dp_rank)
+    model = _ours(mesh)
+    model.checkpointed = True
+    out[("no_sync_checkpointed", "eager")] = _run(model, "eager", dp_rank, accumulate=1)
     out[("loss_parallel", "eager")] = _run(_ours(mesh, parallel_loss=True), "eager", dp_rank, context=loss_parallel)
+    # One compiled FULL_SHARD model, trained three times from its starting values: clipped
+    # (the first-step graph); unclipped through that same graph, for fsdp2_reference; then
+    # every block checkpointed with a no_sync micro-batch in every step (two more graphs: the
+    # no_sync micro-batch's and the sync one's after it).
+    model = _ours(mesh)
+    initial = [p.detach().clone() for p in model.parameters()]
+    run = _compile(model, "aot_eager")
+    out[("FULL_SHARD", "aot_eager")] = _run(model, "aot_eager", dp_rank, run=run)
+    _restore(model, initial)
+    _UNCLIPPED["FULL_SHARD"] = _run(model, "aot_eager", dp_rank, clip=None, run=run)
+    _restore(model, initial)
+    model.checkpointed = True
+    out[("no_sync_checkpointed", "aot_eager")] = _run(model, "aot_eager", dp_rank, accumulate=0, run=run)
     # compiled (one compile for many levers): sequence parallelism, SHARD_GRAD_OP, no_sync,
     # checkpointing and loss_parallel at once
     model = _ours(mesh, "SHARD_GRAD_OP", sequence_parallel=True, parallel_loss=True)
     model.checkpointed = True
-    out[("sp_levers", "aot_eager")] = _run(model, "aot_eager", dp_rank, accumulate=True, context=loss_parallel)
+    out[("sp_levers", "aot_eager")] = _run(model, "aot_eager", dp_rank, accumulate=1, context=loss_parallel)
     return out
 
 
@@ -365,7 +373,7 @@ def world4_results(world4):
 def ref():
     return {
         "clipped": reference(clip=True), "unclipped": reference(clip=False),
-        "accumulated": reference(clip=True, accumulate=True),
+        "accumulated": reference(clip=True, accumulate=1), "accumulated_from_0": reference(clip=True, accumulate=0),
     }
 
 
@@ -376,20 +384,21 @@ def _assert_params(got, want, what):
 
 
 def test_fsdp_over_tp_trains_like_one_process_on_the_global_batch_eager_and_compiled(world4_results, ref):
-    """Both strategies, eager and aot_eager, with clip_grad_norm_ at every step: losses, total
-    norms (over dp and tp) and final parameters equal the one-process float64 reference."""
+    """Both strategies eagerly and FULL_SHARD compiled (aot_eager), with clip_grad_norm_ at every
+    step: losses, total norms (over dp and tp) and final parameters equal the one-process
+    float64 reference. Compiled SHARD_GRAD_OP: in the run with every lever
+    (test_compiled_sequence_parallel_with_shard_grad_op_no_sync_checkpointing_and_loss_parallel)."""
     ref_losses, ref_norms, ref_params = ref["clipped"]
     assert (ref_norms > MAX_NORM).all()  # every step clips
     for rank, result in enumerate(world4_results):
         out = case_result(result["parity"])
-        for strategy in STRATEGIES:
-            for mode in MODES:
-                got = out[(strategy, mode)]
-                what = f"rank {rank} {strategy} {mode}"
-                assert_close(got["losses"], ref_losses[:, rank // TP], msg=lambda m: f"{what} losses: {m}")
-                assert_close(got["norms"], ref_norms, msg=lambda m: f"{what} norms: {m}")
-                _assert_params(got["params"], ref_params, what)
-                assert got["same_object"], what
+        for strategy, mode in (("FULL_SHARD", "eager"), ("FULL_SHARD", "aot_eager"), ("SHARD_GRAD_OP", "eager")):
+            got = out[(strategy, mode)]
+            what = f"rank {rank} {strategy} {mode}"
+            assert_close(got["losses"], ref_losses[:, rank // TP], msg=lambda m: f"{what} losses: {m}")
+            assert_close(got["norms"], ref_norms, msg=lambda m: f"{what} norms: {m}")
+            _assert_params(got["params"], ref_params, what)
+            assert got["same_object"], what
 
 
 def _assert_case_matches(world4_results, reference, case: str, label: str, modes=MODES) -> list[dict]:
@@ -410,13 +419,32 @@ def _assert_case_matches(world4_results, reference, case: str, label: str, modes
 
 
 def test_sequence_parallel_trains_like_one_process_eager_and_compiled(world4_results, ref):
-    for got in _assert_case_matches(world4_results, ref["clipped"], "sequence_parallel", "sequence parallel"):
+    """Eagerly on its own; compiled in the run with every lever, whose parity
+    test_compiled_sequence_parallel_with_shard_grad_op_no_sync_checkpointing_and_loss_parallel
+    asserts."""
+    runs = _assert_case_matches(world4_results, ref["clipped"], "sequence_parallel", "sequence parallel", modes=("eager",))
+    runs += [case_result(result["parity"])[("sp_levers", "aot_eager")] for result in world4_results]
+    for got in runs:
         assert got["placements"]["blocks.0.norm1.weight"] == "(Shard(dim=0), Replicate())"
 
 
 def test_no_sync_and_activation_checkpointing_with_tp_train_like_one_process(world4_results, ref):
-    """no_sync micro-batches from step 1 on and every block checkpointed, eager and compiled."""
-    _assert_case_matches(world4_results, ref["accumulated"], "no_sync_checkpointed", "no_sync + checkpointing")
+    """Every block checkpointed, FULL_SHARD: eagerly with no_sync micro-batches from step 1 on;
+    compiled (the model of the compiled FULL_SHARD case, recompiled for checkpointing) with one
+    in every step."""
+    _assert_case_matches(world4_results, ref["accumulated"], "no_sync_checkpointed", "no_sync + checkpointing", modes=("eager",))
+    runs = _assert_case_matches(
+        world4_results, ref["accumulated_from_0"], "no_sync_checkpointed", "no_sync + checkpointing", modes=("aot_eager",),
+    )
+    for got in runs:
+        # the uncheckpointed first-step graph, then the checkpointed no_sync and sync graphs: their
+        # backward recomputes Rowwise all-reduces of the forward beside its own 8, and reduces
+        # (on the shard group) only in the sync graph
+        first, no_sync, sync = got["schedules"]
+        assert _counts(first["backward"], "tp") == {"all_reduce": 8}, first
+        for graph, reductions in ((no_sync, 0), (sync, 3)):
+            assert _counts(graph["backward"], "tp")["all_reduce"] > 8, graph
+            assert _counts(graph["backward"], "shard").get(REDUCE_SCATTER, 0) == reductions, graph
 
 
 def test_loss_parallel_over_a_colwise_head_trains_like_one_process(world4_results, ref):
@@ -578,21 +606,21 @@ def test_bad_input_raises_naming_the_parameter_and_the_fix():
 def test_compiled_graphs_hold_dtensors_tp_collectives_beside_ours(world4_results):
     """Per unit (the root and two blocks) our collectives on the dp ("shard") group exactly as
     without TP; DTensor's TP all-reduces on the "tp" group beside them (Rowwise outputs in
-    forward, Colwise input gradients in backward), named by role so every rank compares them."""
+    forward, Colwise input gradients in backward), named by role so every rank compares them.
+    SHARD_GRAD_OP's (no backward gathers): in the sequence-parallel graphs' test below."""
     for rank, result in enumerate(world4_results):
         out = case_result(result["parity"])
-        for strategy in STRATEGIES:
-            (schedules,) = out[(strategy, "aot_eager")]["schedules"]
-            what = (rank, strategy, schedules)
-            forward, backward = schedules["forward"], schedules["backward"]
-            assert {c.group for c in forward + backward} == {"shard", "tp"}, what
-            assert [c.kind for c in forward if c.group == "shard"] == ["all_gather_into_tensor"] * 3, what
-            assert [c.kind for c in forward if c.group == "tp"] == ["all_reduce"] * 4, what  # o, fc2 per block
-            ours = [c.kind for c in backward if c.group == "shard"]
-            assert ours.count(REDUCE_SCATTER) == 3, what
-            assert ours.count("all_gather_into_tensor") == (2 if strategy == "FULL_SHARD" else 0), what
-            tp = [c.kind for c in backward if c.group == "tp"]
-            assert tp and set(tp) == {"all_reduce"}, what
+        (schedules,) = out[("FULL_SHARD", "aot_eager")]["schedules"]
+        what = (rank, schedules)
+        forward, backward = schedules["forward"], schedules["backward"]
+        assert {c.group for c in forward + backward} == {"shard", "tp"}, what
+        assert [c.kind for c in forward if c.group == "shard"] == ["all_gather_into_tensor"] * 3, what
+        assert [c.kind for c in forward if c.group == "tp"] == ["all_reduce"] * 4, what  # o, fc2 per block
+        ours = [c.kind for c in backward if c.group == "shard"]
+        assert ours.count(REDUCE_SCATTER) == 3, what
+        assert ours.count("all_gather_into_tensor") == 2, what  # the blocks' regathers
+        tp = [c.kind for c in backward if c.group == "tp"]
+        assert tp and set(tp) == {"all_reduce"}, what
 
 
 def _counts(schedule, group):
