@@ -6,8 +6,8 @@ configs (no network): a Llama decoder (GQA, rotary buffers, tied embeddings) and
   on a copy (losses and final parameters; 0 graph breaks, one graph, 0 recompiles after step 1);
 - ``gradient_checkpointing_enable()`` (eager, Inductor) and ``apply_activation_checkpointing``
   (eager, ``aot_eager``), against DDP with checkpointing;
-- Inductor runs once per family in the default run: Llama with HF's checkpointing, against DDP
-  with checkpointing (the same checks as without); the rest of Inductor (Llama without
+- Inductor compiles once in the default run: Llama with HF's checkpointing, against DDP with
+  checkpointing (the same checks as without); the rest of Inductor (Llama without
   checkpointing, GPT-2) runs with the slow tests, in spawns of its own;
 - bf16 mixed precision: eager against DDP in float32 (bf16 rounding tolerance), compiled against
   eager (tight);
