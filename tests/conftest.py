@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,23 @@ from fsdp_compile.testing.spawn import forkserver_pid, start_ranks_from_a_forkse
 # Ranks fork from one server that imported these once: a spawned rank would spend ~4 s of each
 # multi-rank test importing them and shutting down (``fsdp_compile.testing.spawn``).
 start_ranks_from_a_forkserver(["torch", "torch.distributed", "torch._inductor.compile_fx", "fsdp_compile"])
+
+
+# The modules test_passes.py and test_layers.py import first in a fresh interpreter: every pass
+# (passes/ installs as fsdp_compile.passes) and the unit layer. One interpreter imports them all.
+FIRST_IMPORTS = [
+    *(f"fsdp_compile.passes.{p.stem}" for p in sorted((Path(__file__).parent.parent / "passes").glob("*.py")) if p.stem != "__init__"),
+    "fsdp_compile.unit",
+]
+
+
+@pytest.fixture(scope="session")
+def imported_first(tmp_path_factory) -> dict[str, tuple[int, str]]:
+    """``FIRST_IMPORTS`` each imported first (``import_each_first``), from an empty directory (no
+    top-level ``passes`` folder on the path)."""
+    from fsdp_compile.testing.imports import import_each_first
+
+    return import_each_first(FIRST_IMPORTS, cwd=str(tmp_path_factory.mktemp("cwd")))
 
 
 def _children(pid: int) -> list[tuple[int, str]]:

@@ -290,15 +290,23 @@ def test_a_rank_recompiling_for_another_batch_shape_trains_on(dynamic, batch_sha
             torch.testing.assert_close(compiled[rank]["params"][name], value, msg=name)
 
 
+# The process group's timeout (seconds) the no_sync test waits out: short, yet long enough for the
+# setup collectives on a loaded machine.
+NO_SYNC_TIMEOUT = 4
+
+
 def test_without_the_lockstep_check_no_sync_on_one_rank_waits_for_the_timeout():
     """What ``check_ranks=False`` gives up (documents why it is on by default): rank 1 skips its
     reductions inside ``no_sync`` while rank 0 reduces, so their next collectives mismatch and
-    both wait until the process group's timeout (8 s here), then fail with a message that
-    blames a dead peer. (A skipped unit or a one-rank ``summon_full_params`` is worse without
-    the check: gloo aborts the process on mismatched buffer sizes.)"""
-    for rank, out in enumerate(run_ranks(out_of_step, 2, "no_sync", False, None, False, timeout=8)):
+    both wait until the process group's timeout (``NO_SYNC_TIMEOUT``), then fail with a message
+    that blames a dead peer. (A skipped unit or a one-rank ``summon_full_params`` is worse
+    without the check: gloo aborts the process on mismatched buffer sizes.)"""
+    runs = run_ranks(out_of_step, 2, "no_sync", False, None, False, timeout=NO_SYNC_TIMEOUT)
+    for rank, out in enumerate(runs):
         assert out["type"] == "CollectiveError", (rank, out)
-        assert 7 < out["seconds"] < 33, (rank, out)
+        # waited for the timeout (not an immediate error), and failed long before the harness's
+        # own deadline (timeout + 30 s)
+        assert NO_SYNC_TIMEOUT - 1 < out["seconds"] < NO_SYNC_TIMEOUT + 25, (rank, out)
 
 
 # ---- a rank dies around fully_shard --------------------------------------------------------

@@ -3,10 +3,12 @@ configs (no network): a Llama decoder (GQA, rotary buffers, tied embeddings) and
 (``Conv1D`` weights, learned positions). For each family, as a user would write it:
 
 - eager, compiled ``aot_eager`` and compiled Inductor (``fullgraph=True``), float64, against DDP
-  on a copy (losses and final parameters; 0 graph breaks, 0 recompiles after step 1); Inductor
-  runs on Llama in the default run, on GPT-2 with the slow tests (its own spawn);
+  on a copy (losses and final parameters; 0 graph breaks, one graph, 0 recompiles after step 1);
 - ``gradient_checkpointing_enable()`` (eager, Inductor) and ``apply_activation_checkpointing``
   (eager, ``aot_eager``), against DDP with checkpointing;
+- Inductor compiles once in the default run: Llama with HF's checkpointing, against DDP with
+  checkpointing (the same checks as without); the rest of Inductor (Llama without
+  checkpointing, GPT-2) runs with the slow tests, in spawns of its own;
 - bf16 mixed precision: eager against DDP in float32 (bf16 rounding tolerance), compiled against
   eager (tight);
 - ``generate()`` (greedy) and ``get_input_embeddings()(ids)`` against the unsharded model;
@@ -31,6 +33,9 @@ from fsdp_compile.testing.loop import train_steps
 from fsdp_compile.testing.spawn import run_ranks
 
 STEPS = 3
+# Two decoder layers: two block units and the root (embeddings, tied head), so every unit has a
+# neighbour to prefetch and each compile traces as little as that needs.
+LAYERS = 2
 VOCAB = 96
 BF16 = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
@@ -42,7 +47,7 @@ def build(family: str):
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
         config = LlamaConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
             tie_word_embeddings=True,
         )
@@ -51,7 +56,7 @@ def build(family: str):
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
     config = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64, bos_token_id=0,
+        vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=64, bos_token_id=0,
         eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout: deterministic
     )
     model = GPT2LMHeadModel(config)
@@ -81,20 +86,21 @@ def _full(model) -> dict:
 
 
 INDUCTOR_CASES = ("inductor", "inductor_gc")
-# Inductor on a Hugging Face model: Llama in the default run, GPT-2 with the slow tests (its
-# other cases, aot_eager included, stay in the default run).
-DEFAULT_INDUCTOR_FAMILY = "llama"
+# The Inductor cases of the default run (each Inductor compile of a Hugging Face model costs
+# seconds): Llama with checkpointing. Every other case of both families, aot_eager included,
+# is in the default run too.
+DEFAULT_INDUCTOR = {"llama": ("inductor_gc",), "gpt2": ()}
 
 
-def family_cases(rank: int, world: int, family: str, inductor: str = "with") -> dict:
-    """The cases of ``family``: ``inductor`` is "with" (all), "without" (all but
-    ``INDUCTOR_CASES``) or "only" (``INDUCTOR_CASES``); the DDP references always."""
+def family_cases(rank: int, world: int, family: str, inductor=INDUCTOR_CASES, others: bool = True) -> dict:
+    """The cases of ``family``: the Inductor cases named in ``inductor``, and the others
+    (eager, ``aot_eager``, generate, meta) if ``others``; the DDP references always."""
     torch.manual_seed(0)
     base, layer_cls = build(family)
     out = {}
 
     def case(name, fn):
-        wanted = {"with": True, "without": name not in INDUCTOR_CASES, "only": name in INDUCTOR_CASES}[inductor]
+        wanted = name in inductor if name in INDUCTOR_CASES else others
         if not wanted:
             return
         try:
@@ -183,27 +189,46 @@ def meta_case(family, layer_cls, rank) -> dict:
 _spawned: dict = {}
 
 
-def _spawn(family: str, inductor: str) -> list:
-    """``family_cases`` on 2 ranks, once per module run (the Inductor tests of the default
-    family share the spawn of its other tests)."""
-    if (family, inductor) not in _spawned:
-        _spawned[family, inductor] = run_ranks(family_cases, 2, family, inductor, timeout=1200)
-    return _spawned[family, inductor]
+def _spawn(family: str, inductor: tuple[str, ...], others: bool) -> list:
+    """``family_cases`` on 2 ranks, once per module run and arguments."""
+    if (family, inductor, others) not in _spawned:
+        _spawned[family, inductor, others] = run_ranks(family_cases, 2, family, inductor, others, timeout=1200)
+    return _spawned[family, inductor, others]
+
+
+def _inductor_spawn(family: str, case: str) -> list:
+    """The spawn that runs Inductor ``case`` of ``family``: the family's default spawn when the
+    case is in the default run, else one spawn with every Inductor case not in it."""
+    if case in DEFAULT_INDUCTOR[family]:
+        return _spawn(family, DEFAULT_INDUCTOR[family], True)
+    return _spawn(family, tuple(c for c in INDUCTOR_CASES if c not in DEFAULT_INDUCTOR[family]), False)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def family(request):
     name = request.param
-    return name, _spawn(name, "with" if name == DEFAULT_INDUCTOR_FAMILY else "without")
+    return name, _spawn(name, DEFAULT_INDUCTOR[name], True)
 
 
-@pytest.fixture(scope="module", params=[
-    pytest.param(DEFAULT_INDUCTOR_FAMILY, marks=pytest.mark.inductor),
-    pytest.param("gpt2", marks=[pytest.mark.inductor, pytest.mark.slow]),
-])
+def _inductor_params(case: str) -> list:
+    return [
+        pytest.param(name, marks=[pytest.mark.inductor] + ([] if case in cases else [pytest.mark.slow]))
+        for name, cases in DEFAULT_INDUCTOR.items()
+    ]
+
+
+# Slow: Inductor without checkpointing. The default run compiles Llama with Inductor once, with
+# HF's checkpointing (test_inductor_gradient_checkpointing_trains_like_ddp_with_checkpointing[llama]:
+# the same loss, parameter, graph-break and one-graph checks against DDP with checkpointing);
+# aot_eager without checkpointing runs in the default run for both families.
+@pytest.fixture(scope="module", params=_inductor_params("inductor"))
 def inductor_family(request):
-    name = request.param
-    return name, _spawn(name, "with" if name == DEFAULT_INDUCTOR_FAMILY else "only")
+    return request.param, _inductor_spawn(request.param, "inductor")
+
+
+@pytest.fixture(scope="module", params=_inductor_params("inductor_gc"))
+def inductor_gc_family(request):
+    return request.param, _inductor_spawn(request.param, "inductor_gc")
 
 
 def _get(results, name):
@@ -249,8 +274,8 @@ def test_gradient_checkpointing_trains_like_ddp_with_checkpointing(family, mode,
     _assert_checkpointing_like_ddp(family[1], mode, tol)
 
 
-def test_inductor_gradient_checkpointing_trains_like_ddp_with_checkpointing(inductor_family):
-    _assert_checkpointing_like_ddp(inductor_family[1], "inductor_gc", INDUCTOR_TOL)
+def test_inductor_gradient_checkpointing_trains_like_ddp_with_checkpointing(inductor_gc_family):
+    _assert_checkpointing_like_ddp(inductor_gc_family[1], "inductor_gc", INDUCTOR_TOL)
 
 
 def _assert_checkpointing_like_ddp(results, mode, tol):
@@ -260,6 +285,7 @@ def _assert_checkpointing_like_ddp(results, mode, tol):
         _assert_params(params, ddp["fp64_gc"]["params"], **tol)
         if not mode.startswith("eager"):
             assert got["graph_breaks"] == 0
+            assert got["unique_graphs"] == 1
 
 
 def test_bf16_mixed_precision(family):

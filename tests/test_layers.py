@@ -121,18 +121,9 @@ def test_the_check_sees_a_violation(tmp_path):
     assert any("a higher layer" in v for v in _check_probe(probe))
 
 
-FIRST_IMPORTS = ["fsdp_compile.passes.reorder", "fsdp_compile.passes.reshard", "fsdp_compile.unit"]
-
-
-@pytest.fixture(scope="module")
-def imported_first():
-    from fsdp_compile.testing.imports import import_each_first
-
-    return import_each_first(FIRST_IMPORTS)
-
-
-@pytest.mark.parametrize("name", FIRST_IMPORTS)
+@pytest.mark.parametrize("name", ["fsdp_compile.passes.reorder", "fsdp_compile.passes.reshard", "fsdp_compile.unit"])
 def test_any_module_imports_first(name, imported_first):
-    """Each module imports on its own in a fresh interpreter (no partially initialized module)."""
+    """Each module imports on its own in a fresh interpreter (no partially initialized module);
+    ``imported_first`` (tests/conftest.py) imports every pass and the unit layer in one."""
     code, text = imported_first[name]
     assert code == 0, text[-2000:]

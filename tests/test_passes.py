@@ -22,7 +22,6 @@ from fsdp_compile.passes.hoist_markers import hoist_markers
 from fsdp_compile.passes.insert_collectives import insert_collectives
 from fsdp_compile.passes.reshard import tag_reshard
 from fsdp_compile.passes.schedule_check import collective_schedule
-from fsdp_compile.testing.imports import import_each_first
 
 c10d = torch.ops._c10d_functional
 fc = torch.ops.fsdp_compile
@@ -343,16 +342,11 @@ def test_bucketing_merges_adjacent_gathers_into_one():
 PASSES = sorted(p.stem for p in (Path(__file__).parent.parent / "passes").glob("*.py") if p.stem != "__init__")
 
 
-@pytest.fixture(scope="module")
-def passes_imported_first(tmp_path_factory):
-    return import_each_first([f"fsdp_compile.passes.{name}" for name in PASSES], cwd=str(tmp_path_factory.mktemp("cwd")))
-
-
 @pytest.mark.parametrize("name", PASSES)
-def test_each_pass_imports_first_in_a_fresh_interpreter(name, passes_imported_first):
+def test_each_pass_imports_first_in_a_fresh_interpreter(name, imported_first):
     """``passes/`` installs as ``fsdp_compile.passes`` (no generic top-level ``passes`` module),
     and any pass can be the first thing a program imports (no partial-initialization cycle)."""
-    code, text = passes_imported_first[f"fsdp_compile.passes.{name}"]
+    code, text = imported_first[f"fsdp_compile.passes.{name}"]  # tests/conftest.py
     assert code == 0, text
     assert text == f"fsdp_compile.passes.{name}"
 

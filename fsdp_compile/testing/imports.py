@@ -2,9 +2,12 @@
 ``fsdp_compile``: what catches a partially initialized module (an import cycle) that only shows
 when a program's first import is that module.
 
-One interpreter imports torch once (the slow part, a few seconds), then forks one child per
-module; each child imports its module first. Importing torch first does not change the order in
-which ``fsdp_compile``'s modules initialize one another.
+One interpreter imports, once, every module outside ``fsdp_compile`` that the named modules
+import (torch, Dynamo, Inductor, Triton: the slow part, a few seconds), then forks one child per
+module; each child imports its module first and runs only ``fsdp_compile``'s own module code.
+Which outside modules those are, a first child finds by importing every named module and listing
+what ``sys.modules`` gained. Importing them first does not change the order in which
+``fsdp_compile``'s modules initialize one another.
 """
 from __future__ import annotations
 
@@ -16,16 +19,20 @@ from typing import Sequence
 _SCRIPT = r"""
 import json, os, sys, traceback
 import torch  # noqa: F401  (shared by every child; fsdp_compile is not imported here)
-assert not any(m == "fsdp_compile" or m.startswith("fsdp_compile.") for m in sys.modules)
-results = {}
-for name in json.loads(sys.argv[1]):
+names = json.loads(sys.argv[1])
+
+
+def ours(module):
+    return module == "fsdp_compile" or module.startswith("fsdp_compile.")
+
+
+def in_a_child(body):  # [exit code, body()'s text or its traceback], in a forked child
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read)
         try:
-            __import__(name)
-            message, code = sys.modules[name].__name__, 0
+            message, code = body(), 0
         except BaseException:
             message, code = traceback.format_exc(), 1
         os.write(write, message.encode())
@@ -36,8 +43,33 @@ for name in json.loads(sys.argv[1]):
         chunks.append(chunk)
     os.close(read)
     _, status = os.waitpid(pid, 0)
-    results[name] = [os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")]
-print(json.dumps(results))
+    return [os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")]
+
+
+def outside_modules():
+    before = set(sys.modules)
+    for name in names:
+        try:
+            __import__(name)
+        except BaseException:
+            pass  # its own child reports it
+    return json.dumps([m for m in sys.modules if m not in before and not ours(m)])
+
+
+code, found = in_a_child(outside_modules)
+for module in json.loads(found) if code == 0 else []:
+    try:
+        __import__(module)
+    except BaseException:
+        pass  # e.g. a module a package registers under another name: imported by the child then
+assert not any(ours(m) for m in sys.modules), "an outside module imported fsdp_compile"
+
+
+def first_import(name):
+    return lambda: (__import__(name), sys.modules[name].__name__)[1]
+
+
+print(json.dumps({name: in_a_child(first_import(name)) for name in names}))
 """
 
 
