@@ -165,12 +165,14 @@ def _shared(strategy: str, mode: str, inner: str = "aot_eager", freeze=None):
     from its seeded start: built and compiled once per (strategy, mode, inner), then reset for
     each case (full values reloaded, every ``.grad`` None, ``requires_grad`` True, or ``freeze``
     applied) with a fresh DDP reference over a copy of the seeded model (frozen alike before DDP
-    is built). A case leaving state behind that the reset misses fails the cases after it."""
+    is built). A case leaving state behind that the reset misses fails the cases after it. The
+    4th element: one optimizer per ``OPTIMIZER_VARIANTS`` entry, built before ``fully_shard``
+    (behaviour 1; it runs first, before behaviour 6 replaces a parameter object)."""
     key = (strategy, mode, inner)
     if key not in _SHARED:
-        model, run, ddp, _ = _build(strategy, mode, inner=inner)
-        _SHARED[key] = (model, run, copy.deepcopy(ddp.module), fsdp_compile.full_state_dict(model))
-    model, run, template, initial = _SHARED[key]
+        model, run, ddp, before = _build(strategy, mode, inner=inner, before_shard=_optimizers_per_variant)
+        _SHARED[key] = (model, run, copy.deepcopy(ddp.module), fsdp_compile.full_state_dict(model), before)
+    model, run, template, initial, before = _SHARED[key]
     load_full_state_dict(model, initial)
     reference = copy.deepcopy(template)
     for module in (model, reference):
@@ -179,7 +181,7 @@ def _shared(strategy: str, mode: str, inner: str = "aot_eager", freeze=None):
             p.requires_grad_(True)
         if freeze is not None:
             freeze(module)
-    return model, run, DDP(reference), None
+    return model, run, DDP(reference), before
 
 
 def _assert_compiled(model: nn.Module, mode: str) -> None:
@@ -241,10 +243,19 @@ def _param_groups(named_params):
     ]
 
 
+def _variant_optimizer(module: nn.Module, variant: tuple) -> torch.optim.Optimizer:
+    opt_name, foreach, _ = variant
+    return getattr(torch.optim, opt_name)(_param_groups(module.named_parameters()), lr=5e-3, foreach=foreach)
+
+
+def _optimizers_per_variant(module: nn.Module) -> list:
+    return [_variant_optimizer(module, variant) for variant in OPTIMIZER_VARIANTS]
+
+
 def _train_param_groups(rank, model, run, ddp, opt, variant, mode, label: str = "") -> None:
-    opt_name, foreach, set_to_none = variant
+    set_to_none = variant[2]
     label = f"{label}{variant}"
-    ref_opt = getattr(torch.optim, opt_name)(_param_groups(ddp.module.named_parameters()), lr=5e-3, foreach=foreach)
+    ref_opt = _variant_optimizer(ddp.module, variant)
     for step in range(10):
         x = _batch(step, rank)
         losses = []
@@ -265,31 +276,21 @@ def param_groups(rank, strategy, mode, inner="aot_eager"):
     """Three groups (weights lr 1e-2 wd 0.1, biases lr 1e-3 wd 0.01, ``scale`` default), Adam and
     AdamW, foreach on/off, zero_grad(set_to_none on/off) before forward on even steps and before
     backward on odd steps; the optimizer built after ``fully_shard`` (one model, reset between
-    variants) and before it (one optimizer per variant, all built before ``fully_shard``)."""
-
-    def make_opt(module, variant):
-        opt_name, foreach, _ = variant
-        return getattr(torch.optim, opt_name)(_param_groups(module.named_parameters()), lr=5e-3, foreach=foreach)
-
+    variants) and before it (the shared model holds one per variant, all built before
+    ``fully_shard``). Inductor: one variant, optimizers built after ``fully_shard``."""
     variants = OPTIMIZER_VARIANTS if inner == "aot_eager" else [("AdamW", True, True)]
     for variant in variants:
         model, run, ddp, _ = _shared(strategy, mode, inner)
-        _train_param_groups(rank, model, run, ddp, make_opt(model, variant), variant, mode)
+        _train_param_groups(rank, model, run, ddp, _variant_optimizer(model, variant), variant, mode)
         _assert_compiled(model, mode)
     if inner != "aot_eager":
         return
-    # Built before fully_shard: they hold the parameter objects, which become the shards. One
-    # model holds one such optimizer per variant (compiled once), reset between variants.
-    model, run, ddp, opts = _build(strategy, mode, before_shard=lambda m: [make_opt(m, v) for v in variants])
-    template, initial = copy.deepcopy(ddp.module), fsdp_compile.full_state_dict(model)
-    for variant, opt in zip(variants, opts):
-        load_full_state_dict(model, initial)
-        for p in model.parameters():
-            p.grad = None
+    # Built before fully_shard (by ``_shared``): they hold the parameter objects, which became the shards.
+    for variant, opt in zip(variants, _shared(strategy, mode)[3]):
+        model, run, ddp, _ = _shared(strategy, mode)
         assert [id(p) for g in opt.param_groups for p in g["params"]] == [
             id(p) for g in _param_groups(model.named_parameters()) for p in g["params"]
         ]
-        ddp = DDP(copy.deepcopy(template))
         _train_param_groups(rank, model, run, ddp, opt, variant, mode, "built before fully_shard ")
         _assert_compiled(model, mode)
 
