@@ -3,9 +3,8 @@
 Every way users checkpoint: ``torch.utils.checkpoint.checkpoint`` around a unit (non-reentrant
 and reentrant), ``apply_activation_checkpointing`` (``checkpoint_wrapper``), selective
 checkpointing (``create_selective_checkpoint_contexts``) and a region inside a unit. Each is
-trained for every strategy, eagerly and compiled (``aot_eager``; FULL_SHARD non-reentrant also
-Inductor, the wrapper's Inductor run is in the slow run: it compiles the same checkpoint region),
-and compared with DDP running the same checkpointing on a copy of the model (float64, so every
+trained for every strategy, eagerly and compiled (``aot_eager``; FULL_SHARD also Inductor), and
+compared with DDP running the same checkpointing on a copy of the model (float64, so every
 difference is a bug, not rounding). One spawn runs every case; the parent asserts.
 """
 from __future__ import annotations
@@ -121,21 +120,17 @@ def _backward_gathers(model, rank):
     return dict(calls)
 
 
-# (kind, strategy) -> the modes it runs; Inductor (FULL_SHARD) by default for one kind only.
-DEFAULT_MODES = {(k, s): ("eager", "aot_eager", *(("inductor",) if (k, s) == ("nonreentrant", "FULL_SHARD") else ()))
-                 for k in KINDS for s in STRATEGIES}
-BACKENDS = {"eager": None, "aot_eager": fsdp_compile.backend(inner="aot_eager"), "inductor": "fsdp_compile"}
-
-
-def ac_cases(rank: int, world: int, modes: dict = DEFAULT_MODES) -> dict:
+def ac_cases(rank: int, world: int) -> dict:
     torch._dynamo.config.cache_size_limit = 64
     out = {}
-    for kind in sorted({k for k, _ in modes}, key=KINDS.index):
+    for kind in KINDS:
         ref = DDP(build(kind))
         ddp = {"losses": _train(ref, ref, rank), "params": {n: p.detach().clone() for n, p in ref.module.named_parameters()}}
         for strategy in STRATEGIES:
-            for mode in modes.get((kind, strategy), ()):
-                backend = BACKENDS[mode]
+            backends = {"eager": None, "aot_eager": fsdp_compile.backend(inner="aot_eager")}
+            if strategy == "FULL_SHARD" and kind in ("nonreentrant", "wrapper"):
+                backends["inductor"] = "fsdp_compile"
+            for mode, backend in backends.items():
                 key = (kind, strategy, mode)
                 try:
                     model = fully_shard(build(kind), policy={Block}, strategy=strategy)
@@ -173,9 +168,12 @@ def _ok(rank_results, key):
     return value
 
 
-def _assert_trains_like_ddp(results, kind, strategy, modes):
+@pytest.mark.parametrize("kind,strategy", CASES)
+def test_checkpointed_training_equals_ddp_with_the_same_checkpointing(results, kind, strategy):
     for rank_results in results:
-        for mode in modes:
+        for mode in ("eager", "aot_eager", "inductor"):
+            if (kind, strategy, mode) not in rank_results:
+                continue
             got = _ok(rank_results, (kind, strategy, mode))
             # eager runs DDP's ops: exact; compiled float64: to rounding (Inductor's losses: to
             # float32-sized rounding, see test_compiled.INDUCTOR_FLOAT64_LOSS)
@@ -184,20 +182,6 @@ def _assert_trains_like_ddp(results, kind, strategy, modes):
             assert_close(got["losses"], got["ddp"]["losses"], **loss_tol, msg=f"{kind} {strategy} {mode} losses")
             for name, value in got["ddp"]["params"].items():
                 assert_close(got["params"][name], value, **tol, msg=f"{kind} {strategy} {mode} {name}")
-
-
-@pytest.mark.parametrize("kind,strategy", CASES)
-def test_checkpointed_training_equals_ddp_with_the_same_checkpointing(results, kind, strategy):
-    _assert_trains_like_ddp(results, kind, strategy, DEFAULT_MODES[kind, strategy])
-
-
-@pytest.mark.slow
-@pytest.mark.inductor
-def test_wrapper_checkpointing_under_inductor_equals_ddp():
-    """``apply_activation_checkpointing`` under Inductor (FULL_SHARD); the default run compiles
-    the same checkpoint region with Inductor through ``checkpoint(use_reentrant=False)``."""
-    results = run_ranks(ac_cases, 2, {("wrapper", "FULL_SHARD"): ("inductor",)}, timeout=900)
-    _assert_trains_like_ddp(results, "wrapper", "FULL_SHARD", ("inductor",))
 
 
 @pytest.mark.parametrize("kind,strategy", CASES)
