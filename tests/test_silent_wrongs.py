@@ -103,6 +103,24 @@ def _forward(model, mode):
     return model if mode == "eager" else torch.compile(model, backend=AOT_EAGER)
 
 
+_COMPILED: dict = {}  # this rank's compiled ``_sharded(_seeded())``, see ``_compiled_seeded``
+
+
+def _compiled_seeded(base):
+    """``_sharded(base)`` compiled, for the compiled runs that start from ``_seeded()`` (cases 1
+    and 3): built and compiled once per rank, then reset to ``base``'s parameters and buffers
+    with every ``.grad`` None. Compiling is what costs time; the cases need no Dynamo reset
+    between models (each model's graphs guard on its own units)."""
+    if not _COMPILED:
+        model = _sharded(base)
+        _COMPILED["model"] = model, torch.compile(model, backend=AOT_EAGER)
+    model, run = _COMPILED["model"]
+    fsdp_compile.load_full_state_dict(model, base.state_dict())
+    for p in model.parameters():
+        p.grad = None
+    return model, run
+
+
 # ---- 1. unused parameters ----------------------------------------------------------------
 def unused_parameters(rank, world):
     base = _seeded()
@@ -112,9 +130,8 @@ def unused_parameters(rank, world):
     plain(_batch(0, rank)).sum().backward()
     out["plain_none"] = {n: p.grad is None for n, p in plain.named_parameters()}
     for mode in ("eager", "compiled"):
-        model = _sharded(base)
-        torch._dynamo.reset()
-        out[mode] = {**_train(_forward(model, mode), model, rank, 5), "params": fsdp_compile.full_state_dict(model)}
+        model, run = (_sharded(base),) * 2 if mode == "eager" else _compiled_seeded(base)
+        out[mode] = {**_train(run, model, rank, 5), "params": fsdp_compile.full_state_dict(model)}
     # Used on rank 1 only: eagerly, rank 0's rows still get rank 1's gradient (DDP: the average)
     diverging = copy.deepcopy(base)
     diverging.blocks[0].use_side = rank == 1
@@ -124,7 +141,6 @@ def unused_parameters(rank, world):
     out["eager_diverging"] = {**_train(model, model, rank, 3), "params": fsdp_compile.full_state_dict(model)}
     # Compiled, whether a gradient exists is part of the graph: ranks that disagree fail at once
     model = _sharded(diverging)
-    torch._dynamo.reset()
     compiled = torch.compile(model, backend=AOT_EAGER)
     out["compiled_diverging"] = error_text(lambda: compiled(_batch(0, rank)).sum().backward())
     return out
@@ -163,7 +179,6 @@ def different_inits(rank, world):
     for mode in ("eager", "compiled"):
         model = _sharded(mine, sync_module_states=True)
         out[f"{mode}_start"] = {k: v.clone() for k, v in fsdp_compile.full_state_dict(model).items()}
-        torch._dynamo.reset()
         out[mode] = {**_train(_forward(model, mode), model, rank, 3), "state": fsdp_compile.full_state_dict(model)}
     meta = fully_shard(_meta_net(rank), policy={Block}, param_init_fn=_fsdp1_init, sync_module_states=True)
     out["meta_synced"] = fsdp_compile.full_state_dict(meta)
@@ -186,9 +201,8 @@ def clipping(rank, world, steps):
     clip = lambda: torch.nn.utils.clip_grad_norm_(ddp.parameters(), 0.05)  # noqa: E731
     out = {"ddp": {**_train(ddp, ddp.module, rank, steps, clip), "params": _params(ddp.module)}}
     for mode in ("eager", "compiled"):
-        model = _sharded(base)
-        torch._dynamo.reset()
-        run = _train(_forward(model, mode), model, rank, steps, lambda: fsdp_compile.clip_grad_norm_(model, 0.05))
+        model, forward = (_sharded(base),) * 2 if mode == "eager" else _compiled_seeded(base)
+        run = _train(forward, model, rank, steps, lambda: fsdp_compile.clip_grad_norm_(model, 0.05))
         out[mode] = {**run, "params": fsdp_compile.full_state_dict(model)}
     return out
 

@@ -2,7 +2,7 @@
 
 Every behaviour runs for FULL_SHARD, SHARD_GRAD_OP and NO_SHARD, eagerly and under
 ``torch.compile`` (``fsdp_compile.backend(inner="aot_eager")``; behaviour 1 also with the default
-Inductor backend). The independent reference is ``DistributedDataParallel`` over a deepcopy of the
+Inductor backend: FULL_SHARD by default, the other strategies in the slow run). The independent reference is ``DistributedDataParallel`` over a deepcopy of the
 same seeded model fed the same per-rank data (DDP averages gradients over ranks, as we do), or the
 reference's dim-0 rows where a shard is compared. Exact numbers: ``torch.testing.assert_close``
 with its defaults in eager mode, ``rtol=1e-4, atol=1e-5`` compiled.
@@ -10,7 +10,10 @@ with its defaults in eager mode, ``rtol=1e-4, atol=1e-5`` compiled.
 To keep the suite fast, one spawn (a module-scoped fixture) runs every case of every selected
 behaviour; each rank returns ``{(behaviour, case): None | traceback}`` and ``test_behaviour[name]``
 reports every failing case of its behaviour at once. Compiling is what costs time, so compiled
-cases reuse one compiled model where the behaviour allows it (documented per behaviour).
+cases reuse one compiled model where the behaviour allows it: every behaviour that trains a plain
+``Net`` from its seeded start runs on one shared model per strategy and mode (``_shared``), reset
+between cases, and compiled once (a frozen bias adds a graph); the cases run strategy by strategy
+(``_run_plan``).
 """
 from __future__ import annotations
 
@@ -137,26 +140,48 @@ def _close(got, want, mode: str, what: str) -> None:
     assert_close(got, want, msg=lambda m: f"{what}: {m}", **_tol(mode))
 
 
-def _build(strategy: str, mode: str, model_fn: Callable[[], nn.Module] = Net, *, freeze=None, mp=None,
+def _build(strategy: str, mode: str, model_fn: Callable[[], nn.Module] = Net, *, mp=None,
            inner: str = "aot_eager", before_shard: Callable | None = None):
     """Seeded ``model_fn()`` sharded by ``policy={Block, TinyGroup}``; its DDP reference; the callable to run
     (the model, or ``torch.compile`` of it). ``before_shard(model)`` runs before ``fully_shard``."""
     torch.manual_seed(0)
     model = model_fn()
-    reference = copy.deepcopy(model)
-    if freeze is not None:
-        freeze(reference)
-    ddp = DDP(reference)
+    ddp = DDP(copy.deepcopy(model))
     extra = before_shard(model) if before_shard is not None else None
     fully_shard(model, policy={Block, TinyGroup}, strategy=strategy, mixed_precision=mp)
-    if freeze is not None:
-        freeze(model)
     run = model
-    if mode == "compiled":
-        torch._dynamo.reset()
+    if mode == "compiled":  # (``_run_plan`` resets Dynamo once per strategy, not per model)
         backend = "fsdp_compile" if inner == "inductor" else fsdp_compile.backend(inner=inner)
         run = torch.compile(model, backend=backend, fullgraph=True)
     return model, run, ddp, extra
+
+
+# (strategy, mode, inner) -> (model, run, template, initial); ``_run_plan`` clears it per strategy.
+_SHARED: dict = {}
+
+
+def _shared(strategy: str, mode: str, inner: str = "aot_eager", freeze=None):
+    """``_build``'s 4-tuple for a ``Net`` shared by every behaviour that trains a plain ``Net``
+    from its seeded start: built and compiled once per (strategy, mode, inner), then reset for
+    each case (full values reloaded, every ``.grad`` None, ``requires_grad`` True, or ``freeze``
+    applied) with a fresh DDP reference over a copy of the seeded model (frozen alike before DDP
+    is built). A case leaving state behind that the reset misses fails the cases after it. The
+    4th element: one optimizer per ``OPTIMIZER_VARIANTS`` entry, built before ``fully_shard``
+    (behaviour 1; it runs first, before behaviour 6 replaces a parameter object)."""
+    key = (strategy, mode, inner)
+    if key not in _SHARED:
+        model, run, ddp, before = _build(strategy, mode, inner=inner, before_shard=_optimizers_per_variant)
+        _SHARED[key] = (model, run, copy.deepcopy(ddp.module), fsdp_compile.full_state_dict(model), before)
+    model, run, template, initial, before = _SHARED[key]
+    load_full_state_dict(model, initial)
+    reference = copy.deepcopy(template)
+    for module in (model, reference):
+        for p in module.parameters():
+            p.grad = None
+            p.requires_grad_(True)
+        if freeze is not None:
+            freeze(module)
+    return model, run, DDP(reference), before
 
 
 def _assert_compiled(model: nn.Module, mode: str) -> None:
@@ -218,10 +243,19 @@ def _param_groups(named_params):
     ]
 
 
+def _variant_optimizer(module: nn.Module, variant: tuple) -> torch.optim.Optimizer:
+    opt_name, foreach, _ = variant
+    return getattr(torch.optim, opt_name)(_param_groups(module.named_parameters()), lr=5e-3, foreach=foreach)
+
+
+def _optimizers_per_variant(module: nn.Module) -> list:
+    return [_variant_optimizer(module, variant) for variant in OPTIMIZER_VARIANTS]
+
+
 def _train_param_groups(rank, model, run, ddp, opt, variant, mode, label: str = "") -> None:
-    opt_name, foreach, set_to_none = variant
+    set_to_none = variant[2]
     label = f"{label}{variant}"
-    ref_opt = getattr(torch.optim, opt_name)(_param_groups(ddp.module.named_parameters()), lr=5e-3, foreach=foreach)
+    ref_opt = _variant_optimizer(ddp.module, variant)
     for step in range(10):
         x = _batch(step, rank)
         losses = []
@@ -242,26 +276,18 @@ def param_groups(rank, strategy, mode, inner="aot_eager"):
     """Three groups (weights lr 1e-2 wd 0.1, biases lr 1e-3 wd 0.01, ``scale`` default), Adam and
     AdamW, foreach on/off, zero_grad(set_to_none on/off) before forward on even steps and before
     backward on odd steps; the optimizer built after ``fully_shard`` (one model, reset between
-    variants) and before it (a fresh model per variant)."""
-
-    def make_opt(module, variant):
-        opt_name, foreach, _ = variant
-        return getattr(torch.optim, opt_name)(_param_groups(module.named_parameters()), lr=5e-3, foreach=foreach)
-
+    variants) and before it (the shared model holds one per variant, all built before
+    ``fully_shard``). Inductor: one variant, optimizers built after ``fully_shard``."""
     variants = OPTIMIZER_VARIANTS if inner == "aot_eager" else [("AdamW", True, True)]
-    model, run, ddp, _ = _build(strategy, mode, inner=inner)
-    template, initial = copy.deepcopy(ddp.module), fsdp_compile.full_state_dict(model)
     for variant in variants:
-        load_full_state_dict(model, initial)
-        for p in model.parameters():
-            p.grad = None
-        _train_param_groups(rank, model, run, DDP(copy.deepcopy(template)), make_opt(model, variant), variant, mode)
+        model, run, ddp, _ = _shared(strategy, mode, inner)
+        _train_param_groups(rank, model, run, ddp, _variant_optimizer(model, variant), variant, mode)
         _assert_compiled(model, mode)
-    # Built before fully_shard: it holds the parameter objects, which become the shards. Compiling
-    # is what costs time, so compiled mode covers two of the variants.
-    before = variants if mode == "eager" else variants[::7] if inner == "aot_eager" else []
-    for variant in before:
-        model, run, ddp, opt = _build(strategy, mode, inner=inner, before_shard=lambda m: make_opt(m, variant))
+    if inner != "aot_eager":
+        return
+    # Built before fully_shard (by ``_shared``): they hold the parameter objects, which became the shards.
+    for variant, opt in zip(variants, _shared(strategy, mode)[3]):
+        model, run, ddp, _ = _shared(strategy, mode)
         assert [id(p) for g in opt.param_groups for p in g["params"]] == [
             id(p) for g in _param_groups(model.named_parameters()) for p in g["params"]
         ]
@@ -278,7 +304,7 @@ def _freeze_biases(module):
 
 def frozen(rank, strategy, mode):
     """``requires_grad_(False)`` on every bias after sharding: units mix frozen and trainable."""
-    model, run, ddp, _ = _build(strategy, mode, freeze=_freeze_biases)
+    model, run, ddp, _ = _shared(strategy, mode, freeze=_freeze_biases)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ref_opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
 
@@ -306,7 +332,7 @@ def _two_optimizers(module):
 def several_optimizers(rank, strategy, mode):
     """Adam on the weights, AdamW on the rest; only the weights' grads are set to ``None`` between
     steps (the rest accumulate), and on step 2 the rest are zeroed (not ``None``: AdamW steps them)."""
-    model, run, ddp, _ = _build(strategy, mode)
+    model, run, ddp, _ = _shared(strategy, mode)
     opt_w, opt_b = _two_optimizers(model)
     ref_w, ref_b = _two_optimizers(ddp.module)
     for step in range(4):
@@ -340,7 +366,7 @@ def several_optimizers(rank, strategy, mode):
 def several_forwards(rank, strategy, mode):
     """``loss = m(x1) + m(x2 + 1)`` then one backward; on step 1 a summon_full_params (default
     writeback) sits between the two forwards."""
-    model, run, ddp, _ = _build(strategy, mode)
+    model, run, ddp, _ = _shared(strategy, mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
     for step in range(3):
@@ -387,7 +413,7 @@ def param_writeback(rank, strategy, mode, how):
     """``lin1.weight = nn.Parameter(t)`` (how="parameter") or ``lin1.weight.data = t`` ("data"):
     a wrong shape raises at the next forward / summon_full_params and corrupts nothing; the
     shard's shape takes effect in summon_full_params, the next forward, backward and step."""
-    model, run, ddp, _ = _build(strategy, mode)
+    model, run, ddp, _ = _shared(strategy, mode)
     lin, ref_lin = model.blocks[0].lin1, ddp.module.blocks[0].lin1
     fqn, full_shape = "blocks.0.lin1.weight", tuple(ref_lin.weight.shape)
     shard_shape = tuple(_shard(ref_lin.weight, rank, strategy).shape)
@@ -451,7 +477,7 @@ def grad_writeback(rank, strategy, mode, how):
     """After a backward, ``p.grad = g`` ("grad"), ``p.grad.data = g`` ("grad.data") or
     ``p.grad = None`` ("none") on a few parameters: the optimizer steps on it, and the next
     backward (no zero_grad) accumulates onto it."""
-    model, run, ddp, _ = _build(strategy, mode)
+    model, run, ddp, _ = _shared(strategy, mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
     params, ref_params = dict(model.named_parameters()), dict(ddp.module.named_parameters())
@@ -481,7 +507,7 @@ def grad_writeback(rank, strategy, mode, how):
 def summon(rank, strategy, mode):
     """``with_grads=True`` shows full gradients; ``writeback=False`` discards edits; the default
     (``writeback=True``) lands them in the shards, and the next step uses them."""
-    model, run, ddp, _ = _build(strategy, mode)
+    model, run, ddp, _ = _shared(strategy, mode)
     x = _batch(0, rank)
     _loss(run(x)).backward()
     _loss(ddp(x)).backward()
@@ -651,7 +677,11 @@ def tied(rank, strategy, mode):
 # ---- the plan: behaviour -> (function, cases) ------------------------------------------------------
 PLAN = {
     "param_groups": (param_groups, _grid()),
-    "param_groups_inductor": (param_groups, [(s, "compiled", "inductor") for s in STRATEGIES]),
+    # Inductor: FULL_SHARD by default (as in test_compiled), the other strategies in the slow run.
+    "param_groups_inductor": (param_groups, [("FULL_SHARD", "compiled", "inductor")]),
+    "param_groups_inductor_other_strategies": (
+        param_groups, [(s, "compiled", "inductor") for s in STRATEGIES if s != "FULL_SHARD"]
+    ),
     "frozen": (frozen, _grid()),
     "several_optimizers": (several_optimizers, _grid()),
     "several_forwards": (several_forwards, _grid()),
@@ -671,17 +701,27 @@ PLAN = {
 
 
 def _run_plan(rank: int, world: int, behaviours: list[str]) -> dict:
-    """Every case of ``behaviours`` on this rank: ``{(behaviour, case): None | traceback}``."""
+    """Every case of ``behaviours`` on this rank: ``{(behaviour, case): None | traceback}``. The
+    cases run strategy by strategy (behaviours in plan order within each), so the ``_shared``
+    models of a strategy stay compiled through it; Dynamo is reset between strategies."""
+    # A strategy compiles Net.forward for a few models (shared, frozen, built-before, no_sync's):
+    # above Dynamo's default of 8 entries per code object, a model would silently run eagerly.
+    torch._dynamo.config.recompile_limit = 32
     results = {}
-    for behaviour in behaviours:
-        fn, cases = PLAN[behaviour]
-        for case in cases:
-            print(f"[rank {rank}] {behaviour} {case}", file=sys.stderr, flush=True)
-            try:
-                fn(rank, *case)
-                results[behaviour, case] = None
-            except Exception:  # noqa: BLE001 -- every failing case is reported by the parent
-                results[behaviour, case] = traceback.format_exc()
+    for strategy in STRATEGIES:
+        torch._dynamo.reset()
+        _SHARED.clear()
+        for behaviour in behaviours:
+            fn, cases = PLAN[behaviour]
+            for case in cases:
+                if case[0] != strategy:
+                    continue
+                print(f"[rank {rank}] {behaviour} {case}", file=sys.stderr, flush=True)
+                try:
+                    fn(rank, *case)
+                    results[behaviour, case] = None
+                except Exception:  # noqa: BLE001 -- every failing case is reported by the parent
+                    results[behaviour, case] = traceback.format_exc()
     return results
 
 
@@ -700,7 +740,12 @@ def results(request) -> list[dict]:
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize(
-    "behaviour", [pytest.param(b, marks=pytest.mark.inductor) if b.endswith("_inductor") else b for b in PLAN]
+    "behaviour",
+    [
+        pytest.param(b, marks=[pytest.mark.inductor, *([pytest.mark.slow] if "other_strategies" in b else [])])
+        if "_inductor" in b else b
+        for b in PLAN
+    ],
 )
 def test_behaviour(behaviour, results):
     failures, summary = [], []
