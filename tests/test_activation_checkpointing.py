@@ -5,7 +5,9 @@ and reentrant), ``apply_activation_checkpointing`` (``checkpoint_wrapper``), sel
 checkpointing (``create_selective_checkpoint_contexts``) and a region inside a unit. Each is
 trained for every strategy, eagerly and compiled (``aot_eager``; FULL_SHARD also Inductor), and
 compared with DDP running the same checkpointing on a copy of the model (float64, so every
-difference is a bug, not rounding). One spawn runs every case; the parent asserts.
+difference is a bug, not rounding). One spawn runs every default case; the parent asserts.
+NO_SHARD runs with non-reentrant checkpointing by default, with the other kinds under the slow
+marker.
 """
 from __future__ import annotations
 
@@ -120,13 +122,13 @@ def _backward_gathers(model, rank):
     return dict(calls)
 
 
-def ac_cases(rank: int, world: int) -> dict:
+def ac_cases(rank: int, world: int, cases: list) -> dict:
     torch._dynamo.config.cache_size_limit = 64
     out = {}
-    for kind in KINDS:
+    for kind in dict.fromkeys(k for k, _ in cases):
         ref = DDP(build(kind))
         ddp = {"losses": _train(ref, ref, rank), "params": {n: p.detach().clone() for n, p in ref.module.named_parameters()}}
-        for strategy in STRATEGIES:
+        for strategy in [s for k, s in cases if k == kind]:
             backends = {"eager": None, "aot_eager": fsdp_compile.backend(inner="aot_eager")}
             if strategy == "FULL_SHARD" and kind in ("nonreentrant", "wrapper"):
                 backends["inductor"] = "fsdp_compile"
@@ -154,12 +156,26 @@ def _graph_structure(model) -> dict:
     return {"units": len(info.units), **graph_structure(info.compiled_graphs[0])}
 
 
+ALL_CASES = [(k, s) for k in KINDS for s in STRATEGIES]
+# NO_SHARD all-reduces and never regathers, so one checkpointing kind covers it in the default run;
+# the other kinds' NO_SHARD cases run under the slow marker, in a spawn of their own.
+SLOW_CASES = [(k, "NO_SHARD") for k in KINDS if k != "nonreentrant"]
+CASES = [pytest.param(k, s, marks=pytest.mark.slow) if (k, s) in SLOW_CASES else (k, s) for k, s in ALL_CASES]
+
+
 @pytest.fixture(scope="module")
-def results():
-    return run_ranks(ac_cases, 2, timeout=900)
+def default_results():
+    return run_ranks(ac_cases, 2, [c for c in ALL_CASES if c not in SLOW_CASES], timeout=900)
 
 
-CASES = [(k, s) for k in KINDS for s in STRATEGIES]
+@pytest.fixture(scope="module")
+def slow_results():
+    return run_ranks(ac_cases, 2, SLOW_CASES, timeout=900)
+
+
+def _results(request, kind: str, strategy: str) -> list:
+    """Every rank's results of the spawn that ran ``(kind, strategy)``."""
+    return request.getfixturevalue("slow_results" if (kind, strategy) in SLOW_CASES else "default_results")
 
 
 def _ok(rank_results, key):
@@ -169,11 +185,11 @@ def _ok(rank_results, key):
 
 
 @pytest.mark.parametrize("kind,strategy", CASES)
-def test_checkpointed_training_equals_ddp_with_the_same_checkpointing(results, kind, strategy):
-    for rank_results in results:
+def test_checkpointed_training_equals_ddp_with_the_same_checkpointing(request, kind, strategy):
+    for rank_results in _results(request, kind, strategy):
         for mode in ("eager", "aot_eager", "inductor"):
-            if (kind, strategy, mode) not in rank_results:
-                continue
+            if mode == "inductor" and (kind, strategy, mode) not in rank_results:
+                continue  # Inductor runs only where ac_cases says
             got = _ok(rank_results, (kind, strategy, mode))
             # eager runs DDP's ops: exact; compiled float64: to rounding (Inductor's losses: to
             # float32-sized rounding, see test_compiled.INDUCTOR_FLOAT64_LOSS)
@@ -185,11 +201,11 @@ def test_checkpointed_training_equals_ddp_with_the_same_checkpointing(results, k
 
 
 @pytest.mark.parametrize("kind,strategy", CASES)
-def test_compiled_checkpointing_keeps_one_gather_and_one_reduce_per_unit(results, kind, strategy):
+def test_compiled_checkpointing_keeps_one_gather_and_one_reduce_per_unit(request, kind, strategy):
     """The region's parameter reads are lifted out of it: per unit, forward 1 all-gather;
     backward 1 all-gather (FULL_SHARD only, all units but the root) and 1 reduce-scatter;
     FULL_SHARD saves no block's gathered buffer for backward; no graph break."""
-    for rank_results in results:
+    for rank_results in _results(request, kind, strategy):
         got = _ok(rank_results, (kind, strategy, "aot_eager"))
         s = got["structure"]
         n = s["units"]
@@ -210,11 +226,11 @@ def test_compiled_checkpointing_keeps_one_gather_and_one_reduce_per_unit(results
 
 
 @pytest.mark.parametrize("kind", ["nonreentrant", "reentrant", "wrapper", "selective"])
-def test_eager_recompute_gathers_each_unit_once(results, kind):
+def test_eager_recompute_gathers_each_unit_once(default_results, kind):
     """Around a unit, FULL_SHARD's backward gathers each checkpointed unit exactly once (its
     recompute), not once per parameter read (4 per block); the root unit, not checkpointed, is
     gathered once again for the full weights its backward saved (FULL_SHARD's usual regather)."""
-    for rank_results in results:
+    for rank_results in default_results:
         got = _ok(rank_results, (kind, "FULL_SHARD", "eager"))
         units = LAYERS + 1  # blocks + root
         assert got["gathers"] == {"forward": units, "backward": units}, got["gathers"]
