@@ -10,7 +10,13 @@ buffers and optimizer state):
   the backward's inputs (saved activations) are freed after their last use in the backward, as
   Inductor's generated code does; the backward's outputs (the gradients' reduced shards) live on
   through the optimizer step;
-- graph inputs that are parameters' shards or the batch are not counted (steady state / caller's).
+- graph inputs that are parameters' shards or the batch are not counted (steady state / caller's);
+- the last graph's forward returns the gathered tensors of a unit still open when it ends (the
+  root unit, kept gathered into backward; every block of a per-block compile): its post-forward
+  hook runs after the graph, and drops them. Those the backward does not read are freed there; and since nothing reads them after
+  the graph, autograd materializes their gradients as zeros of the gathered shapes before that
+  graph's backward runs (``returned_gathered``), which the backward adds to the parameters'
+  gradients, freeing each after its last use.
 
 So the curve holds, at every node: gathered units in flight (prefetch included: the reorder pass
 issued them early), activations saved for backward, reduce buffers, and gradients produced so
@@ -72,6 +78,47 @@ def _concrete(n) -> int:
 def _target_name(node: torch.fx.Node) -> str:
     target = node.target
     return getattr(target, "__name__", str(target)) if node.op == "call_function" else node.op
+
+
+def _unwrap_getitem(node: torch.fx.Node) -> torch.fx.Node:
+    while _target_name(node) == "getitem" and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node
+
+
+def returned_gathered(forward: torch.fx.GraphModule, backward: torch.fx.GraphModule) -> tuple[dict, dict]:
+    """The forward's outputs that are gathered parameters (a getitem of an all-gather copy-out,
+    or the all-gather's wait itself), as two maps storage -> bytes: those outputs the backward
+    does not read (freed when the unit's post-forward hook drops them), and their tangents in
+    ``backward``, which autograd materializes as zeros before the backward runs. The forward
+    returns its user outputs, one per tangent of the backward, then what it saves for the
+    backward; an output whose shape differs from its tangent's stops the match. ``backward``
+    may be another compile's backward of the same forward code (only its tangents are read).
+    For a graph that ends with the unit still gathered (its post-forward hook runs after the
+    graph): the whole model's last graph, a per-block compiled block's graph. An earlier
+    graph's gathered outputs are read by the next graph (a graph break inside a unit), which
+    returns their real gradients."""
+    output = next((n for n in forward.graph.nodes if n.op == "output"), None)
+    tangents = [n for n in backward.graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
+    if output is None or not tangents:
+        return {}, {}
+    outs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    saved = {key for n in outs[len(tangents):] if isinstance(n, torch.fx.Node)
+             for key, _ in _storages(n.meta.get("val"))}
+    unread, zeros = {}, {}
+    for out, tangent in zip(outs, tangents):
+        if not isinstance(out, torch.fx.Node):
+            break
+        out_val, tangent_val = out.meta.get("val"), tangent.meta.get("val")
+        if not isinstance(out_val, torch.Tensor) or not isinstance(tangent_val, torch.Tensor):
+            break
+        if tuple(out_val.shape) != tuple(tangent_val.shape):
+            break
+        source = _target_name(_unwrap_getitem(out))
+        if "copy_out" in source or source.startswith("wait_tensor"):
+            zeros.update(_storages(tangent_val))
+            unread.update((key, n) for key, n in _storages(out_val) if key not in saved)
+    return unread, zeros
 
 
 def walk_graph(

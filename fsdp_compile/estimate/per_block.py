@@ -12,8 +12,11 @@ runs compiled graphs, so the curve is stitched from two sources:
 - a compiled block's forward runs with the mode suspended (Dynamo does not run compiled code
   under a dispatch mode): its partitioned forward graph is walked node by node (``memory.py``)
   on top of what is live, its collectives are its record's forward schedule, and the
-  activations it saves for backward (its graph's outputs beyond what the block returns) stay
-  counted until the block's backward has produced the gradient of its input.
+  activations it saves for backward (its graph's outputs beyond what the block returns, less
+  the gathered parameters its post-forward hook drops: ``memory.returned_gathered``) stay
+  counted until the block's backward has produced the gradient of its input; that backward's
+  inputs (the zero gradients autograd materializes for those gathered outputs among them) are
+  counted from its start.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from fsdp_compile import torch_private
 from fsdp_compile.passes.schedule_check import Collective
 
-from .memory import Point, Timeline, _storages, walk_graph
+from .memory import Point, Timeline, _storages, returned_gathered, walk_graph
 
 _COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "all_to_all_single")
 
@@ -124,6 +127,13 @@ def _tracked(call, template, tracker_of, records, by_template):
         base = tracker.total
         walked = Timeline()
         walk_graph(record.forward, "forward", live, walked, free_inputs=False, gloo_temporaries=tracker.gloo)
+        # the block's post-forward hook drops its gathered outputs (a recompile's backward is
+        # compiled when it first runs: an earlier compile of the same code has the tangents)
+        compiled = next((r for r in [record, *records] if r.backward is not None
+                         and r.forward.code == record.forward.code), None)
+        if compiled is not None:
+            for key in returned_gathered(record.forward, compiled.backward)[0]:
+                live.pop(key, None)
         for p in walked.points:
             tracker.timeline.points.append(Point("forward", len(tracker.timeline.points), p.node, p.op, base + p.bytes))
         tracker.schedule += [("forward", c) for c in record.schedules.get("forward", [])]

@@ -55,7 +55,7 @@ import torch.nn as nn
 
 from fsdp_compile import torch_private
 
-from .memory import Point, Timeline, walk_graph
+from .memory import Point, Timeline, returned_gathered, walk_graph
 from .models import default_seq, resolve_factory, unit_classes, vocab_of
 
 log = logging.getLogger("fsdp_compile.estimate")
@@ -365,9 +365,14 @@ def _walk(records, gloo: bool) -> tuple[Timeline, list]:
             raise RuntimeError("fsdp_compile.estimate: a compiled graph has no forward graph (nothing was traced)")
         walk_graph(record.forward, "forward", live, timeline, free_inputs=False, gloo_temporaries=gloo)
         schedule += [("forward", c) for c in record.schedules.get("forward", [])]
-    for record in reversed(records):
+    for i, record in enumerate(reversed(records)):
         if record.backward is None:
             raise RuntimeError("fsdp_compile.estimate: a compiled graph's backward did not run (no loss gradient?)")
+        if i == 0:  # the gathered tensors the last graph returns (memory.py): dropped, zero gradients
+            unread, zeros = returned_gathered(record.forward, record.backward)
+            for key in unread:
+                live.pop(key, None)
+            live.update(zeros)
         walk_graph(record.backward, "backward", live, timeline, free_inputs=True, gloo_temporaries=gloo)
         schedule += [("backward", c) for c in record.schedules.get("backward", [])]
     end = timeline.points[-1].bytes if timeline.points else 0

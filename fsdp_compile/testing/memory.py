@@ -4,7 +4,10 @@
 (+bytes / -bytes) for every CPU allocation and free made through c10's allocator. Sorted by time,
 their running sum is what the call allocated and still holds; its maximum is the call's peak
 growth. Memory that existed before the call (parameters, optimizer state, kept buffers) is not in
-it: add :func:`bytes_in_use` taken just before the step for the total high-water mark.
+it: add :func:`bytes_in_use` taken just before the step for the total high-water mark. The
+profiler reports a free only on a thread that runs under it: a tensor whose last reference a
+collective's worker thread (gloo's) drops is freed unreported. An allocation at an address the
+running sum still holds proves that free happened, so it is counted there, before the new block.
 
 ``bytes_in_use``: glibc's ``mallinfo2()``: bytes of every live ``malloc`` block (arena and
 mmapped), whoever allocated them (c10's CPU allocator, Python, gloo, Inductor's runtime).
@@ -30,17 +33,34 @@ def profile_step(
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = list(prof.profiler.kineto_results.events())
-    memory = sorted(
-        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type().name == "CPU"
-    )
     running = peak = 0
-    for _, nbytes in memory:
-        running += nbytes
+    held: dict[int, int] = {}  # address -> bytes of the blocks allocated during the call, not freed
+    for _, ptr, nbytes in _cpu_allocations(prof.profiler.kineto_results.experimental_event_tree()):
+        if nbytes > 0:
+            running += nbytes - held.pop(ptr, 0)  # a live address again: its free went unreported
+            held[ptr] = nbytes
+        else:
+            running += nbytes
+            held.pop(ptr, None)
         peak = max(peak, running)
     names = Counter(e.name() for e in events if count_prefixes and e.name().startswith(count_prefixes))
     if on_profile is not None:
         on_profile(prof)
     return peak, dict(names)
+
+
+def _cpu_allocations(roots) -> list[tuple[int, int, int]]:
+    """(time, address, +bytes or -bytes) of every CPU allocation and free in the profiler's
+    event trees, in time order."""
+    from torch._C._profiler import _EventType
+
+    out, stack = [], list(roots)
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            out.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
+    return sorted(out)
 
 
 class _MallInfo2(ctypes.Structure):
