@@ -37,26 +37,6 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _allocations(prof) -> list[tuple[int, int, int, str]]:
-    """-> [(time ns, address, +bytes / -bytes, enclosing op names)] of the profiled CPU allocator
-    events, in time order."""
-    out = []
-
-    def walk(node, names):
-        kind, fields = node.typed
-        if kind.name == "Allocation":
-            if fields.device.type == "cpu":
-                out.append((node.start_time_ns, fields.ptr, fields.alloc_size, names))
-            return
-        for child in node.children:
-            walk(child, names + (node.name,))
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root, ())
-    out.sort(key=lambda a: a[0])
-    return out
-
-
 PHASE_RANGES = ("forward", "backward", "optimizer")  # measure.train_step's phase names
 
 
@@ -120,6 +100,7 @@ def _worker(rank: int, world: int, name: str, model_name: str, steps: int, depth
 
     import measure
     import systems
+    from fsdp_compile import torch_private
     from fsdp_compile.testing.gpt import gpt_batch
     from fsdp_compile.testing.memory import bytes_in_use, profile_step
 
@@ -141,7 +122,7 @@ def _worker(rank: int, world: int, name: str, model_name: str, steps: int, depth
     held["+ optimizer state, compiled code, caches: steady"] = bytes_in_use()
     profiles = []  # step.py's profiler settings, so the peak is the one its table shows
     profile_step(lambda: one_step(steps - 1), on_profile=profiles.append)
-    return _held(held) + "\n" + analyse(_allocations(profiles[0]), depth, big_mib)
+    return _held(held) + "\n" + analyse(torch_private.profiled_cpu_allocations(profiles[0]), depth, big_mib)
 
 
 def _held(held: dict) -> str:

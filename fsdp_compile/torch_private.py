@@ -41,7 +41,7 @@ __all__ = [
     "tree_map", "tree_leaves", "TorchDispatchMode", "storage_id", "pop_dispatch_mode_temporarily",
     "remove_shared_forward_hooks", "root_mesh", "mesh_dim_group_name", "dynamo_scope_id", "skip_code_as_frame", "apply_activation_checkpointing",
     "local_tensor", "set_local_tensor", "set_dtensor_placement", "strided_shard", "concatenate_meshes",
-    "flatten_mesh",
+    "flatten_mesh", "profiled_events", "profiled_cpu_allocations",
 ]
 
 # ---- process groups (c10d) ------------------------------------------------------------------
@@ -327,3 +327,30 @@ def flatten_mesh(mesh):
     """``mesh`` as one 1-D mesh over all its ranks (its group holds every rank). No public
     replacement."""
     return mesh._flatten()
+
+
+# ---- profiler -------------------------------------------------------------------------------
+def profiled_events(prof) -> list:
+    """The raw events a finished ``torch.profiler.profile`` recorded (each with ``name()``). The
+    public ``prof.events()`` builds the whole function-event tree, far slower. No public
+    replacement."""
+    return list(prof.profiler.kineto_results.events())
+
+
+def profiled_cpu_allocations(prof) -> list[tuple[int, int, int, tuple[str, ...]]]:
+    """``(time ns, address, +bytes allocated / -bytes freed, names of the enclosing ops)`` of every
+    CPU allocator event a ``profile(profile_memory=True)`` recorded, in time order. The public
+    ``[memory]`` events carry no address, which telling a reused block from a new one needs. No
+    public replacement."""
+    out = []
+    stack = [(root, ()) for root in prof.profiler.kineto_results.experimental_event_tree()]
+    while stack:
+        node, names = stack.pop()
+        kind, fields = node.typed
+        if kind.name == "Allocation":
+            if fields.device.type == "cpu":
+                out.append((node.start_time_ns, fields.ptr, fields.alloc_size, names))
+            continue
+        stack.extend((child, names + (node.name,)) for child in node.children)
+    out.sort(key=lambda a: a[0])
+    return out

@@ -339,3 +339,19 @@ def test_meshes_and_dtensor_internals():
         assert dt.device_mesh is mesh and dt.placements == (placement, Shard(0)) and dt.shape == (8,)
         tp.set_dtensor_placement(dt, mesh["tp"], [Replicate()])
         assert dt.placements == (Replicate(),)
+
+
+def test_profiled_events_and_cpu_allocations_with_addresses():
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.ones(1000)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y = x + 1
+        del y
+    assert "aten::add" in {e.name() for e in tp.profiled_events(prof)}
+    allocations = tp.profiled_cpu_allocations(prof)
+    sizes = [(ptr, nbytes) for _, ptr, nbytes, _ in allocations]
+    ((ptr, _),) = [(p, n) for p, n in sizes if n == 4000]  # y's storage, under aten::add
+    assert (ptr, -4000) in sizes, "its free at the same address"
+    assert [t for t, _, _, _ in allocations] == sorted(t for t, _, _, _ in allocations)
+    assert any("aten::add" in names for _, p, n, names in allocations if p == ptr and n == 4000)

@@ -20,6 +20,8 @@ import functools
 from collections import Counter
 from typing import Any, Callable, Optional
 
+from fsdp_compile import torch_private
+
 
 def profile_step(
     fn: Callable[[], Any],
@@ -32,10 +34,10 @@ def profile_step(
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = list(prof.profiler.kineto_results.events())
+    events = torch_private.profiled_events(prof)
     running = peak = 0
     held: dict[int, int] = {}  # address -> bytes of the blocks allocated during the call, not freed
-    for _, ptr, nbytes in _cpu_allocations(prof.profiler.kineto_results.experimental_event_tree()):
+    for _, ptr, nbytes, _ in torch_private.profiled_cpu_allocations(prof):
         if nbytes > 0:
             running += nbytes - held.pop(ptr, 0)  # a live address again: its free went unreported
             held[ptr] = nbytes
@@ -48,19 +50,6 @@ def profile_step(
         on_profile(prof)
     return peak, dict(names)
 
-
-def _cpu_allocations(roots) -> list[tuple[int, int, int]]:
-    """(time, address, +bytes or -bytes) of every CPU allocation and free in the profiler's
-    event trees, in time order."""
-    from torch._C._profiler import _EventType
-
-    out, stack = [], list(roots)
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            out.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
-    return sorted(out)
 
 
 class _MallInfo2(ctypes.Structure):
