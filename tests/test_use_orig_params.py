@@ -622,9 +622,9 @@ def no_sync_case(rank, strategy, mode, param_dtype):
 def empty_shards(rank, strategy, mode):
     """Parameters of dim 0 = 1: on rank 1 every shard is empty (FULL_SHARD, SHARD_GRAD_OP);
     foreach Adam, AdamW and SGD with momentum train it like DDP. Eagerly over 1,000 parameters;
-    compiled over 40 (the optimizers run eagerly either way, and compile time grows with the
+    compiled over 20 (the optimizers run eagerly either way, and compile time grows with the
     number of parameters read per unit)."""
-    n_linear = 500 if mode == "eager" else 20
+    n_linear = 500 if mode == "eager" else 10
     model, run, ddp, _ = _build(strategy, mode, lambda: ManyTiny(n_linear))
     params = list(model.parameters())
     assert len(params) == 2 * n_linear
