@@ -5,7 +5,7 @@ References: DDP over all four ranks (float64, same data per rank, gradient accum
 ``no_sync``), a hand-written bf16 reference for mixed precision, and the checkpoint's own full
 state for resharding (2 x 2 -> 1 x 3 -> a plain 1-D world of 2). One spawn per world size runs
 every case; each case returns plain data or its traceback, and the parent asserts. A world-4
-spawn of its own (slow) compiles HYBRID_SHARD_ZERO2.
+spawn of its own (slow) compiles HYBRID_SHARD_ZERO2 and the bf16 case.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ from fsdp_compile.testing.reference import manual_mixed_precision
 from fsdp_compile.testing.spawn import case_result, error_text, run_case, run_ranks
 
 CFG = GPTConfig(vocab=37, dim=16, layers=2, heads=2, seq=8)  # 37 rows: 19 + 18 per shard rank
-MODES = ("eager", "aot_eager")
 # (strategy, mode) runs of parity(): both strategies eagerly, HYBRID_SHARD compiled; the second
-# strategy compiled (the same passes, without backward regathers) in a slow spawn of its own
+# strategy compiled (the same passes, without backward regathers) in a slow spawn of its own,
+# world4_slow, with the compiled bf16 case
 CASES = (("HYBRID_SHARD", "eager"), ("HYBRID_SHARD", "aot_eager"), ("HYBRID_SHARD_ZERO2", "eager"))
 SLOW_CASES = (("HYBRID_SHARD_ZERO2", "aot_eager"),)
 STEPS = 3
@@ -109,13 +109,13 @@ def parity(rank, cases=CASES):
     return out
 
 
-def mixed_precision(rank, world):
-    # a no_sync micro-batch in every step, accumulated in the reduce dtype (fp32): compiled, the
-    # no_sync graph and the sync graph after it (parity's runs compile the first step's too)
+def mixed_precision(rank, world, modes=("eager",)):
+    # a no_sync micro-batch in every step, accumulated in the reduce dtype (fp32): compiled (the
+    # slow spawn), the no_sync graph and the sync graph after it
     out = {"reference": manual_mixed_precision(
         _seeded(torch.float32), param_groups, lambda step: [_batch(step, rank, 1), _batch(step, rank)], STEPS,
     )}
-    for mode in MODES:
+    for mode in modes:
         model = _hybrid("HYBRID_SHARD", BF16, torch.float32)
         run = _compile(model, mode)
         out[mode] = (_train(run, model, rank, sync_only_first=False)[0], _full(model))
@@ -201,9 +201,18 @@ def world4(tmp_path_factory):
     return tmp, run_ranks(world4_cases, 4, str(tmp), timeout=900)
 
 
-def slow_parity(rank, world):
+def world4_slow_cases(rank, world):
+    """The compiled combinations the default spawn leaves out: HYBRID_SHARD_ZERO2 and bf16."""
     torch.set_num_threads(1)
-    return {"parity": run_case(lambda: parity(rank, SLOW_CASES))}
+    return {
+        "parity": run_case(lambda: parity(rank, SLOW_CASES)),
+        "mixed_precision": run_case(lambda: mixed_precision(rank, world, modes=("aot_eager",))),
+    }
+
+
+@pytest.fixture(scope="module")
+def world4_slow():
+    return run_ranks(world4_slow_cases, 4, timeout=900)
 
 
 
@@ -274,11 +283,10 @@ def test_compiled_graphs_gather_on_the_shard_group_and_reduce_on_both(world4):
     _assert_compiled_graphs(world4[1], "HYBRID_SHARD")
 
 
-@pytest.mark.slow  # a world-4 spawn of its own for HYBRID_SHARD_ZERO2's three compiled graphs
-def test_hybrid_zero2_compiled_trains_like_ddp_and_never_regathers_in_backward():
-    results = run_ranks(slow_parity, 4, timeout=900)
-    _assert_trains_like_ddp(results, SLOW_CASES)
-    _assert_compiled_graphs(results, "HYBRID_SHARD_ZERO2")
+@pytest.mark.slow  # world4_slow: a world-4 spawn of its own
+def test_hybrid_zero2_compiled_trains_like_ddp_and_never_regathers_in_backward(world4_slow):
+    _assert_trains_like_ddp(world4_slow, SLOW_CASES)
+    _assert_compiled_graphs(world4_slow, "HYBRID_SHARD_ZERO2")
 
 
 def test_explain_names_the_group_of_each_collective(world4):
@@ -289,16 +297,26 @@ def test_explain_names_the_group_of_each_collective(world4):
     assert "on replicate group" in text and "on shard group" in text
 
 
-def test_mixed_precision_hybrid_matches_a_hand_written_bf16_reference(world4):
-    for rank, result in enumerate(world4[1]):
+def _assert_mixed_precision(results, modes):
+    for rank, result in enumerate(results):
         out = case_result(result["mixed_precision"])
         ref_losses, ref_params = out["reference"]
-        for mode in MODES:
+        for mode in modes:
             losses, params = out[mode]
             what = f"rank {rank} bf16 {mode}"
             assert_close(losses, ref_losses, msg=lambda m: f"{what} losses: {m}")
             assert all(p.dtype == torch.float32 for p in params.values()), what
             _assert_params(params, ref_params, what)
+
+
+def test_mixed_precision_hybrid_matches_a_hand_written_bf16_reference(world4):
+    """Eagerly; compiled: the slow test below."""
+    _assert_mixed_precision(world4[1], ("eager",))
+
+
+@pytest.mark.slow  # world4_slow: a world-4 spawn of its own
+def test_compiled_mixed_precision_hybrid_matches_a_hand_written_bf16_reference(world4_slow):
+    _assert_mixed_precision(world4_slow, ("aot_eager",))
 
 
 def test_ranks_out_of_step_raise_on_every_rank_of_both_groups(world4):
