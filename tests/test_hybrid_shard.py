@@ -4,7 +4,8 @@ Ranks [[0, 1], [2, 3]]: shard groups {0, 1} and {2, 3}, replicate groups {0, 2} 
 References: DDP over all four ranks (float64, same data per rank, gradient accumulation with
 ``no_sync``), a hand-written bf16 reference for mixed precision, and the checkpoint's own full
 state for resharding (2 x 2 -> 1 x 3 -> a plain 1-D world of 2). One spawn per world size runs
-every case; each case returns plain data or its traceback, and the parent asserts.
+every case; each case returns plain data or its traceback, and the parent asserts. A world-4
+spawn of its own (slow) compiles HYBRID_SHARD_ZERO2 and the bf16 case.
 """
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ from fsdp_compile.testing.reference import manual_mixed_precision
 from fsdp_compile.testing.spawn import case_result, error_text, run_case, run_ranks
 
 CFG = GPTConfig(vocab=37, dim=16, layers=2, heads=2, seq=8)  # 37 rows: 19 + 18 per shard rank
-HYBRID = ("HYBRID_SHARD", "HYBRID_SHARD_ZERO2")
-MODES = ("eager", "aot_eager")
+# (strategy, mode) runs of parity(): both strategies eagerly, HYBRID_SHARD compiled; the second
+# strategy compiled (the same passes, without backward regathers) in a slow spawn of its own,
+# world4_slow, with the compiled bf16 case
+CASES = (("HYBRID_SHARD", "eager"), ("HYBRID_SHARD", "aot_eager"), ("HYBRID_SHARD_ZERO2", "eager"))
+SLOW_CASES = (("HYBRID_SHARD_ZERO2", "aot_eager"),)
 STEPS = 3
 BF16 = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
@@ -81,38 +85,37 @@ def _compile(model, mode):
 
 
 # ---- world 4 -----------------------------------------------------------------------------------
-def parity(rank):
+def parity(rank, cases=CASES):
     ddp = DDP(_seeded())
     out = {"ddp": (_train(ddp, ddp, rank)[0], {n: p.detach().clone() for n, p in ddp.module.named_parameters()})}
-    for strategy in HYBRID:
-        for mode in MODES:
-            model = _hybrid(strategy)
-            run = _compile(model, mode)
-            losses, _ = _train(run, model, rank)
-            info = fsdp_compile.sharding_info(model)
-            out[(strategy, mode)] = {
-                "losses": losses,
-                "params": _full(model),
-                "strategies": {u.strategy.name for u in info.units},
-                # gloo_worker.py: both groups' collectives run one at a time, on one-worker twins
-                "worker_threads": {
-                    (worker_threads(u.spec.group_name), worker_threads(u.spec.replicate_group_name))
-                    for u in info.units
-                },
-                "schedules": [dict(r.schedules) for r in info.compiled_graphs],
-                "modes": [[g.mode for g in r.gathers] for r in info.compiled_graphs],
-                "explain": fsdp_compile.explain(run) if rank == 0 and mode != "eager" else "",
-            }
+    for strategy, mode in cases:
+        model = _hybrid(strategy)
+        run = _compile(model, mode)
+        losses, _ = _train(run, model, rank)
+        info = fsdp_compile.sharding_info(model)
+        out[(strategy, mode)] = {
+            "losses": losses,
+            "params": _full(model),
+            "strategies": {u.strategy.name for u in info.units},
+            # gloo_worker.py: both groups' collectives run one at a time, on one-worker twins
+            "worker_threads": {
+                (worker_threads(u.spec.group_name), worker_threads(u.spec.replicate_group_name))
+                for u in info.units
+            },
+            "schedules": [dict(r.schedules) for r in info.compiled_graphs],
+            "modes": [[g.mode for g in r.gathers] for r in info.compiled_graphs],
+            "explain": fsdp_compile.explain(run) if rank == 0 and mode != "eager" else "",
+        }
     return out
 
 
-def mixed_precision(rank, world):
-    # a no_sync micro-batch in every step, accumulated in the reduce dtype (fp32): compiled, the
-    # no_sync graph and the sync graph after it (parity's runs compile the first step's too)
+def mixed_precision(rank, world, modes=("eager",)):
+    # a no_sync micro-batch in every step, accumulated in the reduce dtype (fp32): compiled (the
+    # slow spawn), the no_sync graph and the sync graph after it
     out = {"reference": manual_mixed_precision(
         _seeded(torch.float32), param_groups, lambda step: [_batch(step, rank, 1), _batch(step, rank)], STEPS,
     )}
-    for mode in MODES:
+    for mode in modes:
         model = _hybrid("HYBRID_SHARD", BF16, torch.float32)
         run = _compile(model, mode)
         out[mode] = (_train(run, model, rank, sync_only_first=False)[0], _full(model))
@@ -198,6 +201,20 @@ def world4(tmp_path_factory):
     return tmp, run_ranks(world4_cases, 4, str(tmp), timeout=900)
 
 
+def world4_slow_cases(rank, world):
+    """The compiled combinations the default spawn leaves out: HYBRID_SHARD_ZERO2 and bf16."""
+    torch.set_num_threads(1)
+    return {
+        "parity": run_case(lambda: parity(rank, SLOW_CASES)),
+        "mixed_precision": run_case(lambda: mixed_precision(rank, world, modes=("aot_eager",))),
+    }
+
+
+@pytest.fixture(scope="module")
+def world4_slow():
+    return run_ranks(world4_slow_cases, 4, timeout=900)
+
+
 
 def _assert_params(got, want, what):
     assert got.keys() == want.keys(), what
@@ -205,57 +222,71 @@ def _assert_params(got, want, what):
         assert_close(got[name], value, msg=lambda m: f"{what}: {name}: {m}")
 
 
-def test_both_hybrid_strategies_train_like_ddp_over_the_whole_world_eager_and_compiled(world4):
-    for rank, result in enumerate(world4[1]):
+def _assert_trains_like_ddp(results, cases):
+    for rank, result in enumerate(results):
         out = case_result(result["parity"])
         ddp_losses, ddp_params = out["ddp"]
-        for strategy in HYBRID:
-            for mode in MODES:
-                got = out[(strategy, mode)]
-                what = f"rank {rank} {strategy} {mode}"
-                assert got["strategies"] == {strategy}, what
-                assert got["worker_threads"] == {(1, 1)}, what
-                assert_close(got["losses"], ddp_losses, msg=lambda m: f"{what} losses: {m}")
-                _assert_params(got["params"], ddp_params, what)
+        for strategy, mode in cases:
+            got = out[(strategy, mode)]
+            what = f"rank {rank} {strategy} {mode}"
+            assert got["strategies"] == {strategy}, what
+            assert got["worker_threads"] == {(1, 1)}, what
+            assert_close(got["losses"], ddp_losses, msg=lambda m: f"{what} losses: {m}")
+            _assert_params(got["params"], ddp_params, what)
     # Four different data streams: every rank's losses differ.
-    assert len({tuple(case_result(r["parity"])["ddp"][0].tolist()) for r in world4[1]}) == 4
+    assert len({tuple(case_result(r["parity"])["ddp"][0].tolist()) for r in results}) == 4
+
+
+def test_both_hybrid_strategies_train_like_ddp_over_the_whole_world_eager_and_compiled(world4):
+    """Both strategies eagerly, HYBRID_SHARD compiled; HYBRID_SHARD_ZERO2 compiled: the slow
+    test_hybrid_zero2_compiled_trains_like_ddp_and_never_regathers_in_backward."""
+    _assert_trains_like_ddp(world4[1], CASES)
 
 
 def _kinds(schedule):
     return [(c.kind, c.group) for c in schedule]
 
 
-def test_compiled_graphs_gather_on_the_shard_group_and_reduce_on_both(world4):
+def _assert_compiled_graphs(results, strategy):
     """Per unit (3: the root and two blocks): forward 1 all-gather on the shard group; backward
     1 reduce-scatter on the shard group, then 1 all-reduce of the reduced shard (a shard_size-th
     of its input) on the replicate group, plus the regather of each block for HYBRID_SHARD (the
     root stays gathered from forward to backward, as FSDP2's). A no_sync graph's backward
     communicates on neither group."""
     ag, rs, ar = "all_gather_into_tensor", REDUCE_SCATTER, "all_reduce"
-    for rank, result in enumerate(world4[1]):
+    for rank, result in enumerate(results):
         out = case_result(result["parity"])
-        for strategy in HYBRID:
-            got = out[(strategy, "aot_eager")]
-            graphs = dict(zip(map(tuple, got["modes"]), got["schedules"]))
-            sync = graphs[(0, 0, 0)]
-            assert _kinds(sync["forward"]) == [(ag, "shard")] * 3, (rank, strategy)
-            backward = sync["backward"]
-            reductions = [c for c in backward if c.kind != ag]
-            assert _kinds(reductions) == [(rs, "shard"), (ar, "replicate")] * 3, (rank, strategy)
-            for scatter, allreduce in zip(reductions[::2], reductions[1::2]):
-                assert allreduce.input_bytes * 2 == scatter.input_bytes
-            regathers = [c for c in backward if c.kind == ag]
-            assert all(c.group == "shard" for c in regathers)
-            if strategy == "HYBRID_SHARD":
-                # both blocks; the root stays gathered from forward (keep_root_gathered)
-                assert len(regathers) == 2, (rank, strategy, _kinds(backward))
-            else:
-                assert regathers == [], (rank, strategy)
-            no_sync = graphs[(1, 1, 1)]
-            assert _kinds(no_sync["forward"]) == [(ag, "shard")] * 3
-            assert [c for c in no_sync["backward"] if c.kind != ag] == []
-            pending = graphs[(2, 2, 2)]  # the sync micro-batch after no_sync: reduces once
-            assert _kinds([c for c in pending["backward"] if c.kind != ag]) == [(rs, "shard"), (ar, "replicate")] * 3
+        got = out[(strategy, "aot_eager")]
+        graphs = dict(zip(map(tuple, got["modes"]), got["schedules"]))
+        sync = graphs[(0, 0, 0)]
+        assert _kinds(sync["forward"]) == [(ag, "shard")] * 3, (rank, strategy)
+        backward = sync["backward"]
+        reductions = [c for c in backward if c.kind != ag]
+        assert _kinds(reductions) == [(rs, "shard"), (ar, "replicate")] * 3, (rank, strategy)
+        for scatter, allreduce in zip(reductions[::2], reductions[1::2]):
+            assert allreduce.input_bytes * 2 == scatter.input_bytes
+        regathers = [c for c in backward if c.kind == ag]
+        assert all(c.group == "shard" for c in regathers)
+        if strategy == "HYBRID_SHARD":
+            # both blocks; the root stays gathered from forward (keep_root_gathered)
+            assert len(regathers) == 2, (rank, strategy, _kinds(backward))
+        else:
+            assert regathers == [], (rank, strategy)
+        no_sync = graphs[(1, 1, 1)]
+        assert _kinds(no_sync["forward"]) == [(ag, "shard")] * 3
+        assert [c for c in no_sync["backward"] if c.kind != ag] == []
+        pending = graphs[(2, 2, 2)]  # the sync micro-batch after no_sync: reduces once
+        assert _kinds([c for c in pending["backward"] if c.kind != ag]) == [(rs, "shard"), (ar, "replicate")] * 3
+
+
+def test_compiled_graphs_gather_on_the_shard_group_and_reduce_on_both(world4):
+    _assert_compiled_graphs(world4[1], "HYBRID_SHARD")
+
+
+@pytest.mark.slow  # world4_slow: a world-4 spawn of its own
+def test_hybrid_zero2_compiled_trains_like_ddp_and_never_regathers_in_backward(world4_slow):
+    _assert_trains_like_ddp(world4_slow, SLOW_CASES)
+    _assert_compiled_graphs(world4_slow, "HYBRID_SHARD_ZERO2")
 
 
 def test_explain_names_the_group_of_each_collective(world4):
@@ -266,16 +297,26 @@ def test_explain_names_the_group_of_each_collective(world4):
     assert "on replicate group" in text and "on shard group" in text
 
 
-def test_mixed_precision_hybrid_matches_a_hand_written_bf16_reference(world4):
-    for rank, result in enumerate(world4[1]):
+def _assert_mixed_precision(results, modes):
+    for rank, result in enumerate(results):
         out = case_result(result["mixed_precision"])
         ref_losses, ref_params = out["reference"]
-        for mode in MODES:
+        for mode in modes:
             losses, params = out[mode]
             what = f"rank {rank} bf16 {mode}"
             assert_close(losses, ref_losses, msg=lambda m: f"{what} losses: {m}")
             assert all(p.dtype == torch.float32 for p in params.values()), what
             _assert_params(params, ref_params, what)
+
+
+def test_mixed_precision_hybrid_matches_a_hand_written_bf16_reference(world4):
+    """Eagerly; compiled: the slow test below."""
+    _assert_mixed_precision(world4[1], ("eager",))
+
+
+@pytest.mark.slow  # world4_slow: a world-4 spawn of its own
+def test_compiled_mixed_precision_hybrid_matches_a_hand_written_bf16_reference(world4_slow):
+    _assert_mixed_precision(world4_slow, ("aot_eager",))
 
 
 def test_ranks_out_of_step_raise_on_every_rank_of_both_groups(world4):
