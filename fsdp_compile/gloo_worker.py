@@ -43,6 +43,7 @@ collective (ARCHITECTURE.md, lessons).
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 from typing import Optional
 
@@ -119,15 +120,10 @@ def _gloo_options(group: dist.ProcessGroup):
         return None
 
 
-_exit_release_registered = False
-
-
+@functools.cache
 def _release_at_exit() -> None:
     """Register ``release_before_exit`` with ``atexit`` (once per process)."""
-    global _exit_release_registered
-    if not _exit_release_registered:
-        atexit.register(release_before_exit)
-        _exit_release_registered = True
+    atexit.register(release_before_exit)
 
 
 def release_before_exit() -> None:

@@ -2,9 +2,10 @@
 
 Every behaviour runs for FULL_SHARD, SHARD_GRAD_OP and NO_SHARD, eagerly and under
 ``torch.compile`` (``fsdp_compile.backend(inner="aot_eager")``; behaviour 1 also with the default
-Inductor backend: FULL_SHARD by default, the other strategies in the slow run). The independent reference is ``DistributedDataParallel`` over a deepcopy of the
-same seeded model fed the same per-rank data (DDP averages gradients over ranks, as we do), or the
-reference's dim-0 rows where a shard is compared. Exact numbers: ``torch.testing.assert_close``
+Inductor backend: FULL_SHARD by default, the other strategies in the slow run). The independent
+reference is ``DistributedDataParallel`` over a deepcopy of the same seeded model fed the same
+per-rank data (DDP averages gradients over ranks, as we do), or the reference's dim-0 rows where
+a shard is compared. Exact numbers: ``torch.testing.assert_close``
 with its defaults in eager mode, ``rtol=1e-4, atol=1e-5`` compiled.
 
 To keep the suite fast, one spawn (a module-scoped fixture) runs every case of every selected

@@ -13,10 +13,10 @@ buffers and optimizer state):
 - graph inputs that are parameters' shards or the batch are not counted (steady state / caller's);
 - the last graph's forward returns the gathered tensors of a unit still open when it ends (the
   root unit, kept gathered into backward; every block of a per-block compile): its post-forward
-  hook runs after the graph, and drops them. Those the backward does not read are freed there; and since nothing reads them after
-  the graph, autograd materializes their gradients as zeros of the gathered shapes before that
-  graph's backward runs (``returned_gathered``), which the backward adds to the parameters'
-  gradients, freeing each after its last use.
+  hook runs after the graph and drops them, so those the backward does not read are freed
+  there. Since nothing reads them after the graph, autograd materializes their gradients as
+  zeros of the gathered shapes before that graph's backward runs (``returned_gathered``); the
+  backward adds them to the parameters' gradients and frees each after its last use.
 
 So the curve holds, at every node: gathered units in flight (prefetch included: the reorder pass
 issued them early), activations saved for backward, reduce buffers, and gradients produced so

@@ -365,14 +365,14 @@ def _walk(records, gloo: bool) -> tuple[Timeline, list]:
             raise RuntimeError("fsdp_compile.estimate: a compiled graph has no forward graph (nothing was traced)")
         walk_graph(record.forward, "forward", live, timeline, free_inputs=False, gloo_temporaries=gloo)
         schedule += [("forward", c) for c in record.schedules.get("forward", [])]
-    for i, record in enumerate(reversed(records)):
-        if record.backward is None:
-            raise RuntimeError("fsdp_compile.estimate: a compiled graph's backward did not run (no loss gradient?)")
-        if i == 0:  # the gathered tensors the last graph returns (memory.py): dropped, zero gradients
-            unread, zeros = returned_gathered(record.forward, record.backward)
-            for key in unread:
-                live.pop(key, None)
-            live.update(zeros)
+    if any(record.backward is None for record in records):
+        raise RuntimeError("fsdp_compile.estimate: a compiled graph's backward did not run (no loss gradient?)")
+    if records:  # the gathered tensors the last graph returns (memory.py): dropped, zero gradients live
+        unread, zeros = returned_gathered(records[-1].forward, records[-1].backward)
+        for key in unread:
+            live.pop(key, None)
+        live.update(zeros)
+    for record in reversed(records):
         walk_graph(record.backward, "backward", live, timeline, free_inputs=True, gloo_temporaries=gloo)
         schedule += [("backward", c) for c in record.schedules.get("backward", [])]
     end = timeline.points[-1].bytes if timeline.points else 0

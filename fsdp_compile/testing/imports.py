@@ -66,7 +66,10 @@ assert not any(ours(m) for m in sys.modules), "an outside module imported fsdp_c
 
 
 def first_import(name):
-    return lambda: (__import__(name), sys.modules[name].__name__)[1]
+    def body():
+        __import__(name)
+        return sys.modules[name].__name__
+    return body
 
 
 print(json.dumps({name: in_a_child(first_import(name)) for name in names}))

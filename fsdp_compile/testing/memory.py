@@ -51,7 +51,6 @@ def profile_step(
     return peak, dict(names)
 
 
-
 class _MallInfo2(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_size_t)
