@@ -5,9 +5,8 @@ and reentrant), ``apply_activation_checkpointing`` (``checkpoint_wrapper``), sel
 checkpointing (``create_selective_checkpoint_contexts``) and a region inside a unit. Each is
 trained for every strategy, eagerly and compiled (``aot_eager``; FULL_SHARD also Inductor), and
 compared with DDP running the same checkpointing on a copy of the model (float64, so every
-difference is a bug, not rounding). One spawn runs every default case; the parent asserts.
-NO_SHARD runs with non-reentrant checkpointing by default, with the other kinds under the slow
-marker.
+difference is a bug, not rounding). One spawn runs every default case, another the slow ones
+(``_in_default_run``); the parent asserts.
 """
 from __future__ import annotations
 
@@ -122,32 +121,34 @@ def _backward_gathers(model, rank):
     return dict(calls)
 
 
-def ac_cases(rank: int, world: int, cases: list) -> dict:
+BACKENDS = {"eager": None, "aot_eager": fsdp_compile.backend(inner="aot_eager"), "inductor": "fsdp_compile"}
+
+
+def ac_cases(rank: int, world: int, runs: list[tuple[str, str, str]]) -> dict:
+    """Each ``(kind, strategy, mode)`` of ``runs`` trained (``mode``: a key of ``BACKENDS``),
+    and DDP with the same checkpointing: ``{(kind, strategy, mode): result | traceback}``."""
     torch._dynamo.config.cache_size_limit = 64
     out = {}
-    for kind in dict.fromkeys(k for k, _ in cases):
+    for kind in dict.fromkeys(k for k, _, _ in runs):
         ref = DDP(build(kind))
         ddp = {"losses": _train(ref, ref, rank), "params": {n: p.detach().clone() for n, p in ref.module.named_parameters()}}
-        for strategy in [s for k, s in cases if k == kind]:
-            backends = {"eager": None, "aot_eager": fsdp_compile.backend(inner="aot_eager")}
-            if strategy == "FULL_SHARD" and kind in ("nonreentrant", "wrapper"):
-                backends["inductor"] = "fsdp_compile"
-            for mode, backend in backends.items():
-                key = (kind, strategy, mode)
-                try:
-                    model = fully_shard(build(kind), policy={Block}, strategy=strategy)
-                    torch._dynamo.reset()
-                    torch._dynamo.utils.counters.clear()
-                    forward = model if backend is None else torch.compile(model, backend=backend, fullgraph=True)
-                    result = {"ddp": ddp, "losses": _train(model, forward, rank), "params": _full_params(model)}
-                    if backend is None:
-                        result["gathers"] = _backward_gathers(model, rank)
-                    else:
-                        result["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
-                        result["structure"] = _graph_structure(model)
-                    out[key] = result
-                except Exception:  # noqa: BLE001 -- reported by the parent
-                    out[key] = traceback.format_exc()
+        for key in [run for run in runs if run[0] == kind]:
+            _, strategy, mode = key
+            backend = BACKENDS[mode]
+            try:
+                model = fully_shard(build(kind), policy={Block}, strategy=strategy)
+                torch._dynamo.reset()
+                torch._dynamo.utils.counters.clear()
+                forward = model if backend is None else torch.compile(model, backend=backend, fullgraph=True)
+                result = {"ddp": ddp, "losses": _train(model, forward, rank), "params": _full_params(model)}
+                if backend is None:
+                    result["gathers"] = _backward_gathers(model, rank)
+                else:
+                    result["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
+                    result["structure"] = _graph_structure(model)
+                out[key] = result
+            except Exception:  # noqa: BLE001 -- reported by the parent
+                out[key] = traceback.format_exc()
     return out
 
 
@@ -156,26 +157,52 @@ def _graph_structure(model) -> dict:
     return {"units": len(info.units), **graph_structure(info.compiled_graphs[0])}
 
 
-ALL_CASES = [(k, s) for k in KINDS for s in STRATEGIES]
-# NO_SHARD all-reduces and never regathers, so one checkpointing kind covers it in the default run;
-# the other kinds' NO_SHARD cases run under the slow marker, in a spawn of their own.
-SLOW_CASES = [(k, "NO_SHARD") for k in KINDS if k != "nonreentrant"]
-CASES = [pytest.param(k, s, marks=pytest.mark.slow) if (k, s) in SLOW_CASES else (k, s) for k, s in ALL_CASES]
+# Every kind, strategy and mode; Inductor compiles FULL_SHARD with a checkpointing function and
+# with checkpoint_wrapper.
+RUNS = [(k, s, m) for k in KINDS for s in STRATEGIES for m in ("eager", "aot_eager")] + [
+    ("nonreentrant", "FULL_SHARD", "inductor"), ("wrapper", "FULL_SHARD", "inductor"),
+]
+
+
+def _in_default_run(kind: str, strategy: str, mode: str) -> bool:
+    """Every kind eagerly with FULL_SHARD and SHARD_GRAD_OP, and compiled (aot_eager) with
+    FULL_SHARD; non-reentrant checkpointing in every strategy and both modes. The rest runs under
+    the slow marker, in a spawn of its own: NO_SHARD all-reduces and never regathers, and
+    SHARD_GRAD_OP's compiled graphs differ from FULL_SHARD's by the regather alone, so one kind
+    covers each; Inductor (the default suite compiles a checkpointed Hugging Face Llama with it in
+    tests/test_hf_models.py)."""
+    if mode == "inductor":
+        return False
+    if kind == "nonreentrant" or strategy == "FULL_SHARD":
+        return True
+    return strategy == "SHARD_GRAD_OP" and mode == "eager"
+
+
+def _params(runs) -> list:
+    """``runs`` as test parameters, marked slow outside the default run and inductor with it."""
+    params = []
+    for run in runs:
+        marks = [] if _in_default_run(*run) else [pytest.mark.slow]
+        if run[2] == "inductor":
+            marks.append(pytest.mark.inductor)
+        params.append(pytest.param(*run, marks=marks))
+    return params
 
 
 @pytest.fixture(scope="module")
 def default_results():
-    return run_ranks(ac_cases, 2, [c for c in ALL_CASES if c not in SLOW_CASES], timeout=900)
+    return run_ranks(ac_cases, 2, [run for run in RUNS if _in_default_run(*run)], timeout=900)
 
 
 @pytest.fixture(scope="module")
 def slow_results():
-    return run_ranks(ac_cases, 2, SLOW_CASES, timeout=900)
+    return run_ranks(ac_cases, 2, [run for run in RUNS if not _in_default_run(*run)], timeout=900)
 
 
-def _results(request, kind: str, strategy: str) -> list:
-    """Every rank's results of the spawn that ran ``(kind, strategy)``."""
-    return request.getfixturevalue("slow_results" if (kind, strategy) in SLOW_CASES else "default_results")
+def _results(request, kind: str, strategy: str, mode: str) -> list[dict]:
+    """Every rank's result of ``(kind, strategy, mode)``, from the spawn that ran it."""
+    fixture = "default_results" if _in_default_run(kind, strategy, mode) else "slow_results"
+    return [_ok(rank_results, (kind, strategy, mode)) for rank_results in request.getfixturevalue(fixture)]
 
 
 def _ok(rank_results, key):
@@ -184,29 +211,28 @@ def _ok(rank_results, key):
     return value
 
 
-@pytest.mark.parametrize("kind,strategy", CASES)
-def test_checkpointed_training_equals_ddp_with_the_same_checkpointing(request, kind, strategy):
-    for rank_results in _results(request, kind, strategy):
-        for mode in ("eager", "aot_eager", "inductor"):
-            if mode == "inductor" and (kind, strategy, mode) not in rank_results:
-                continue  # Inductor runs only where ac_cases says
-            got = _ok(rank_results, (kind, strategy, mode))
-            # eager runs DDP's ops: exact; compiled float64: to rounding (Inductor's losses: to
-            # float32-sized rounding, see test_compiled.INDUCTOR_FLOAT64_LOSS)
-            tol = dict(rtol=0, atol=0) if mode == "eager" else FLOAT64_ROUNDING
-            loss_tol = dict(rtol=1e-6, atol=0) if mode == "inductor" else tol
-            assert_close(got["losses"], got["ddp"]["losses"], **loss_tol, msg=f"{kind} {strategy} {mode} losses")
-            for name, value in got["ddp"]["params"].items():
-                assert_close(got["params"][name], value, **tol, msg=f"{kind} {strategy} {mode} {name}")
+@pytest.mark.parametrize("kind,strategy,mode", _params(RUNS))
+def test_checkpointed_training_equals_ddp_with_the_same_checkpointing(request, kind, strategy, mode):
+    for got in _results(request, kind, strategy, mode):
+        _assert_equals_ddp(got, kind, strategy, mode)
 
 
-@pytest.mark.parametrize("kind,strategy", CASES)
-def test_compiled_checkpointing_keeps_one_gather_and_one_reduce_per_unit(request, kind, strategy):
+def _assert_equals_ddp(got: dict, kind: str, strategy: str, mode: str) -> None:
+    """Eager runs DDP's ops: exact; compiled float64: to rounding (Inductor's losses: to
+    float32-sized rounding, see test_compiled.INDUCTOR_FLOAT64_LOSS)."""
+    tol = dict(rtol=0, atol=0) if mode == "eager" else FLOAT64_ROUNDING
+    loss_tol = dict(rtol=1e-6, atol=0) if mode == "inductor" else tol
+    assert_close(got["losses"], got["ddp"]["losses"], **loss_tol, msg=f"{kind} {strategy} {mode} losses")
+    for name, value in got["ddp"]["params"].items():
+        assert_close(got["params"][name], value, **tol, msg=f"{kind} {strategy} {mode} {name}")
+
+
+@pytest.mark.parametrize("kind,strategy,mode", _params(run for run in RUNS if run[2] == "aot_eager"))
+def test_compiled_checkpointing_keeps_one_gather_and_one_reduce_per_unit(request, kind, strategy, mode):
     """The region's parameter reads are lifted out of it: per unit, forward 1 all-gather;
     backward 1 all-gather (FULL_SHARD only, all units but the root) and 1 reduce-scatter;
     FULL_SHARD saves no block's gathered buffer for backward; no graph break."""
-    for rank_results in _results(request, kind, strategy):
-        got = _ok(rank_results, (kind, strategy, "aot_eager"))
+    for got in _results(request, kind, strategy, mode):
         s = got["structure"]
         n = s["units"]
         assert got["graph_breaks"] == 0

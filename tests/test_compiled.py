@@ -276,15 +276,16 @@ def test_bucketing_merges_all_units_into_one_collective_and_keeps_parity():
 TRITON_STEPS = 3
 
 
-def traced_copies_run(rank: int, world: int, lowering: str) -> dict:
+def traced_copies_run(rank: int, world: int, lowering: str, strategy: str) -> dict:
     """Compiled training with every copy traced the way CUDA graphs hold it, without our copy
-    ops: the passes must find the gather chains from the collectives.
+    ops: the passes must find the gather chains from the collectives. ``strategy``: FULL_SHARD
+    (Inductor for ``"aten"``) or SHARD_GRAD_OP.
 
     - ``"aten"``: every copy decomposed into ATen ops (pad, cat, slicing).
     - ``"triton"``: every copy one ``wrap_triton`` launch of ``triton_traced``'s kernels, exactly
       the graph CUDA gets (Triton's TTIR analysis runs for a sm_80 target); the launches then run
       in Triton's interpreter on the CPU tensors. Inductor cannot compile a Triton launch for CPU
-      tensors, so both strategies use the ``aot_eager`` inner compiler. The interpreter runs
+      tensors, so this lowering uses the ``aot_eager`` inner compiler. The interpreter runs
       each launch's programs one by one in Python (most of this test's time), so this lowering
       trains ``TRITON_STEPS``: every step runs every copy, and the losses and the final
       parameters must equal the eager run's.
@@ -295,7 +296,7 @@ def traced_copies_run(rank: int, world: int, lowering: str) -> dict:
 
     aot_eager = fsdp_compile.backend(inner="aot_eager", copies=lowering)
     inductor = fsdp_compile.backend(copies=lowering)
-    backends = {"FULL_SHARD": inductor if lowering == "aten" else aot_eager, "SHARD_GRAD_OP": aot_eager}
+    backend = inductor if (lowering, strategy) == ("aten", "FULL_SHARD") else aot_eager
     torch.manual_seed(0)
     base = GPT(SMALL)
     out = {}
@@ -304,11 +305,10 @@ def traced_copies_run(rank: int, world: int, lowering: str) -> dict:
             stack.enter_context(compiling_for_cuda())
             stack.enter_context(triton_launches_interpreted())
         steps = TRITON_STEPS if lowering == "triton" else STEPS
-        for strategy, backend in backends.items():
-            eager = _run_variant(base, rank, strategy, None, None, torch.float64, steps)
-            compiled = _run_variant(base, rank, strategy, None, backend, torch.float64, steps)
-            model_graphs = compiled.pop("graphs")
-            out[strategy] = {"eager": eager, "compiled": compiled, "graphs": model_graphs}
+        eager = _run_variant(base, rank, strategy, None, None, torch.float64, steps)
+        compiled = _run_variant(base, rank, strategy, None, backend, torch.float64, steps)
+        model_graphs = compiled.pop("graphs")
+        out[strategy] = {"eager": eager, "compiled": compiled, "graphs": model_graphs}
     return out
 
 
@@ -327,10 +327,17 @@ def _decomposed_graph_facts(model) -> dict:
     return facts
 
 
-# aten: FULL_SHARD compiled by Inductor; triton: most of its time in Triton's interpreter
-@pytest.mark.parametrize("lowering", [pytest.param("aten", marks=pytest.mark.inductor), "triton"])
-def test_traced_copies_keep_structure_prefetch_and_parity(lowering):
-    for res in run_ranks(traced_copies_run, 2, lowering, timeout=900):
+# aten: FULL_SHARD compiled by Inductor; triton: most of its time in Triton's interpreter.
+# SHARD_GRAD_OP (aot_eager) under the slow marker: its graphs are FULL_SHARD's without the
+# backward regather.
+@pytest.mark.parametrize("lowering,strategy", [
+    pytest.param("aten", "FULL_SHARD", marks=pytest.mark.inductor),
+    ("triton", "FULL_SHARD"),
+    pytest.param("aten", "SHARD_GRAD_OP", marks=pytest.mark.slow),
+    pytest.param("triton", "SHARD_GRAD_OP", marks=pytest.mark.slow),
+])
+def test_traced_copies_keep_structure_prefetch_and_parity(lowering, strategy):
+    for res in run_ranks(traced_copies_run, 2, lowering, strategy, timeout=900):
         for strategy, run in res.items():
             g = run["graphs"]
             units = g["units"]

@@ -31,15 +31,21 @@ def _check(out: str, steps: int, mode: str, world: int = 2, strategy: str = "FUL
     assert f"done: {steps} steps" in out
 
 
-@pytest.mark.inductor  # the example's default inner compiler
-def test_torchrun_form_trains_compiled(tmp_path):
-    """Under torchrun, compiled with the example's defaults (Inductor), checkpointed; 2 of its
-    decoder layers instead of 4, which halves what Dynamo traces and Inductor compiles."""
+@pytest.mark.parametrize("inner", [
+    "aot_eager",
+    # the example's default inner compiler; the default suite compiles Hugging Face Llama with
+    # Inductor in tests/test_hf_models.py
+    pytest.param("inductor", marks=[pytest.mark.inductor, pytest.mark.slow]),
+])
+def test_torchrun_form_trains_compiled(tmp_path, inner):
+    """Under torchrun, compiled, saving a DCP checkpoint; 2 of its decoder layers instead of 4,
+    which halves what Dynamo traces and the inner compiler compiles."""
     torchrun = shutil.which("torchrun")
     launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    flags = [] if inner == "inductor" else ["--inner", inner]
     out = _run([*launcher, "--nproc-per-node", "2", "--master-port", str(free_port()), str(EXAMPLE),
-                "--steps", "2", "--layers", "2", "--checkpoint-dir", str(tmp_path / "ckpt")])
-    _check(out, 2, "compiled (inductor)")
+                "--steps", "2", "--layers", "2", *flags, "--checkpoint-dir", str(tmp_path / "ckpt")])
+    _check(out, 2, f"compiled ({inner})")
     assert (tmp_path / "ckpt" / ".metadata").exists()
 
 

@@ -7,8 +7,8 @@ same model in one process, float64, on the global batch (the mean of the dp rank
 and torch's FSDP2 with the same TP plan (float64, and bf16 mixed precision). One spawn runs
 every world-4 case (training, FSDP2, a DCP checkpoint); each case returns plain data or its
 traceback, and the parent asserts. World 2 loads the checkpoint at other layouts and checks bad
-input; world 8 (slow) runs HSDP + TP; world-4 spawns of their own (slow) compile with Inductor and
-compile the bf16 mixed-precision case.
+input; world 8 (slow) runs HSDP + TP; world-4 spawns of their own (slow) compile with Inductor,
+compile the bf16 mixed-precision case and the checkpointed no_sync case.
 """
 from __future__ import annotations
 
@@ -247,21 +247,24 @@ def _restore(model, initial):
             p.copy_(value)
 
 
-def parity(rank):
-    """Every case eagerly; compiled (aot_eager), two models: the FULL_SHARD model's three forward
-    graphs and the two of the one that pulls every lever at once (``sp_levers``, a no_sync
-    micro-batch in every step). Compiled SHARD_GRAD_OP and sequence parallelism are asserted
-    through ``sp_levers``."""
+def parity(rank, eager=True, sp_levers=True, compiled_no_sync=False):
+    """Every case eagerly; compiled (aot_eager): the FULL_SHARD model's graph and the two of the
+    one that pulls every lever at once (``sp_levers``, a no_sync micro-batch in every step).
+    Compiled SHARD_GRAD_OP and sequence parallelism are asserted through ``sp_levers``.
+    ``compiled_no_sync``: the FULL_SHARD model also checkpointed with a no_sync micro-batch in
+    every step (two more graphs; the slow run's spawn, without the other parts)."""
     mesh = _mesh(DP, TP)
     dp_rank = mesh.get_local_rank("dp")
-    out = {(strategy, "eager"): _run(_ours(mesh, strategy), "eager", dp_rank) for strategy in STRATEGIES}
-    out[("sequence_parallel", "eager")] = _run(_ours(mesh, sequence_parallel=True), "eager", dp_rank)
-    model = _ours(mesh)
-    model.checkpointed = True
-    out[("no_sync_checkpointed", "eager")] = _run(model, "eager", dp_rank, accumulate=1)
-    out[("loss_parallel", "eager")] = _run(_ours(mesh, parallel_loss=True), "eager", dp_rank, context=loss_parallel)
-    # One compiled FULL_SHARD model, trained three times from its starting values: clipped
-    # (the first-step graph); unclipped through that same graph, for fsdp2_reference; then
+    out = {}
+    if eager:
+        out.update({(strategy, "eager"): _run(_ours(mesh, strategy), "eager", dp_rank) for strategy in STRATEGIES})
+        out[("sequence_parallel", "eager")] = _run(_ours(mesh, sequence_parallel=True), "eager", dp_rank)
+        model = _ours(mesh)
+        model.checkpointed = True
+        out[("no_sync_checkpointed", "eager")] = _run(model, "eager", dp_rank, accumulate=1)
+        out[("loss_parallel", "eager")] = _run(_ours(mesh, parallel_loss=True), "eager", dp_rank, context=loss_parallel)
+    # One compiled FULL_SHARD model, trained from its starting values: clipped (the first-step
+    # graph); unclipped through that same graph, for fsdp2_reference; then (compiled_no_sync)
     # every block checkpointed with a no_sync micro-batch in every step (two more graphs: the
     # no_sync micro-batch's and the sync one's after it).
     model = _ours(mesh)
@@ -270,16 +273,18 @@ def parity(rank):
     out[("FULL_SHARD", "aot_eager")] = _run(model, "aot_eager", dp_rank, run=run)
     _restore(model, initial)
     _UNCLIPPED["FULL_SHARD"] = _run(model, "aot_eager", dp_rank, clip=None, run=run)
-    _restore(model, initial)
-    model.checkpointed = True
-    out[("no_sync_checkpointed", "aot_eager")] = _run(model, "aot_eager", dp_rank, accumulate=0, run=run)
-    # compiled (one compile for many levers): sequence parallelism, SHARD_GRAD_OP, no_sync,
-    # checkpointing and loss_parallel at once; a no_sync micro-batch in every step, so two
-    # graphs (the no_sync one and the sync one after it; the first-step graph without pending
-    # gradients is FULL_SHARD's above)
-    model = _ours(mesh, "SHARD_GRAD_OP", sequence_parallel=True, parallel_loss=True)
-    model.checkpointed = True
-    out[("sp_levers", "aot_eager")] = _run(model, "aot_eager", dp_rank, accumulate=0, context=loss_parallel)
+    if compiled_no_sync:
+        _restore(model, initial)
+        model.checkpointed = True
+        out[("no_sync_checkpointed", "aot_eager")] = _run(model, "aot_eager", dp_rank, accumulate=0, run=run)
+    if sp_levers:
+        # compiled (one compile for many levers): sequence parallelism, SHARD_GRAD_OP, no_sync,
+        # checkpointing and loss_parallel at once; a no_sync micro-batch in every step, so two
+        # graphs (the no_sync one and the sync one after it; the first-step graph without
+        # pending gradients is FULL_SHARD's above)
+        model = _ours(mesh, "SHARD_GRAD_OP", sequence_parallel=True, parallel_loss=True)
+        model.checkpointed = True
+        out[("sp_levers", "aot_eager")] = _run(model, "aot_eager", dp_rank, accumulate=0, context=loss_parallel)
     return out
 
 
@@ -316,6 +321,13 @@ def fsdp2_mixed_precision(rank, modes=("eager",)):
     for mode in modes:
         out[mode] = _run(_ours(mesh, mixed_precision=BF16), mode, dp_rank, clip=None)
     return out
+
+
+def no_sync_checkpointed_compiled(rank, world):
+    """``parity``'s compiled FULL_SHARD model, then checkpointed with no_sync, in a world-4 spawn
+    of its own (slow)."""
+    torch.set_num_threads(1)
+    return {"parity": run_case(lambda: parity(rank, eager=False, sp_levers=False, compiled_no_sync=True))}
 
 
 def fsdp2_mixed_precision_compiled(rank, world):
@@ -439,12 +451,19 @@ def test_sequence_parallel_trains_like_one_process_eager_and_compiled(world4_res
 
 
 def test_no_sync_and_activation_checkpointing_with_tp_train_like_one_process(world4_results, ref):
-    """Every block checkpointed, FULL_SHARD: eagerly with no_sync micro-batches from step 1 on;
-    compiled (the model of the compiled FULL_SHARD case, recompiled for checkpointing) with one
-    in every step."""
+    """Every block checkpointed, FULL_SHARD, eagerly with no_sync micro-batches from step 1 on
+    (compiled: the slow test below, and with SHARD_GRAD_OP and sequence parallelism in
+    test_compiled_sequence_parallel_with_shard_grad_op_no_sync_checkpointing_and_loss_parallel)."""
     _assert_case_matches(world4_results, ref["accumulated"], "no_sync_checkpointed", "no_sync + checkpointing", modes=("eager",))
+
+
+@pytest.mark.slow  # a world-4 spawn of its own for two more graphs
+def test_compiled_no_sync_and_activation_checkpointing_with_tp_train_like_one_process(ref):
+    """The compiled FULL_SHARD model, recompiled for checkpointing, with a no_sync micro-batch in
+    every step."""
     runs = _assert_case_matches(
-        world4_results, ref["accumulated_from_0"], "no_sync_checkpointed", "no_sync + checkpointing", modes=("aot_eager",),
+        run_ranks(no_sync_checkpointed_compiled, 4, timeout=900), ref["accumulated_from_0"], "no_sync_checkpointed",
+        "no_sync + checkpointing", modes=("aot_eager",),
     )
     for got in runs:
         # the uncheckpointed first-step graph, then the checkpointed no_sync and sync graphs: their

@@ -2,10 +2,11 @@
 
 Every behaviour runs for FULL_SHARD, SHARD_GRAD_OP and NO_SHARD, eagerly and under
 ``torch.compile`` (``fsdp_compile.backend(inner="aot_eager")``; behaviour 1 also with the default
-Inductor backend: FULL_SHARD by default, the other strategies in the slow run). The independent
-reference is ``DistributedDataParallel`` over a deepcopy of the same seeded model fed the same
-per-rank data (DDP averages gradients over ranks, as we do), or the reference's dim-0 rows where
-a shard is compared. Exact numbers: ``torch.testing.assert_close``
+Inductor backend). The default suite runs every strategy eagerly and FULL_SHARD compiled with
+``aot_eager``; the other compiled cases run under the slow marker (``_in_default_run``).
+The independent reference is ``DistributedDataParallel`` over a deepcopy of the same seeded
+model fed the same per-rank data (DDP averages gradients over ranks, as we do), or the
+reference's dim-0 rows where a shard is compared. Exact numbers: ``torch.testing.assert_close``
 with its defaults in eager mode, ``rtol=1e-4, atol=1e-5`` compiled.
 
 To keep the suite fast, one spawn (a module-scoped fixture) runs every case of every selected
@@ -678,11 +679,7 @@ def tied(rank, strategy, mode):
 # ---- the plan: behaviour -> (function, cases) ------------------------------------------------------
 PLAN = {
     "param_groups": (param_groups, _grid()),
-    # Inductor: FULL_SHARD by default (as in test_compiled), the other strategies in the slow run.
-    "param_groups_inductor": (param_groups, [("FULL_SHARD", "compiled", "inductor")]),
-    "param_groups_inductor_other_strategies": (
-        param_groups, [(s, "compiled", "inductor") for s in STRATEGIES if s != "FULL_SHARD"]
-    ),
+    "param_groups_inductor": (param_groups, [(s, "compiled", "inductor") for s in STRATEGIES]),
     "frozen": (frozen, _grid()),
     "several_optimizers": (several_optimizers, _grid()),
     "several_forwards": (several_forwards, _grid()),
@@ -701,10 +698,25 @@ PLAN = {
 }
 
 
-def _run_plan(rank: int, world: int, behaviours: list[str]) -> dict:
-    """Every case of ``behaviours`` on this rank: ``{(behaviour, case): None | traceback}``. The
-    cases run strategy by strategy (behaviours in plan order within each), so the ``_shared``
-    models of a strategy stay compiled through it; Dynamo is reset between strategies."""
+def _in_default_run(case: tuple) -> bool:
+    """Eager cases of every strategy and compiled (aot_eager) FULL_SHARD ones run in the default
+    suite; the other strategies' compiled cases and Inductor's under the slow marker
+    (``test_behaviour_slow_cases``; test_compiled.py compiles SHARD_GRAD_OP and NO_SHARD in the
+    default suite, and FULL_SHARD with Inductor, training parameter groups)."""
+    if "inductor" in case:
+        return False
+    return case[1] == "eager" or case[0] == "FULL_SHARD"
+
+
+def _cases(behaviour: str, default_run: bool) -> list[tuple]:
+    return [case for case in PLAN[behaviour][1] if _in_default_run(case) == default_run]
+
+
+def _run_plan(rank: int, world: int, selected: dict[str, list[tuple]]) -> dict:
+    """Every case in ``selected`` (behaviour -> cases) on this rank: ``{(behaviour, case): None |
+    traceback}``. The cases run strategy by strategy (behaviours in plan order within each), so
+    the ``_shared`` models of a strategy stay compiled through it; Dynamo is reset between
+    strategies."""
     # A strategy compiles Net.forward for a few models (shared, frozen, built-before, no_sync's):
     # above Dynamo's default of 8 entries per code object, a model would silently run eagerly.
     torch._dynamo.config.recompile_limit = 32
@@ -712,8 +724,8 @@ def _run_plan(rank: int, world: int, behaviours: list[str]) -> dict:
     for strategy in STRATEGIES:
         torch._dynamo.reset()
         _SHARED.clear()
-        for behaviour in behaviours:
-            fn, cases = PLAN[behaviour]
+        for behaviour, cases in selected.items():
+            fn = PLAN[behaviour][0]
             for case in cases:
                 if case[0] != strategy:
                     continue
@@ -728,33 +740,47 @@ def _run_plan(rank: int, world: int, behaviours: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def results(request) -> list[dict]:
-    """One spawn of 2 gloo ranks runs the cases of every selected behaviour (startup and the
-    first compile are paid once); each test then checks its own behaviour's cases."""
-    selected = [
-        item.callspec.params["behaviour"]
-        for item in request.session.items
-        if item.module is request.module and hasattr(item, "callspec")
-    ]
-    behaviours = [b for b in PLAN if b in selected]
-    return run_ranks(_run_plan, WORLD, behaviours, timeout=850.0)
+    """One spawn of 2 gloo ranks runs the cases of every selected test (startup and the first
+    compile are paid once); each test then checks its own cases."""
+    selected = {}
+    for item in request.session.items:
+        if item.module is request.module and hasattr(item, "callspec"):
+            behaviour = item.callspec.params["behaviour"]
+            selected.setdefault(behaviour, []).extend(_cases(behaviour, item.originalname == "test_behaviour"))
+    selected = {b: selected[b] for b in PLAN if b in selected}
+    return run_ranks(_run_plan, WORLD, selected, timeout=850.0)
+
+
+def _assert_cases_passed(results: list[dict], behaviour: str, cases: list[tuple]) -> None:
+    failures, summary = [], []
+    for rank, per_rank in enumerate(results):
+        for case in cases:
+            error = per_rank.get((behaviour, case), "did not run")
+            if error is not None:
+                summary.append(f"{case} rank {rank}: {error.strip().splitlines()[-1][:200]}")
+                failures.append(f"--- {case} rank {rank}:\n{error}")
+    assert cases, f"{behaviour}: no cases"
+    assert not failures, f"{behaviour}: failing cases:\n" + "\n".join(summary) + "\n\n" + "\n".join(failures)
+
+
+# The behaviour compiled by Inductor has no default-run case: it runs under the slow marker only.
+INDUCTOR_BEHAVIOURS = [b for b in PLAN if "_inductor" in b]
+
+
+def _params(behaviours) -> list:
+    return [pytest.param(b, marks=pytest.mark.inductor) if b in INDUCTOR_BEHAVIOURS else b for b in behaviours]
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize(
-    "behaviour",
-    [
-        pytest.param(b, marks=[pytest.mark.inductor, *([pytest.mark.slow] if "other_strategies" in b else [])])
-        if "_inductor" in b else b
-        for b in PLAN
-    ],
-)
+@pytest.mark.parametrize("behaviour", _params(b for b in PLAN if _cases(b, default_run=True)))
 def test_behaviour(behaviour, results):
-    failures, summary = [], []
-    for rank, per_rank in enumerate(results):
-        for (name, case), error in per_rank.items():
-            if name == behaviour and error is not None:
-                summary.append(f"{case} rank {rank}: {error.strip().splitlines()[-1][:200]}")
-                failures.append(f"--- {case} rank {rank}:\n{error}")
-    ran = sum(name == behaviour for name, _ in results[0])
-    assert ran == len(PLAN[behaviour][1]), f"{behaviour}: {ran} cases ran"
-    assert not failures, f"{behaviour}: failing cases:\n" + "\n".join(summary) + "\n\n" + "\n".join(failures)
+    _assert_cases_passed(results, behaviour, _cases(behaviour, default_run=True))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("behaviour", _params(b for b in PLAN if _cases(b, default_run=False)))
+def test_behaviour_slow_cases(behaviour, results):
+    """The compiled cases of ``behaviour`` outside the default run: SHARD_GRAD_OP and NO_SHARD
+    with aot_eager, every strategy with Inductor."""
+    _assert_cases_passed(results, behaviour, _cases(behaviour, default_run=False))
