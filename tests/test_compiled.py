@@ -20,7 +20,7 @@ from fsdp_compile.testing.gpt import GPT, Block, GPTConfig, gpt_batch, param_gro
 from fsdp_compile.testing.reference import FLOAT64_ROUNDING, manual_mixed_precision
 from fsdp_compile.testing.spawn import error_text, run_ranks
 
-STEPS = 10
+STEPS = 5  # AdamW steps of every run: the first compiles, the rest reuse its graphs
 # aot_eager runs eager's ops on the same inputs in the same order: its float32 numbers are eager's.
 EXACT = dict(rtol=0, atol=0)
 BF16 = fsdp_compile.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -254,11 +254,16 @@ def _optimizers_per_variant(module: nn.Module) -> list:
     return [_variant_optimizer(module, variant) for variant in OPTIMIZER_VARIANTS]
 
 
+# Steps of each parameter-group variant: each zero_grad placement (before forward, before
+# backward) twice.
+PARAM_GROUP_STEPS = 4
+
+
 def _train_param_groups(rank, model, run, ddp, opt, variant, mode, label: str = "") -> None:
     set_to_none = variant[2]
     label = f"{label}{variant}"
     ref_opt = _variant_optimizer(ddp.module, variant)
-    for step in range(10):
+    for step in range(PARAM_GROUP_STEPS):
         x = _batch(step, rank)
         losses = []
         for o, fwd in ((opt, run), (ref_opt, ddp)):
@@ -271,7 +276,7 @@ def _train_param_groups(rank, model, run, ddp, opt, variant, mode, label: str = 
             o.step()
             losses.append(loss.detach())
         _close(*losses, mode, f"{label}: loss at step {step}")
-    _check_full_params(model, ddp, mode, f"{label}: after 10 steps")
+    _check_full_params(model, ddp, mode, f"{label}: after {PARAM_GROUP_STEPS} steps")
 
 
 def param_groups(rank, strategy, mode, inner="aot_eager"):
