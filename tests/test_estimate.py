@@ -229,9 +229,10 @@ def test_activation_checkpointing_lowers_the_peak_and_keeps_one_gather_per_unit_
     assert plain.ranks["0"].peak["phase"] in ("forward", "backward")
 
 
-# 1-D in the default run; the hybrid mesh with the slow tests (test_hybrid_mesh_8x32_... keeps
-# hybrid meshes in the default run, whole-model)
-@pytest.mark.parametrize("mesh", [None, pytest.param("2x4", marks=pytest.mark.slow)])
+# Slow (four traces): the default run checks the per-block estimate against what gloo ranks
+# measure (test_per_block_readme_gpt_...) and hybrid meshes whole-model (test_hybrid_mesh_8x32_...)
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [None, "2x4"])
 def test_per_block_compile_estimates_the_same_shards_and_collectives_as_the_whole_model(mesh):
     """Every block compiled on its own (``block.compile(fullgraph=True)``), the root's
     embedding, head and loss eager: the same shards, optimizer state and collectives as the
