@@ -6,15 +6,14 @@ configs (no network): a Llama decoder (GQA, rotary buffers, tied embeddings) and
   on a copy (losses and final parameters; 0 graph breaks, one graph, 0 recompiles after step 1);
 - ``gradient_checkpointing_enable()`` (eager, Inductor) and ``apply_activation_checkpointing``
   (eager, ``aot_eager``), against DDP with checkpointing;
-- Inductor compiles once in the default run: Llama with HF's checkpointing, against DDP with
-  checkpointing (the same checks as without); the rest of Inductor (Llama without
-  checkpointing, GPT-2) runs with the slow tests, in spawns of its own;
 - bf16 mixed precision: eager against DDP in float32 (bf16 rounding tolerance), compiled against
   eager (tight);
 - ``generate()`` (greedy) and ``get_input_embeddings()(ids)`` against the unsharded model;
 - meta-device init with ``param_init_fn=model._init_weights``: HF's own initializer per module.
 
-One spawn per family runs everything; the parent asserts.
+One spawn per family runs the default run's cases (``IN_DEFAULT_RUN``: every compiled case of
+Llama but Inductor without checkpointing, GPT-2's ``aot_eager``), another the rest of its
+compiled cases under the slow marker; the parent asserts.
 """
 from __future__ import annotations
 
@@ -85,22 +84,26 @@ def _full(model) -> dict:
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-INDUCTOR_CASES = ("inductor", "inductor_gc")
-# The Inductor cases of the default run (each Inductor compile of a Hugging Face model costs
-# seconds): Llama with checkpointing. Every other case of both families, aot_eager included,
-# is in the default run too.
-DEFAULT_INDUCTOR = {"llama": ("inductor_gc",), "gpt2": ()}
+FAMILIES = ("llama", "gpt2")
+COMPILED_CASES = ("aot_eager", "aot_eager_wrapper", "aot_eager_bf16", "inductor", "inductor_gc")
+# The compiled cases of the default run (each compile of a Hugging Face model costs seconds):
+# Llama every one but Inductor without checkpointing, GPT-2 aot_eager. The rest run with the
+# slow tests, in one spawn per family; eager cases, generate and meta init all run by default.
+IN_DEFAULT_RUN = {
+    "llama": ("aot_eager", "aot_eager_wrapper", "aot_eager_bf16", "inductor_gc"),
+    "gpt2": ("aot_eager",),
+}
 
 
-def family_cases(rank: int, world: int, family: str, inductor=INDUCTOR_CASES, others: bool = True) -> dict:
-    """The cases of ``family``: the Inductor cases named in ``inductor``, and the others
-    (eager, ``aot_eager``, generate, meta) if ``others``; the DDP references always."""
+def family_cases(rank: int, world: int, family: str, compiled=COMPILED_CASES, others: bool = True) -> dict:
+    """The cases of ``family``: the compiled cases named in ``compiled``, and the others (eager,
+    generate, meta) if ``others``; the DDP references always."""
     torch.manual_seed(0)
     base, layer_cls = build(family)
     out = {}
 
     def case(name, fn):
-        wanted = name in inductor if name in INDUCTOR_CASES else others
+        wanted = name in compiled if name in COMPILED_CASES else others
         if not wanted:
             return
         try:
@@ -189,49 +192,38 @@ def meta_case(family, layer_cls, rank) -> dict:
 _spawned: dict = {}
 
 
-def _spawn(family: str, inductor: tuple[str, ...], others: bool) -> list:
-    """``family_cases`` on 2 ranks, once per module run and arguments."""
-    if (family, inductor, others) not in _spawned:
-        _spawned[family, inductor, others] = run_ranks(family_cases, 2, family, inductor, others, timeout=1200)
-    return _spawned[family, inductor, others]
+def _in_default_run(family: str, case: str) -> bool:
+    return case not in COMPILED_CASES or case in IN_DEFAULT_RUN[family]
 
 
-def _inductor_spawn(family: str, case: str) -> list:
-    """The spawn that runs Inductor ``case`` of ``family``: the family's default spawn when the
-    case is in the default run, else one spawn with every Inductor case not in it."""
-    if case in DEFAULT_INDUCTOR[family]:
-        return _spawn(family, DEFAULT_INDUCTOR[family], True)
-    return _spawn(family, tuple(c for c in INDUCTOR_CASES if c not in DEFAULT_INDUCTOR[family]), False)
+def _spawn(family: str, case: str) -> list:
+    """Every rank's results of the spawn that runs ``case`` of ``family`` (the family's default
+    spawn, or the one with every compiled case outside it), spawned once per module run."""
+    if _in_default_run(family, case):
+        key = (family, IN_DEFAULT_RUN[family], True)
+    else:
+        key = (family, tuple(c for c in COMPILED_CASES if c not in IN_DEFAULT_RUN[family]), False)
+    if key not in _spawned:
+        _spawned[key] = run_ranks(family_cases, 2, *key, timeout=1200)
+    return _spawned[key]
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def family(request):
-    name = request.param
-    return name, _spawn(name, DEFAULT_INDUCTOR[name], True)
+def _params(cases) -> list:
+    """``(family, case)`` for every family and each of ``cases``, marked slow outside the default
+    run and inductor for Inductor's cases."""
+    params = []
+    for family in FAMILIES:
+        for case in cases:
+            marks = [] if _in_default_run(family, case) else [pytest.mark.slow]
+            if case.startswith("inductor"):
+                marks.append(pytest.mark.inductor)
+            params.append(pytest.param(family, case, marks=marks, id=f"{family}-{case}"))
+    return params
 
 
-def _inductor_params(case: str) -> list:
-    return [
-        pytest.param(name, marks=[pytest.mark.inductor] + ([] if case in cases else [pytest.mark.slow]))
-        for name, cases in DEFAULT_INDUCTOR.items()
-    ]
-
-
-# Slow: Inductor without checkpointing. The default run compiles Llama with Inductor once, with
-# HF's checkpointing (test_inductor_gradient_checkpointing_trains_like_ddp_with_checkpointing[llama]:
-# the same loss, parameter, graph-break and one-graph checks against DDP with checkpointing);
-# aot_eager without checkpointing runs in the default run for both families.
-@pytest.fixture(scope="module", params=_inductor_params("inductor"))
-def inductor_family(request):
-    return request.param, _inductor_spawn(request.param, "inductor")
-
-
-@pytest.fixture(scope="module", params=_inductor_params("inductor_gc"))
-def inductor_gc_family(request):
-    return request.param, _inductor_spawn(request.param, "inductor_gc")
-
-
-def _get(results, name):
+def _get(family: str, name: str) -> list:
+    """``(result, DDP references)`` of case ``name`` on every rank."""
+    results = _spawn(family, name)
     for r in results:
         assert not isinstance(r[name], str), f"{name} failed:\n{r[name]}"
     return [(r[name], r["ddp"]) for r in results]
@@ -249,70 +241,60 @@ def _assert_params(got, ref, **tol):
 INDUCTOR_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode,tol", [("eager", {}), ("aot_eager", {})])
-def test_trains_like_ddp(family, mode, tol):
-    _assert_trains_like_ddp(family[1], mode, tol)
+def _tol(mode: str) -> dict:
+    return INDUCTOR_TOL if mode.startswith("inductor") else {}
 
 
-def test_inductor_trains_like_ddp(inductor_family):
-    _assert_trains_like_ddp(inductor_family[1], "inductor", INDUCTOR_TOL)
-
-
-def _assert_trains_like_ddp(results, mode, tol):
-    for got, ddp in _get(results, mode):
-        assert_close(got["losses"], ddp["fp64"]["losses"], **tol)
-        _assert_params(got["params"], ddp["fp64"]["params"], **tol)
+@pytest.mark.parametrize("family,mode", _params(("eager", "aot_eager", "inductor")))
+def test_trains_like_ddp(family, mode):
+    for got, ddp in _get(family, mode):
+        assert_close(got["losses"], ddp["fp64"]["losses"], **_tol(mode))
+        _assert_params(got["params"], ddp["fp64"]["params"], **_tol(mode))
         if mode != "eager":
             assert got["graph_breaks"] == 0
             assert got["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("mode,tol", [("eager_gc", {}), ("eager_wrapper", {}), ("aot_eager_wrapper", {})])
-def test_gradient_checkpointing_trains_like_ddp_with_checkpointing(family, mode, tol):
+@pytest.mark.parametrize("family,mode", _params(("eager_gc", "eager_wrapper", "aot_eager_wrapper", "inductor_gc")))
+def test_gradient_checkpointing_trains_like_ddp_with_checkpointing(family, mode):
     """HF's gradient_checkpointing_enable() and torch's apply_activation_checkpointing
     (checkpoint_wrapper around each decoder layer), against DDP with HF's checkpointing."""
-    _assert_checkpointing_like_ddp(family[1], mode, tol)
-
-
-def test_inductor_gradient_checkpointing_trains_like_ddp_with_checkpointing(inductor_gc_family):
-    _assert_checkpointing_like_ddp(inductor_gc_family[1], "inductor_gc", INDUCTOR_TOL)
-
-
-def _assert_checkpointing_like_ddp(results, mode, tol):
-    for got, ddp in _get(results, mode):
-        assert_close(got["losses"], ddp["fp64_gc"]["losses"], **tol)
+    for got, ddp in _get(family, mode):
+        assert_close(got["losses"], ddp["fp64_gc"]["losses"], **_tol(mode))
         params = {k.replace("._checkpoint_wrapped_module", ""): v for k, v in got["params"].items()}
-        _assert_params(params, ddp["fp64_gc"]["params"], **tol)
+        _assert_params(params, ddp["fp64_gc"]["params"], **_tol(mode))
         if not mode.startswith("eager"):
             assert got["graph_breaks"] == 0
             assert got["unique_graphs"] == 1
 
 
-def test_bf16_mixed_precision(family):
+@pytest.mark.parametrize("family,mode", _params(("eager_bf16", "aot_eager_bf16")))
+def test_bf16_mixed_precision(family, mode):
     """Eager bf16 compute against DDP in float32 (bf16 rounding: ~3 significant digits);
     compiled bf16 against eager bf16 (the same casts in the same places). SGD steps."""
-    _, results = family
-    for (eager, ddp), (compiled, _) in zip(_get(results, "eager_bf16"), _get(results, "aot_eager_bf16")):
-        assert_close(eager["losses"], ddp["fp32"]["losses"], rtol=2e-2, atol=0)
-        assert_close(compiled["losses"], eager["losses"], rtol=1e-4, atol=1e-5)
+    for (got, ddp), (eager, _) in zip(_get(family, mode), _get(family, "eager_bf16")):
+        if mode == "eager_bf16":
+            assert_close(got["losses"], ddp["fp32"]["losses"], rtol=2e-2, atol=0)
+            continue
+        assert_close(got["losses"], eager["losses"], rtol=1e-4, atol=1e-5)
         # AOT decomposes the bf16 embedding backward (and the tied head's gradient sum) into ops
         # that round differently from eager's fused kernel. Measured: the largest gradient
         # difference is one bf16 ulp of the largest gradient (9.8e-4 at 0.19); times the SGD lr
         # 0.5 over 3 steps, up to 1.5e-3 in a parameter.
-        _assert_params(compiled["params"], eager["params"], rtol=1.6e-2, atol=2e-3)
-        assert compiled["graph_breaks"] == 0
+        _assert_params(got["params"], eager["params"], rtol=1.6e-2, atol=2e-3)
+        assert got["graph_breaks"] == 0
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 def test_generate_and_input_embeddings_match_the_unsharded_model(family):
-    _, results = family
-    for got, _ in _get(results, "generate"):
+    for got, _ in _get(family, "generate"):
         assert torch.equal(got["tokens"], got["ref_tokens"])
         assert torch.equal(got["embeds"], got["ref_embeds"])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 def test_meta_init_with_the_models_own_initializer(family):
-    name, results = family
-    for got, _ in _get(results, "meta"):
+    for got, _ in _get(family, "meta"):
         assert got["devices"] == {"cpu"}
         for buf, (value, ref) in got["buffers"].items():
             assert torch.equal(value, ref), buf  # e.g. rotary inv_freq, recomputed by _init_weights
