@@ -1,6 +1,7 @@
 """Session checks: no test may leave a process, a listening port or a process group behind."""
 from __future__ import annotations
 
+import gc
 import os
 import time
 from pathlib import Path
@@ -12,6 +13,15 @@ from fsdp_compile.testing.spawn import forkserver_pid, start_ranks_from_a_forkse
 # Ranks fork from one server that imported these once: a spawned rank would spend ~4 s of each
 # multi-rank test importing them and shutting down (``fsdp_compile.testing.spawn``).
 start_ranks_from_a_forkserver(["torch", "torch.distributed", "torch._inductor.compile_fx", "fsdp_compile"])
+# What is imported by now lives as long as pytest: out of the collector's generations, it is not
+# rescanned by the full collections of the compiles tests run in this process (as in each rank,
+# ``fsdp_compile.testing.spawn``). ``pytest_unconfigure`` hands it back for the interpreter's
+# shutdown (frozen objects are never freed: nanobind, under Triton, reports them as leaks).
+gc.freeze()
+
+
+def pytest_unconfigure(config):
+    gc.unfreeze()
 
 
 # The modules test_passes.py and test_layers.py import first in a fresh interpreter: every pass

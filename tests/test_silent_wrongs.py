@@ -8,7 +8,7 @@ against an independent reference, eagerly and compiled (``aot_eager``) where bot
    (DDP, which broadcasts rank 0's at construction), also for meta-device init and on a hybrid
    2 x 2 mesh;
 3. ``clip_grad_norm_`` in float64 equals DDP with ``torch.nn.utils.clip_grad_norm_`` to
-   rounding over 300 steps;
+   rounding, over 30 steps (300 under the slow marker);
 4. FSDP1's ``param_init_fn`` (``to_empty(recurse=False)`` then ``reset_parameters()``) gives
    the plain model's parameters (single process);
 5. a partial ``set_model_state_dict`` (full tensors or DTensors, ``strict=False``) loads those
@@ -195,6 +195,10 @@ def hybrid_different_inits(rank, world):
 
 
 # ---- 3. clip_grad_norm_ in float64 ---------------------------------------------------------
+# Steps of the clipping run in the default suite; the slow run trains LONG_CLIP_STEPS.
+CLIP_STEPS, LONG_CLIP_STEPS = 30, 300
+
+
 def clipping(rank, world, steps):
     base = _seeded()
     ddp = DDP(copy.deepcopy(base), find_unused_parameters=True)
@@ -237,7 +241,7 @@ def partial_loads(rank, world):
 def world2_cases(rank, world):
     cases = {
         "unused": unused_parameters, "inits": different_inits, "partial": partial_loads,
-        "clip": lambda r, w: clipping(r, w, 300),
+        "clip": lambda r, w: clipping(r, w, CLIP_STEPS),
     }
     return {name: run_case(lambda fn=fn: fn(rank, world)) for name, fn in cases.items()}
 
@@ -304,14 +308,23 @@ def test_sync_module_states_starts_every_rank_from_rank_0(world2):
     assert not torch.equal(results[0]["ddp"]["state"]["head.weight"], _seeded(1).state_dict()["head.weight"])
 
 
-def test_clip_grad_norm_float64_equals_ddp_over_300_steps(world2):
-    for out in _results(world2, "clip"):
-        assert len(out["ddp"]["norms"]) == 300 and max(out["ddp"]["norms"]) > 0.05  # it clips
+def _assert_clipping_equals_ddp(results: list[dict], steps: int) -> None:
+    for out in results:
+        assert len(out["ddp"]["norms"]) == steps and max(out["ddp"]["norms"]) > 0.05  # it clips
         for mode in ("eager", "compiled"):
             assert_close(out[mode]["norms"], out["ddp"]["norms"], **EXACT)
             assert_close(out[mode]["losses"], out["ddp"]["losses"], **EXACT)
             for name, value in out["ddp"]["params"].items():
                 assert_close(out[mode]["params"][name], value, **EXACT, msg=f"{mode} {name}")
+
+
+def test_clip_grad_norm_float64_equals_ddp(world2):
+    _assert_clipping_equals_ddp(_results(world2, "clip"), CLIP_STEPS)
+
+
+@pytest.mark.slow  # ~20 s: a spawn of its own
+def test_clip_grad_norm_float64_equals_ddp_over_300_steps():
+    _assert_clipping_equals_ddp(run_ranks(clipping, 2, LONG_CLIP_STEPS, timeout=600), LONG_CLIP_STEPS)
 
 
 def test_partial_state_dict_loads_leave_other_parameters_untouched(world2):

@@ -13,6 +13,7 @@ imported them once. Benchmarks keep ``spawn``: they measure a fresh process's me
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import pickle
 import queue as queue_module
@@ -70,6 +71,10 @@ def _entry(rank, world, port, timeout, fn, args, queue, environ):
     # One intra-op thread per rank: ranks share this machine's cores, and threads of several
     # ranks spin-waiting on each other cost 10-100x (the env var is too late here: torch is loaded).
     torch.set_num_threads(1)
+    # The ~500k objects imported before the rank started (torch, Dynamo, Inductor) are never
+    # garbage: out of the collector's generations, they are not rescanned by every full
+    # collection a compile triggers (Dynamo and AOT tracing allocate millions of objects).
+    gc.freeze()
     try:
         dist.init_process_group(
             "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout)
