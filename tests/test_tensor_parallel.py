@@ -8,7 +8,8 @@ and torch's FSDP2 with the same TP plan (float64, and bf16 mixed precision). One
 every world-4 case (training, FSDP2, a DCP checkpoint); each case returns plain data or its
 traceback, and the parent asserts. World 2 loads the checkpoint at other layouts and checks bad
 input; world 8 (slow) runs HSDP + TP; world-4 spawns of their own (slow) compile with Inductor,
-compile the bf16 mixed-precision case and the checkpointed no_sync case.
+compile the bf16 mixed-precision case, and compile the combinations of levers (no_sync with
+checkpointing; sequence parallelism with SHARD_GRAD_OP, no_sync, checkpointing and loss_parallel).
 """
 from __future__ import annotations
 
@@ -247,12 +248,12 @@ def _restore(model, initial):
             p.copy_(value)
 
 
-def parity(rank, eager=True, sp_levers=True, compiled_no_sync=False):
-    """Every case eagerly; compiled (aot_eager): the FULL_SHARD model's graph and the two of the
-    one that pulls every lever at once (``sp_levers``, a no_sync micro-batch in every step).
-    Compiled SHARD_GRAD_OP and sequence parallelism are asserted through ``sp_levers``.
-    ``compiled_no_sync``: the FULL_SHARD model also checkpointed with a no_sync micro-batch in
-    every step (two more graphs; the slow run's spawn, without the other parts)."""
+def parity(rank, eager=True, sp_levers=False, compiled_no_sync=False):
+    """Every case eagerly (``eager``); compiled (aot_eager), the FULL_SHARD model's graph. The
+    slow run's spawn adds, without the eager cases: ``compiled_no_sync``, that model
+    checkpointed with a no_sync micro-batch in every step (two more graphs); ``sp_levers``, the
+    two graphs of a model that pulls every lever at once (sequence parallelism, SHARD_GRAD_OP,
+    no_sync, checkpointing, loss_parallel)."""
     mesh = _mesh(DP, TP)
     dp_rank = mesh.get_local_rank("dp")
     out = {}
@@ -323,11 +324,15 @@ def fsdp2_mixed_precision(rank, modes=("eager",)):
     return out
 
 
-def no_sync_checkpointed_compiled(rank, world):
-    """``parity``'s compiled FULL_SHARD model, then checkpointed with no_sync, in a world-4 spawn
-    of its own (slow)."""
+def compiled_combinations(rank, world):
+    """``parity``'s compiled combinations of levers, in a world-4 spawn of its own (slow)."""
     torch.set_num_threads(1)
-    return {"parity": run_case(lambda: parity(rank, eager=False, sp_levers=False, compiled_no_sync=True))}
+    return {"parity": run_case(lambda: parity(rank, eager=False, sp_levers=True, compiled_no_sync=True))}
+
+
+@pytest.fixture(scope="module")
+def world4_combinations():
+    return run_ranks(compiled_combinations, 4, timeout=900)
 
 
 def fsdp2_mixed_precision_compiled(rank, world):
@@ -408,7 +413,7 @@ def _assert_params(got, want, what):
 def test_fsdp_over_tp_trains_like_one_process_on_the_global_batch_eager_and_compiled(world4_results, ref):
     """Both strategies eagerly and FULL_SHARD compiled (aot_eager), with clip_grad_norm_ at every
     step: losses, total norms (over dp and tp) and final parameters equal the one-process
-    float64 reference. Compiled SHARD_GRAD_OP: in the run with every lever
+    float64 reference. Compiled SHARD_GRAD_OP: in the run with every lever (slow)
     (test_compiled_sequence_parallel_with_shard_grad_op_no_sync_checkpointing_and_loss_parallel)."""
     ref_losses, ref_norms, ref_params = ref["clipped"]
     assert (ref_norms > MAX_NORM).all()  # every step clips
@@ -441,11 +446,10 @@ def _assert_case_matches(world4_results, reference, case: str, label: str, modes
 
 
 def test_sequence_parallel_trains_like_one_process_eager_and_compiled(world4_results, ref):
-    """Eagerly on its own; compiled in the run with every lever, whose parity
+    """Eagerly on its own; compiled in the run with every lever (slow), whose parity
     test_compiled_sequence_parallel_with_shard_grad_op_no_sync_checkpointing_and_loss_parallel
     asserts."""
     runs = _assert_case_matches(world4_results, ref["clipped"], "sequence_parallel", "sequence parallel", modes=("eager",))
-    runs += [case_result(result["parity"])[("sp_levers", "aot_eager")] for result in world4_results]
     for got in runs:
         assert got["placements"]["blocks.0.norm1.weight"] == "(Shard(dim=0), Replicate())"
 
@@ -457,12 +461,12 @@ def test_no_sync_and_activation_checkpointing_with_tp_train_like_one_process(wor
     _assert_case_matches(world4_results, ref["accumulated"], "no_sync_checkpointed", "no_sync + checkpointing", modes=("eager",))
 
 
-@pytest.mark.slow  # a world-4 spawn of its own for two more graphs
-def test_compiled_no_sync_and_activation_checkpointing_with_tp_train_like_one_process(ref):
+@pytest.mark.slow  # world4_combinations: a world-4 spawn of its own
+def test_compiled_no_sync_and_activation_checkpointing_with_tp_train_like_one_process(world4_combinations, ref):
     """The compiled FULL_SHARD model, recompiled for checkpointing, with a no_sync micro-batch in
     every step."""
     runs = _assert_case_matches(
-        run_ranks(no_sync_checkpointed_compiled, 4, timeout=900), ref["accumulated_from_0"], "no_sync_checkpointed",
+        world4_combinations, ref["accumulated_from_0"], "no_sync_checkpointed",
         "no_sync + checkpointing", modes=("aot_eager",),
     )
     for got in runs:
@@ -483,11 +487,12 @@ def test_loss_parallel_over_a_colwise_head_trains_like_one_process(world4_result
         assert got["placements"]["head.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
 
 
-def test_compiled_sequence_parallel_with_shard_grad_op_no_sync_checkpointing_and_loss_parallel(world4_results, ref):
+@pytest.mark.slow  # world4_combinations; each lever is compiled on its own in the default run
+def test_compiled_sequence_parallel_with_shard_grad_op_no_sync_checkpointing_and_loss_parallel(world4_combinations, ref):
     """Every lever at once in one compiled run (aot_eager): sequence parallelism, SHARD_GRAD_OP,
     a no_sync micro-batch in every step, every block checkpointed, loss_parallel."""
     for got in _assert_case_matches(
-        world4_results, ref["accumulated_from_0"], "sp_levers", "SP + SHARD_GRAD_OP + no_sync + checkpointing + loss_parallel",
+        world4_combinations, ref["accumulated_from_0"], "sp_levers", "SP + SHARD_GRAD_OP + no_sync + checkpointing + loss_parallel",
         modes=("aot_eager",),
     ):
         assert got["placements"]["head.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
@@ -668,14 +673,15 @@ def _counts(schedule, group):
     return {kind: kinds.count(kind) for kind in kinds}
 
 
-def test_compiled_sequence_parallel_graphs_hold_its_gathers_and_reduce_scatters_beside_ours(world4_results):
+@pytest.mark.slow  # world4_combinations
+def test_compiled_sequence_parallel_graphs_hold_its_gathers_and_reduce_scatters_beside_ours(world4_combinations):
     """Sequence parallelism + SHARD_GRAD_OP + no_sync + loss_parallel, per graph (the no_sync
     micro-batch's, the sync micro-batch's after it): ours on the dp
     ("shard") group as without TP -- 3 unit gathers in forward, none in backward, one
     reduce-scatter per unit except under no_sync; DTensor's on the tp group beside them -- in
     forward 5 sequence all-gathers (into attention and MLP of 2 blocks, and before the final
     norm), 4 reduce-scatters (out of o and fc2) and loss_parallel's 3 all-reduces."""
-    for rank, result in enumerate(world4_results):
+    for rank, result in enumerate(world4_combinations):
         graphs = case_result(result["parity"])[("sp_levers", "aot_eager")]["schedules"]
         assert len(graphs) == 2, (rank, graphs)
         for number, schedules in enumerate(graphs):
