@@ -768,12 +768,8 @@ def _assert_cases_passed(results: list[dict], behaviour: str, cases: list[tuple]
     assert not failures, f"{behaviour}: failing cases:\n" + "\n".join(summary) + "\n\n" + "\n".join(failures)
 
 
-# The behaviour compiled by Inductor has no default-run case: it runs under the slow marker only.
-INDUCTOR_BEHAVIOURS = [b for b in PLAN if "_inductor" in b]
-
-
 def _params(behaviours) -> list:
-    return [pytest.param(b, marks=pytest.mark.inductor) if b in INDUCTOR_BEHAVIOURS else b for b in behaviours]
+    return [pytest.param(b, marks=pytest.mark.inductor) if "_inductor" in b else b for b in behaviours]
 
 
 @pytest.mark.timeout(900)
