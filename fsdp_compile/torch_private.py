@@ -34,6 +34,7 @@ __all__ = [
     "cpu_backend", "gloo_options", "gloo_threads", "process_group_over",
     "current_graph_task_id", "queue_backward_callback", "add_shared_forward_hooks",
     "joint_custom_pass", "inductor_config_keys", "aot_autograd", "compile_fx", "compile_fx_inner",
+    "prepare_compilers_once",
     "set_boxed_call", "is_boxed_call", "error_on_recompile",
     "RECOMPUTE_KEY", "AC_GRAPH_ID_KEY", "tag_recompute",
     "FakeTensor", "FakeTensorMode", "is_fake", "unset_fake_temporarily", "fake_store",
@@ -179,6 +180,31 @@ def compile_fx_inner(*args, **kwargs):
     from torch._inductor.compile_fx import compile_fx_inner as inner
 
     return inner(*args, **kwargs)
+
+
+def prepare_compilers_once() -> None:
+    """Do in this process what the first Inductor compile of every process would otherwise do
+    before its graph matters: import the backends, code generators and pattern modules Dynamo
+    and Inductor load lazily, probe the CPU's vector instruction sets (which builds a probe and
+    loads it in a subprocess), hash torch's source files for the FX graph cache's keys and register Inductor's joint-graph and post-grad patterns.
+    Processes forked afterwards (test ranks) inherit all of it. Starts no thread. No public
+    replacement."""
+    import torch._dynamo
+    import torch._inductor.fx_passes.joint_graph as joint_graph
+    import torch._inductor.fx_passes.post_grad as post_grad
+    import torch.export._trace  # noqa: F401 (what AOTAutograd's export path loads lazily)
+    import torch.utils.cpp_extension  # noqa: F401 (Inductor's C++ builder; imports setuptools)
+    from torch._inductor.codecache import CacheBase, torch_key
+    from torch._inductor.codegen.common import init_backend_registration
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    torch._dynamo.list_backends()  # imports every registered backend module
+    init_backend_registration()  # imports every device's code generators
+    valid_vec_isa_list()  # cached for the process
+    torch_key()  # the FX graph cache's hash of torch's source files, cached for the process
+    CacheBase.get_system()  # the cache keys' Triton and device versions, cached for the process
+    joint_graph.lazy_init()
+    post_grad.lazy_init()
 
 
 def set_boxed_call(fn: Callable, boxed: bool = True) -> Callable:

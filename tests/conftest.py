@@ -11,8 +11,12 @@ import pytest
 from fsdp_compile.testing.spawn import forkserver_pid, start_ranks_from_a_forkserver
 
 # Ranks fork from one server that imported these once: a spawned rank would spend ~4 s of each
-# multi-rank test importing them and shutting down (``fsdp_compile.testing.spawn``).
-start_ranks_from_a_forkserver(["torch", "torch.distributed", "torch._inductor.compile_fx", "fsdp_compile"])
+# multi-rank test importing them and shutting down (``fsdp_compile.testing.spawn``), and each
+# rank's first Inductor compile 2-3 s more on lazy imports, a CPU probe and pattern registration
+# (``fsdp_compile.testing.prepared_compilers``).
+start_ranks_from_a_forkserver(
+    ["torch", "torch.distributed", "torch._inductor.compile_fx", "fsdp_compile", "fsdp_compile.testing.prepared_compilers"]
+)
 # What is imported by now lives as long as pytest: out of the collector's generations, it is not
 # rescanned by the full collections of the compiles tests run in this process (as in each rank,
 # ``fsdp_compile.testing.spawn``). ``pytest_unconfigure`` hands it back for the interpreter's

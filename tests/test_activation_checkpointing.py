@@ -166,16 +166,17 @@ RUNS = [(k, s, m) for k in KINDS for s in STRATEGIES for m in ("eager", "aot_eag
 
 def _in_default_run(kind: str, strategy: str, mode: str) -> bool:
     """Every kind eagerly with FULL_SHARD and SHARD_GRAD_OP, and compiled (aot_eager) with
-    FULL_SHARD; non-reentrant checkpointing in every strategy and both modes. The rest runs under
-    the slow marker, in a spawn of its own: NO_SHARD all-reduces and never regathers, and
-    SHARD_GRAD_OP's compiled graphs differ from FULL_SHARD's by the regather alone, so one kind
-    covers each; Inductor (the default suite compiles a checkpointed Hugging Face Llama with it in
+    FULL_SHARD; non-reentrant checkpointing eagerly in every strategy. The rest runs under the
+    slow marker, in a spawn of its own: NO_SHARD all-reduces and never regathers, so one kind
+    covers it eagerly; SHARD_GRAD_OP's and NO_SHARD's compiled graphs differ from FULL_SHARD's
+    by the regather alone (tests/test_compiled.py compiles both without checkpointing); Inductor
+    (the default suite compiles a checkpointed Hugging Face Llama with it in
     tests/test_hf_models.py)."""
     if mode == "inductor":
         return False
-    if kind == "nonreentrant" or strategy == "FULL_SHARD":
+    if strategy == "FULL_SHARD":
         return True
-    return strategy == "SHARD_GRAD_OP" and mode == "eager"
+    return mode == "eager" and (kind == "nonreentrant" or strategy == "SHARD_GRAD_OP")
 
 
 def _params(runs) -> list:

@@ -3,12 +3,14 @@ here checks one of them (it exists, takes what we pass, does what we rely on), s
 upgrade that moves or changes one fails here, by name, instead of deep inside a training step.
 
 Single process: the process-group checks run on a one-rank gloo group or on torch's fake
-process group, made and destroyed inside the test.
+process group, made and destroyed inside the test; one check forks a rank, to see what ranks
+inherit.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from datetime import timedelta
 
 import pytest
@@ -17,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fsdp_compile import torch_private as tp
+from fsdp_compile.testing.spawn import run_ranks
 
 
 @contextlib.contextmanager
@@ -178,6 +181,23 @@ def test_compile_fx_takes_our_inner_compile():
     assert {"inner_compile", "config_patches"} <= set(inspect.signature(cfx.compile_fx).parameters)
     assert "is_backward" in cfx._CompileFxKwargs.__annotations__
     assert inspect.signature(cfx.compile_fx_inner).parameters["kwargs"].kind is inspect.Parameter.VAR_KEYWORD
+
+
+def _compilers_prepared(rank, world):
+    from torch._inductor.codecache import CacheBase
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    return valid_vec_isa_list.cache_info().currsize, CacheBase.get_system.cache_info().currsize
+
+
+def test_prepare_compilers_once_starts_no_thread_and_forked_ranks_inherit_it():
+    """The suite's rank fork server calls it (``fsdp_compile.testing.prepared_compilers``): a
+    thread started there would be missing in every forked rank, and its caches must be filled
+    when a rank starts."""
+    before = threading.active_count()
+    tp.prepare_compilers_once()
+    assert threading.active_count() == before
+    assert run_ranks(_compilers_prepared, 1) == [(1, 1)]
 
 
 def test_boxed_call_is_functorchs_convention():
