@@ -186,9 +186,9 @@ def prepare_compilers_once() -> None:
     """Do in this process what the first Inductor compile of every process would otherwise do
     before its graph matters: import the backends, code generators and pattern modules Dynamo
     and Inductor load lazily, probe the CPU's vector instruction sets (which builds a probe and
-    loads it in a subprocess), hash torch's source files for the FX graph cache's keys and register Inductor's joint-graph and post-grad patterns.
-    Processes forked afterwards (test ranks) inherit all of it. Starts no thread. No public
-    replacement."""
+    loads it in a subprocess), hash torch's source files for the FX graph cache's keys and
+    register Inductor's joint-graph and post-grad patterns. Processes forked afterwards (test
+    ranks) inherit all of it. Starts no thread. No public replacement."""
     import torch._dynamo
     import torch._inductor.fx_passes.joint_graph as joint_graph
     import torch._inductor.fx_passes.post_grad as post_grad
