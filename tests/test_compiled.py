@@ -299,7 +299,6 @@ def traced_copies_run(rank: int, world: int, lowering: str, strategy: str) -> di
     backend = inductor if (lowering, strategy) == ("aten", "FULL_SHARD") else aot_eager
     torch.manual_seed(0)
     base = GPT(SMALL)
-    out = {}
     with contextlib.ExitStack() as stack:
         if lowering == "triton":
             stack.enter_context(compiling_for_cuda())
@@ -307,9 +306,7 @@ def traced_copies_run(rank: int, world: int, lowering: str, strategy: str) -> di
         steps = TRITON_STEPS if lowering == "triton" else STEPS
         eager = _run_variant(base, rank, strategy, None, None, torch.float64, steps)
         compiled = _run_variant(base, rank, strategy, None, backend, torch.float64, steps)
-        model_graphs = compiled.pop("graphs")
-        out[strategy] = {"eager": eager, "compiled": compiled, "graphs": model_graphs}
-    return out
+    return {"eager": eager, "compiled": compiled, "graphs": compiled.pop("graphs")}
 
 
 def _decomposed_graph_facts(model) -> dict:
@@ -337,21 +334,19 @@ def _decomposed_graph_facts(model) -> dict:
     pytest.param("triton", "SHARD_GRAD_OP", marks=pytest.mark.slow),
 ])
 def test_traced_copies_keep_structure_prefetch_and_parity(lowering, strategy):
-    for res in run_ranks(traced_copies_run, 2, lowering, strategy, timeout=900):
-        for strategy, run in res.items():
-            g = run["graphs"]
-            units = g["units"]
-            _assert_structure(g, strategy, strategy)
-            assert g["facts"]["forward"]["fsdp_ops"] == [] and g["facts"]["backward"]["fsdp_ops"] == []
-            if lowering == "triton":
-                # Per unit: copy-in and copy-out in the forward (FULL_SHARD adds the regather's
-                # copy-in/out and the gradient copy-in/out in the backward).
-                assert g["facts"]["forward"]["launches"] == 2 * units, g["facts"]
-            # Before block 0's first matmul: the root's and block 0's gathers, plus block 1's,
-            # moved there by prefetch=1 (without the move it would come after that matmul).
-            assert g["facts"]["forward"]["gathers_before_compute"] == 3, g["facts"]
-            inductor = lowering == "aten" and strategy == "FULL_SHARD"
-            _assert_same_run(run["compiled"], run["eager"], INDUCTOR_FLOAT64_LOSS if inductor else None, **FLOAT64_ROUNDING)
+    inductor = (lowering, strategy) == ("aten", "FULL_SHARD")  # traced_copies_run's backend
+    for run in run_ranks(traced_copies_run, 2, lowering, strategy, timeout=900):
+        g = run["graphs"]
+        _assert_structure(g, strategy, strategy)
+        assert g["facts"]["forward"]["fsdp_ops"] == [] and g["facts"]["backward"]["fsdp_ops"] == []
+        if lowering == "triton":
+            # Per unit: copy-in and copy-out in the forward (FULL_SHARD adds the regather's
+            # copy-in/out and the gradient copy-in/out in the backward).
+            assert g["facts"]["forward"]["launches"] == 2 * g["units"], g["facts"]
+        # Before block 0's first matmul: the root's and block 0's gathers, plus block 1's,
+        # moved there by prefetch=1 (without the move it would come after that matmul).
+        assert g["facts"]["forward"]["gathers_before_compute"] == 3, g["facts"]
+        _assert_same_run(run["compiled"], run["eager"], INDUCTOR_FLOAT64_LOSS if inductor else None, **FLOAT64_ROUNDING)
 
 
 class _BreakingBlock(torch.nn.Module):

@@ -276,6 +276,9 @@ def test_bf16_mixed_precision(family, mode):
     steps."""
     for (got, ddp), (eager, _) in zip(_get(family, mode), _get(family, "eager_bf16")):
         assert_close(got["losses"], ddp["fp32"]["losses"], rtol=2e-2, atol=0)
+        # Measured against DDP in float32: at most 2.0e-3 apart in a parameter (Llama eager;
+        # 1.6e-3 compiled, 9.1e-4 GPT-2), bf16 rounding of 3 SGD steps at lr 0.5.
+        _assert_params(got["params"], ddp["fp32"]["params"], rtol=1.6e-2, atol=3e-3)
         if mode == "eager_bf16":
             continue
         assert_close(got["losses"], eager["losses"], rtol=1e-4, atol=1e-5)

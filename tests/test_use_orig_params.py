@@ -755,7 +755,8 @@ def results(request) -> list[dict]:
     for item in request.session.items:
         if item.module is request.module and hasattr(item, "callspec"):
             behaviour = item.callspec.params["behaviour"]
-            selected.setdefault(behaviour, []).extend(_cases(behaviour, item.originalname == "test_behaviour"))
+            in_default_run = item.get_closest_marker("slow") is None  # test_behaviour, not its slow twin
+            selected.setdefault(behaviour, []).extend(_cases(behaviour, in_default_run))
     selected = {b: selected[b] for b in PLAN if b in selected}
     return run_ranks(_run_plan, WORLD, selected, timeout=850.0)
 
@@ -787,5 +788,5 @@ def test_behaviour(behaviour, results):
 @pytest.mark.parametrize("behaviour", _params(b for b in PLAN if _cases(b, default_run=False)))
 def test_behaviour_slow_cases(behaviour, results):
     """The compiled cases of ``behaviour`` outside the default run: SHARD_GRAD_OP and NO_SHARD
-    with aot_eager, every strategy with Inductor."""
+    with aot_eager, every strategy with Inductor, and no_sync without mixed precision."""
     _assert_cases_passed(results, behaviour, _cases(behaviour, default_run=False))
